@@ -1,0 +1,142 @@
+"""Reading TOML config files into frozen objects, with errors that name file, key, value.
+
+Config is loaded once, at the process edge (``__main__`` / CLI), never below it. Each
+service builds its own frozen dataclasses from a :class:`Section`; a wrong or missing value
+raises :class:`~fedcore.errors.ConfigError` naming the file, the dotted key and the value.
+Unknown keys are errors too: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fedcore.errors import ConfigError
+
+T = TypeVar("T")
+_MISSING: Any = object()
+
+
+def load_toml(path: str | Path) -> Section:
+    """Parse a TOML file into a root :class:`Section`."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(p), "<file>", str(p), f"cannot read: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(p), "<file>", str(p), f"not valid TOML: {exc}") from exc
+    return Section(str(p), "", data)
+
+
+class Section:
+    """A table of a config file; typed getters record which keys were read."""
+
+    def __init__(self, file: str, prefix: str, data: dict[str, Any]) -> None:
+        self.file = file
+        self.prefix = prefix
+        self.data = data
+        self._read: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, value: Any, problem: str) -> ConfigError:
+        return ConfigError(self.file, self.key(name), value, problem)
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def _get(self, name: str, default: Any) -> Any:
+        self._read.add(name)
+        if name in self.data:
+            return self.data[name]
+        if default is _MISSING:
+            raise self.error(name, None, "required key is missing")
+        return default
+
+    def section(self, name: str, required: bool = False) -> Section:
+        self._read.add(name)
+        value = self.data.get(name, _MISSING)
+        if value is _MISSING:
+            if required:
+                raise self.error(name, None, "required table is missing")
+            value = {}
+        if not isinstance(value, dict):
+            raise self.error(name, value, "must be a table")
+        return Section(self.file, self.key(name), value)
+
+    def sections(self, name: str) -> list[Section]:
+        """An array of tables (``[[name]]``)."""
+        self._read.add(name)
+        value = self.data.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.error(name, value, "must be an array of tables ([[...]])")
+        return [Section(self.file, f"{self.key(name)}[{i}]", v) for i, v in enumerate(value)]
+
+    def str(self, name: str, default: Any = _MISSING, choices: Iterable[str] | None = None) -> str:
+        value = self._get(name, default)
+        if not isinstance(value, str):
+            raise self.error(name, value, "must be a string")
+        if choices is not None:
+            allowed = list(choices)
+            if value not in allowed:
+                raise self.error(name, value, f"must be one of {', '.join(allowed)}")
+        return value
+
+    def int(
+        self, name: str, default: Any = _MISSING, min: int | None = None, max: int | None = None
+    ) -> int:
+        value = self._get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(name, value, "must be an integer")
+        self._check_range(name, value, min, max)
+        return value
+
+    def float(
+        self,
+        name: str,
+        default: Any = _MISSING,
+        min: float | None = None,
+        max: float | None = None,
+    ) -> float:
+        value = self._get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(name, value, "must be a number")
+        self._check_range(name, value, min, max)
+        return float(value)
+
+    def bool(self, name: str, default: Any = _MISSING) -> bool:
+        value = self._get(name, default)
+        if not isinstance(value, bool):
+            raise self.error(name, value, "must be true or false")
+        return value
+
+    def str_list(self, name: str, default: Any = _MISSING) -> tuple[str, ...]:
+        value = self._get(name, default)
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise self.error(name, value, "must be a list of strings")
+        return tuple(value)
+
+    def path(self, name: str, default: Any = _MISSING) -> Path:
+        """A path; relative paths are taken relative to the config file's folder."""
+        value = self.str(name, default)
+        p = Path(value)
+        return p if p.is_absolute() else Path(self.file).parent / p
+
+    def _check_range(self, name: str, value: float, lo: float | None, hi: float | None) -> None:
+        if lo is not None and value < lo:
+            raise self.error(name, value, f"must be >= {lo}")
+        if hi is not None and value > hi:
+            raise self.error(name, value, f"must be <= {hi}")
+
+    def reject_unknown(self, allowed: Sequence[str] | None = None) -> None:
+        """Raise for keys nobody read (call after building the frozen object)."""
+        known = set(allowed) if allowed is not None else self._read
+        for name in self.data:
+            if name not in known:
+                raise self.error(name, self.data[name], "unknown key (misspelt?)")

@@ -1,0 +1,141 @@
+"""The MQTT topic tree. This module is the only place that builds or parses topics.
+
+```
+fg/{fleet}/{task}/round                 retained  aggregator -> edges: round announcement
+fg/{fleet}/{task}/model                 retained  aggregator -> edges: signed global model
+fg/{fleet}/{task}/update/{device}       QoS 1     edge -> aggregator: one update per round
+fg/{fleet}/{task}/secagg/{stage}/{device}         secure-aggregation stages
+fg/{fleet}/{task}/metrics               retained  round summaries
+fg/{fleet}/status/{device}              retained  birth / last will
+fg/{fleet}/telemetry/{device}                     inference outputs, alerts
+```
+The broker ACL is generated from :data:`ACL_RULES` (see ``broker_config``); a test proves the
+two agree. Names are restricted to ``[A-Za-z0-9_.-]`` so that no id can smuggle ``/``, ``+``
+or ``#`` into a topic.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+from fedcore.errors import LocalProtocolError, RemoteProtocolError
+
+ROOT = "fg"
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+class TopicKind(Enum):
+    ROUND = "round"
+    MODEL = "model"
+    UPDATE = "update"
+    SECAGG = "secagg"
+    METRICS = "metrics"
+    STATUS = "status"
+    TELEMETRY = "telemetry"
+
+
+@dataclass(frozen=True, slots=True)
+class AclRule:
+    """Who may do what on a topic pattern. ``{device}`` is the client's certificate CN."""
+
+    kind: TopicKind
+    pattern: str  # with {fleet}, {task}, {device}, {stage} placeholders
+    device_write: bool
+    device_read: bool
+    aggregator_write: bool
+    aggregator_read: bool
+
+
+ACL_RULES: tuple[AclRule, ...] = (
+    AclRule(TopicKind.ROUND, "fg/{fleet}/{task}/round", False, True, True, True),
+    AclRule(TopicKind.MODEL, "fg/{fleet}/{task}/model", False, True, True, True),
+    AclRule(TopicKind.UPDATE, "fg/{fleet}/{task}/update/{device}", True, False, False, True),
+    AclRule(TopicKind.SECAGG, "fg/{fleet}/{task}/secagg/{stage}/{device}", True, True, True, True),
+    AclRule(TopicKind.METRICS, "fg/{fleet}/{task}/metrics", False, True, True, True),
+    AclRule(TopicKind.STATUS, "fg/{fleet}/status/{device}", True, False, True, True),
+    AclRule(TopicKind.TELEMETRY, "fg/{fleet}/telemetry/{device}", True, False, False, True),
+)
+
+
+def check_name(value: str, what: str) -> str:
+    """Validate a fleet/task/device/stage name for use inside a topic (our own input)."""
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise LocalProtocolError(f"{what} {value!r} must match [A-Za-z0-9_.-]{{1,64}}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTopic:
+    kind: TopicKind
+    fleet: str
+    task: str | None
+    device: str | None
+    stage: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Topic builder for one fleet and task."""
+
+    fleet: str
+    task: str
+
+    def __post_init__(self) -> None:
+        check_name(self.fleet, "fleet")
+        check_name(self.task, "task")
+
+    @property
+    def _base(self) -> str:
+        return f"{ROOT}/{self.fleet}/{self.task}"
+
+    def round(self) -> str:
+        return f"{self._base}/round"
+
+    def model(self) -> str:
+        return f"{self._base}/model"
+
+    def metrics(self) -> str:
+        return f"{self._base}/metrics"
+
+    def update(self, device: str) -> str:
+        return f"{self._base}/update/{check_name(device, 'device')}"
+
+    def updates_filter(self) -> str:
+        return f"{self._base}/update/+"
+
+    def secagg(self, stage: str, device: str) -> str:
+        return f"{self._base}/secagg/{check_name(stage, 'stage')}/{check_name(device, 'device')}"
+
+    def secagg_filter(self, stage: str) -> str:
+        return f"{self._base}/secagg/{check_name(stage, 'stage')}/+"
+
+    def status(self, device: str) -> str:
+        return f"{ROOT}/{self.fleet}/status/{check_name(device, 'device')}"
+
+    def status_filter(self) -> str:
+        return f"{ROOT}/{self.fleet}/status/+"
+
+    def telemetry(self, device: str) -> str:
+        return f"{ROOT}/{self.fleet}/telemetry/{check_name(device, 'device')}"
+
+    def telemetry_filter(self) -> str:
+        return f"{ROOT}/{self.fleet}/telemetry/+"
+
+
+def parse_topic(topic: str) -> ParsedTopic:
+    """Parse a received topic; a topic outside the tree is the peer's (or broker's) fault."""
+    parts = topic.split("/")
+    if len(parts) < 3 or parts[0] != ROOT or not all(_NAME.match(p) for p in parts[1:]):
+        raise RemoteProtocolError("bad_topic", f"not a fedgate topic: {topic!r}")
+    fleet = parts[1]
+    if len(parts) == 4 and parts[2] in ("status", "telemetry"):
+        return ParsedTopic(TopicKind(parts[2]), fleet, None, parts[3])
+    if len(parts) == 4 and parts[3] in ("round", "model", "metrics"):
+        return ParsedTopic(TopicKind(parts[3]), fleet, parts[2], None)
+    if len(parts) == 5 and parts[3] == "update":
+        return ParsedTopic(TopicKind.UPDATE, fleet, parts[2], parts[4])
+    if len(parts) == 6 and parts[3] == "secagg":
+        return ParsedTopic(TopicKind.SECAGG, fleet, parts[2], parts[5], stage=parts[4])
+    raise RemoteProtocolError("bad_topic", f"not a fedgate topic: {topic!r}")
