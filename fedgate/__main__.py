@@ -1,0 +1,5 @@
+import sys
+
+from fedgate.cli import main
+
+sys.exit(main())
