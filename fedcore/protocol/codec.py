@@ -12,6 +12,7 @@ Every failure is a :class:`RemoteProtocolError` whose ``reason`` is a stable cou
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import TypeVar
@@ -125,3 +126,8 @@ def decode_body(env: Envelope, expected: type[B]) -> B:
 
 def encode_body(body: msgspec.Struct) -> bytes:
     return _encoder.encode(body)
+
+
+def body_hash(body: msgspec.Struct) -> bytes:
+    """SHA-256 of a body's canonical encoding (model chain: ``GlobalModel.parent_hash``)."""
+    return hashlib.sha256(_encoder.encode(body)).digest()

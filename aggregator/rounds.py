@@ -1,0 +1,483 @@
+"""The aggregator's round state machine: announce -> collect -> aggregate -> commit.
+
+Theory of operation
+-------------------
+The machine is pure: ``handle(event) -> list[action]``. Events carry ``now`` (unix seconds);
+the runtime feeds transport messages and timer ticks in and carries the actions out
+(publish, checkpoint, log). Randomness (client sampling) comes from the ``random.Random``
+given at construction.
+
+Rules, in order of a round ``r`` on global model version ``v``:
+
+1. ``Started`` (or a commit) -> announce round ``r``: the selected gateways, a deadline, the
+   training and pipeline config. A checkpoint is taken *before* the announcement so that a
+   restarted aggregator re-announces the same round (gateways that already trained resend
+   their cached update; duplicates are dropped by message id).
+2. ``UpdateReceived`` while collecting round ``r`` is accepted once per gateway if it is for
+   round ``r``, built on version ``v``, from a selected gateway, decodes within bounds,
+   has the expected shapes, is finite and within the norm bound. Anything else is an
+   ``UpdateRejected`` action with a stable reason (``late``, ``wrong_round``, ``duplicate``,
+   ``duplicate_device``, ``stale_base``, ``not_selected``, ``bad_samples``,
+   ``norm_too_large`` or the decoder's reason) - counted, never an exception.
+3. The round closes as soon as every expected gateway (selected and online) has sent, with
+   at least ``min_participants`` updates; or at the deadline with at least
+   ``min_participants``. A deadline with fewer is *quorum missed*: the deadline is
+   extended and the round re-announced (an event in the summary, not an error).
+4. Aggregate: fuse the deltas (the configured rule), apply the server optimizer, bump the
+   version, chain the parent hash, checkpoint, publish the model (retained) and the round
+   summary, then announce ``r + 1`` or finish after ``rounds`` rounds.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from fedcore.errors import LocalProtocolError, RemoteProtocolError
+from fedcore.learning.params import Params, Shapes, l2_norm, shapes_of
+from fedcore.protocol.codec import body_hash
+from fedcore.protocol.messages import (
+    EncodedDelta,
+    GlobalModel,
+    ModelSpec,
+    ModelUpdate,
+    PipelineConfig,
+    RoundAnnouncement,
+    RoundSummary,
+    TrainConfig,
+)
+from fedcore.protocol.tensors import decode_tensors, encode_tensors
+
+from aggregator.server_optim import (
+    ServerOptimizerConfig,
+    ServerOptimizerState,
+    apply_server_update,
+)
+
+# (updates, sample counts, previous global weights) -> fused delta, per-client info
+FuseFn = Callable[[list[Params], list[float], Params], Params]
+DecodeFn = Callable[[EncodedDelta, Shapes], Params]
+
+
+def fedavg(updates: list[Params], weights: list[float], _global: Params) -> Params:
+    total = float(sum(weights))
+    return [
+        sum((np.float32(w / total) * u[i] for u, w in zip(updates, weights, strict=True)),
+            np.zeros_like(updates[0][i]))
+        for i in range(len(updates[0]))
+    ]
+
+
+def decode_raw(encoded: EncodedDelta, shapes: Shapes) -> Params:
+    """Decode an uncompressed delta (``stages == ()``): one float32 tensor per layer."""
+    if encoded.stages:
+        raise RemoteProtocolError("bad_encoding", f"unsupported stages {encoded.stages}")
+    budget = sum(int(np.prod(s)) for s in shapes)
+    arrays = decode_tensors(encoded.parts, max_elements=budget)
+    if tuple(a.shape for a in arrays) != shapes or any(a.dtype != np.float32 for a in arrays):
+        raise RemoteProtocolError("bad_shape", "delta does not match the model's shapes")
+    return [np.asarray(a) for a in arrays]
+
+
+class Phase(Enum):
+    IDLE = "idle"
+    COLLECTING = "collecting"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True, slots=True)
+class RoundConfig:
+    rounds: int = 10
+    min_participants: int = 1
+    round_timeout_s: float = 60.0
+    fraction: float = 1.0  # share of online gateways selected each round
+    max_update_norm: float = 0.0  # 0 = no bound (pre-fusion validation)
+    train: TrainConfig = TrainConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    server: ServerOptimizerConfig = ServerOptimizerConfig()
+
+
+# ---- events -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceOnline:
+    now: float
+    device: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceOffline:
+    now: float
+    device: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateReceived:
+    now: float
+    device: str
+    message_id: str
+    update: ModelUpdate
+    wire_bytes: int = 0
+
+
+Event = Started | Tick | DeviceOnline | DeviceOffline | UpdateReceived
+
+# ---- actions ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PublishRound:
+    announcement: RoundAnnouncement
+
+
+@dataclass(frozen=True, slots=True)
+class PublishModel:
+    model: GlobalModel
+
+
+@dataclass(frozen=True, slots=True)
+class PublishMetrics:
+    summary: RoundSummary
+
+
+@dataclass(frozen=True, slots=True)
+class SaveCheckpoint:
+    checkpoint: Checkpoint
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateRejected:
+    device: str
+    round: int
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateAccepted:
+    device: str
+    round: int
+    num_samples: int
+
+
+@dataclass(frozen=True, slots=True)
+class QuorumMissed:
+    round: int
+    received: int
+    needed: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunFinished:
+    round: int
+    model_version: int
+
+
+Action = (
+    PublishRound | PublishModel | PublishMetrics | SaveCheckpoint | UpdateRejected
+    | UpdateAccepted | QuorumMissed | RunFinished
+)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Everything a restarted aggregator needs; ``weights`` plus JSON-able ``meta``."""
+
+    weights: Params
+    meta: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class _Received:
+    update: ModelUpdate
+    delta: Params
+    wire_bytes: int
+
+
+class RoundStateMachine:
+    """Pure aggregator round logic. See the module docstring for the rules."""
+
+    def __init__(
+        self,
+        config: RoundConfig,
+        spec: ModelSpec,
+        initial_weights: Params,
+        rng: random.Random,
+        fuse: FuseFn = fedavg,
+        decode: DecodeFn = decode_raw,
+    ) -> None:
+        self.config = config
+        self.spec = spec
+        self.rng = rng
+        self.fuse = fuse
+        self.decode = decode
+        self.weights: Params = [np.asarray(w, np.float32) for w in initial_weights]
+        self.shapes = shapes_of(self.weights)
+        self.optimizer_state = ServerOptimizerState()
+        self.phase = Phase.IDLE
+        self.round = 1
+        self.version = 0
+        self.parent_hash = b""
+        self.model = self._make_model()
+        self.online: set[str] = set()
+        self.selected: tuple[str, ...] = ()
+        self.deadline = 0.0
+        self.announced_at = 0.0
+        self.attempt = 0
+        self.received: dict[str, _Received] = {}
+        self.seen_ids: dict[str, int] = {}  # message id -> round, for duplicate detection
+        self.rejected: dict[str, int] = {}
+        self.history: list[dict[str, Any]] = []
+        self.excluded: set[str] = set()  # quarantined or out of privacy budget
+
+    # ---- public API --------------------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Action]:
+        if self.phase is Phase.FINISHED:
+            if isinstance(event, UpdateReceived):
+                return [self._reject(event.device, event.update.round, "finished", "run is over")]
+            return []
+        if isinstance(event, Started):
+            return self._on_started(event)
+        if self.phase is Phase.IDLE:
+            raise LocalProtocolError(f"{type(event).__name__} before Started")
+        if isinstance(event, Tick):
+            return self._on_tick(event)
+        if isinstance(event, DeviceOnline):
+            self.online.add(event.device)
+            return self._maybe_close(event.now)
+        if isinstance(event, DeviceOffline):
+            self.online.discard(event.device)
+            return self._maybe_close(event.now)
+        if isinstance(event, UpdateReceived):
+            return self._on_update(event)
+        raise LocalProtocolError(f"unknown event {event!r}")
+
+    def next_deadline(self) -> float | None:
+        return self.deadline if self.phase is Phase.COLLECTING else None
+
+    def exclude(self, devices: Sequence[str]) -> None:
+        """Devices whose updates are ignored from the next selection on (quarantine, budget)."""
+        self.excluded = set(devices)
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def checkpoint(self) -> Checkpoint:
+        meta = {
+            "round": self.round,
+            "version": self.version,
+            "phase": self.phase.value,
+            "parent_hash": self.parent_hash.hex(),
+            "optimizer_steps": self.optimizer_state.steps,
+            "history": self.history,
+            "rejected": self.rejected,
+            "excluded": sorted(self.excluded),
+        }
+        return Checkpoint([w.copy() for w in self.weights], meta, self.optimizer_state.to_arrays())
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        if self.phase is not Phase.IDLE:
+            raise LocalProtocolError("restore() only before Started")
+        if shapes_of(checkpoint.weights) != self.shapes:
+            raise LocalProtocolError("checkpoint shapes do not match the configured model")
+        meta = checkpoint.meta
+        self.weights = [np.asarray(w, np.float32) for w in checkpoint.weights]
+        self.round = int(meta["round"])
+        self.version = int(meta["version"])
+        self.parent_hash = bytes.fromhex(meta["parent_hash"])
+        self.history = list(meta.get("history", []))
+        self.rejected = dict(meta.get("rejected", {}))
+        self.excluded = set(meta.get("excluded", []))
+        self.optimizer_state = ServerOptimizerState.from_arrays(
+            checkpoint.arrays, int(meta.get("optimizer_steps", 0))
+        )
+        self.model = self._make_model()
+        if meta.get("phase") == Phase.FINISHED.value:
+            self.phase = Phase.FINISHED
+
+    # ---- transitions ---------------------------------------------------------------------
+
+    def _on_started(self, event: Started) -> list[Action]:
+        if self.phase is Phase.FINISHED:
+            return [PublishModel(self.model), RunFinished(self.round - 1, self.version)]
+        actions: list[Action] = [PublishModel(self.model)]
+        actions += self._announce(event.now)
+        return actions
+
+    def _announce(self, now: float) -> list[Action]:
+        self._start_collecting(now)
+        return [SaveCheckpoint(self.checkpoint()), PublishRound(self._announcement())]
+
+    def _start_collecting(self, now: float) -> None:
+        self.phase = Phase.COLLECTING
+        self.received = {}
+        self.attempt = 0
+        self.announced_at = now
+        self.deadline = now + self.config.round_timeout_s
+        self.selected = self._select()
+
+    def _select(self) -> tuple[str, ...]:
+        if self.config.fraction >= 1.0:
+            return ()  # open round: every online gateway that is not excluded
+        pool = sorted(self.online - self.excluded)
+        k = max(self.config.min_participants, round(self.config.fraction * len(pool)))
+        return tuple(sorted(self.rng.sample(pool, min(k, len(pool)))))
+
+    def _announcement(self) -> RoundAnnouncement:
+        return RoundAnnouncement(
+            round=self.round,
+            model_version=self.version,
+            deadline=self.deadline,
+            train=self.config.train,
+            pipeline=self.config.pipeline,
+            selected=self.selected,
+        )
+
+    def _expected(self) -> set[str]:
+        pool = set(self.selected) if self.selected else self.online
+        return pool - self.excluded
+
+    def _on_tick(self, event: Tick) -> list[Action]:
+        if event.now < self.deadline:
+            return []
+        if len(self.received) >= self.config.min_participants:
+            return self._aggregate(event.now)
+        # quorum missed: extend and re-announce; keep what arrived
+        self.attempt += 1
+        self.deadline = event.now + self.config.round_timeout_s
+        if self.config.fraction < 1.0:
+            self.selected = tuple(sorted(set(self.selected) | set(self._select())))
+        return [
+            QuorumMissed(self.round, len(self.received), self.config.min_participants),
+            PublishRound(self._announcement()),
+        ]
+
+    def _reject(self, device: str, round_: int, reason: str, detail: str = "") -> UpdateRejected:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        return UpdateRejected(device, round_, reason, detail)
+
+    def _on_update(self, event: UpdateReceived) -> list[Action]:
+        update, device = event.update, event.device
+        if event.message_id in self.seen_ids:
+            return [self._reject(device, update.round, "duplicate", event.message_id)]
+        if update.round < self.round:
+            return [self._reject(device, update.round, "late", f"round {update.round} < {self.round}")]
+        if update.round > self.round:
+            return [self._reject(device, update.round, "wrong_round", f"round {update.round} > {self.round}")]
+        if device in self.received:
+            return [self._reject(device, update.round, "duplicate_device", "already sent this round")]
+        if device in self.excluded:
+            return [self._reject(device, update.round, "excluded", "quarantined or budget spent")]
+        if self.selected and device not in self.selected:
+            return [self._reject(device, update.round, "not_selected")]
+        if update.base_version != self.version:
+            return [self._reject(device, update.round, "stale_base",
+                                 f"built on version {update.base_version}, current {self.version}")]
+        if update.num_samples <= 0:
+            return [self._reject(device, update.round, "bad_samples", str(update.num_samples))]
+        try:
+            delta = self.decode(update.delta, self.shapes)
+        except RemoteProtocolError as exc:
+            return [self._reject(device, update.round, exc.reason, exc.detail)]
+        if any(not np.isfinite(d).all() for d in delta):
+            return [self._reject(device, update.round, "not_finite")]
+        bound = self.config.max_update_norm
+        if bound > 0 and (norm := l2_norm(delta)) > bound:
+            return [self._reject(device, update.round, "norm_too_large", f"{norm:.3g} > {bound:.3g}")]
+        self.seen_ids[event.message_id] = update.round
+        self.received[device] = _Received(update, delta, event.wire_bytes)
+        actions: list[Action] = [UpdateAccepted(device, update.round, update.num_samples)]
+        return actions + self._maybe_close(event.now)
+
+    def _maybe_close(self, now: float) -> list[Action]:
+        if self.phase is not Phase.COLLECTING:
+            return []
+        got = len(self.received)
+        if got < self.config.min_participants:
+            return []
+        if self._expected() <= set(self.received):
+            return self._aggregate(now)
+        return []
+
+    def _aggregate(self, now: float) -> list[Action]:
+        devices = sorted(self.received)
+        deltas = [self.received[d].delta for d in devices]
+        counts = [float(self.received[d].update.num_samples) for d in devices]
+        fused = self.fuse(deltas, counts, self.weights)
+        self.weights = apply_server_update(
+            self.config.server, self.optimizer_state, self.weights, fused
+        )
+        self.parent_hash = body_hash(self.model)
+        self.version += 1
+        self.model = self._make_model()
+        summary = self._summary(devices, counts, now)
+        self.history.append({"round": self.round, "participants": len(devices),
+                             "metrics": summary.metrics, "wall_s": summary.wall_s})
+        finished_round = self.round
+        self.round += 1
+        self._forget_old_ids()
+        if finished_round >= self.config.rounds:
+            self.phase = Phase.FINISHED
+            return [SaveCheckpoint(self.checkpoint()), PublishModel(self.model),
+                    PublishMetrics(summary), RunFinished(finished_round, self.version)]
+        # One checkpoint covers the new model and the next round: a restart resumes there.
+        self._start_collecting(now)
+        return [SaveCheckpoint(self.checkpoint()), PublishModel(self.model),
+                PublishMetrics(summary), PublishRound(self._announcement())]
+
+    def _forget_old_ids(self) -> None:
+        self.seen_ids = {m: r for m, r in self.seen_ids.items() if r >= self.round - 2}
+
+    def _summary(self, devices: list[str], counts: list[float], now: float) -> RoundSummary:
+        metrics: dict[str, float] = {}
+        total = sum(counts)
+        keys = {k for d in devices for k in self.received[d].update.stats}
+        for key in sorted(keys):
+            pairs = [(self.received[d].update.stats[key], c) for d, c in zip(devices, counts, strict=True)
+                     if key in self.received[d].update.stats]
+            weight = sum(c for _, c in pairs)
+            if weight > 0:
+                metrics[key] = float(sum(v * c for v, c in pairs) / weight)
+        metrics["train_loss"] = float(
+            sum(self.received[d].update.train_loss * c for d, c in zip(devices, counts, strict=True)) / total
+        )
+        return RoundSummary(
+            round=self.round,
+            model_version=self.version,
+            participants=tuple(devices),
+            num_samples=int(total),
+            metrics=metrics,
+            bytes_up=sum(self.received[d].wire_bytes for d in devices),
+            wall_s=now - self.announced_at,
+            rejected=dict(self.rejected),
+        )
+
+    def _make_model(self) -> GlobalModel:
+        return GlobalModel(
+            version=self.version,
+            round=self.version,  # one committed round per version
+            parent_hash=self.parent_hash,
+            spec=self.spec,
+            tensors=encode_tensors(self.weights),
+        )
+
+    def replace_config(self, **changes: Any) -> None:
+        """Operator changes between rounds (e.g. new pipeline); takes effect at next announce."""
+        self.config = replace(self.config, **changes)

@@ -1,0 +1,226 @@
+"""The gateway's participant state machine, the mirror of the aggregator's rounds.
+
+Theory of operation
+-------------------
+Pure: ``handle(event) -> list[action]``. The runtime verifies signatures, decodes messages
+and feeds them in; it runs training (CPU-bound, in a worker) when told to and feeds the
+result back as ``TrainingFinished``.
+
+- ``ModelReceived``: a newer global model is installed (an older or equal version is
+  ignored; a successor whose parent hash does not match the installed model is refused).
+  Installing may unblock a round that was announced for that version.
+- ``RoundAnnounced`` for round ``r`` on version ``v``: if this gateway is not selected it
+  sits out. If it already sent round ``r`` on ``v`` (the aggregator restarted, or the
+  announcement was re-sent after a missed quorum) it re-publishes the cached update with
+  the same message id, so the aggregator drops it if it had it. If it holds version ``v``
+  it starts training; if not, it waits for the model.
+- ``TrainingFinished``: delta = trained - global, run through the update pipeline
+  (clip -> noise -> compress), cached and published. A result for a round that is no
+  longer current is discarded.
+
+Because the round and model topics are retained, a gateway that was offline catches up
+from the latest announcement and model as soon as it reconnects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from fedcore.learning.params import Params, subtract
+from fedcore.protocol.codec import body_hash, new_message_id
+from fedcore.protocol.messages import (
+    EncodedDelta,
+    GlobalModel,
+    ModelUpdate,
+    PipelineConfig,
+    RoundAnnouncement,
+    TrainConfig,
+)
+from fedcore.protocol.tensors import decode_tensors, encode_tensors
+
+# (delta, pipeline config) -> (encoded delta, extra stats such as the pre-clip norm)
+EncodeFn = Callable[[Params, PipelineConfig], tuple[EncodedDelta, dict[str, float]]]
+
+
+def encode_raw(delta: Params, _config: PipelineConfig) -> tuple[EncodedDelta, dict[str, float]]:
+    shapes = tuple(tuple(int(d) for d in a.shape) for a in delta)
+    return EncodedDelta((), shapes, encode_tensors([np.asarray(a, np.float32) for a in delta])), {}
+
+
+class ParticipantPhase(Enum):
+    WAITING_MODEL = "waiting_model"
+    READY = "ready"
+    TRAINING = "training"
+
+
+# ---- events -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ModelReceived:
+    now: float
+    model: GlobalModel
+
+
+@dataclass(frozen=True, slots=True)
+class RoundAnnounced:
+    now: float
+    announcement: RoundAnnouncement
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingFinished:
+    now: float
+    round: int
+    base_version: int
+    weights: Params
+    num_samples: int
+    train_loss: float
+    stats: dict[str, float]
+
+
+Event = ModelReceived | RoundAnnounced | TrainingFinished
+
+# ---- actions ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class InstallModel:
+    model: GlobalModel
+    weights: Params
+
+
+@dataclass(frozen=True, slots=True)
+class StartTraining:
+    round: int
+    base_version: int
+    weights: Params
+    train: TrainConfig
+
+
+@dataclass(frozen=True, slots=True)
+class PublishUpdate:
+    round: int
+    message_id: str
+    update: ModelUpdate
+    resend: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRefused:
+    version: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SatOut:
+    round: int
+    reason: str
+
+
+Action = InstallModel | StartTraining | PublishUpdate | ModelRefused | SatOut
+
+
+class Participant:
+    """Pure gateway round logic. See the module docstring for the rules."""
+
+    def __init__(self, device: str, encode: EncodeFn = encode_raw) -> None:
+        self.device = device
+        self.encode = encode
+        self.phase = ParticipantPhase.WAITING_MODEL
+        self.model: GlobalModel | None = None
+        self.model_hash = b""
+        self.weights: Params | None = None
+        self.pending: RoundAnnouncement | None = None
+        self.training_round = -1
+        self.last_sent: PublishUpdate | None = None
+        self.last_sent_base = -1
+
+    @property
+    def version(self) -> int:
+        return self.model.version if self.model is not None else -1
+
+    def handle(self, event: Event) -> list[Action]:
+        if isinstance(event, ModelReceived):
+            return self._on_model(event.model)
+        if isinstance(event, RoundAnnounced):
+            return self._on_round(event.announcement)
+        if isinstance(event, TrainingFinished):
+            return self._on_trained(event)
+        raise TypeError(f"unknown event {event!r}")
+
+    def _on_model(self, model: GlobalModel) -> list[Action]:
+        if model.version <= self.version:
+            return []  # retained redelivery or an older model: nothing to do
+        if (self.model is not None and model.version == self.version + 1
+                and model.parent_hash != self.model_hash):
+            return [ModelRefused(model.version, "bad_parent")]
+        weights = [np.array(a) for a in decode_tensors(model.tensors)]
+        self.model = model
+        self.model_hash = body_hash(model)
+        self.weights = weights
+        if self.phase is ParticipantPhase.WAITING_MODEL:
+            self.phase = ParticipantPhase.READY
+        actions: list[Action] = [InstallModel(model, weights)]
+        if self.pending is not None and self.phase is not ParticipantPhase.TRAINING:
+            pending, self.pending = self.pending, None
+            actions += self._on_round(pending)
+        return actions
+
+    def _on_round(self, ann: RoundAnnouncement) -> list[Action]:
+        if ann.selected and self.device not in ann.selected:
+            return [SatOut(ann.round, "not_selected")]
+        sent = self.last_sent
+        if sent is not None and sent.round == ann.round and self.last_sent_base == ann.model_version:
+            return [PublishUpdate(sent.round, sent.message_id, sent.update, resend=True)]
+        if sent is not None and ann.round <= sent.round:
+            return []  # an old announcement (retained) for a round already done
+        if self.phase is ParticipantPhase.TRAINING:
+            if ann.round != self.training_round:
+                self.pending = ann  # picked up when the running training returns
+            return []
+        if ann.model_version > self.version:
+            self.pending = ann  # wait for the model it was announced on
+            return []
+        if ann.model_version < self.version:
+            return []  # stale announcement; the fresh one follows the model
+        assert self.weights is not None
+        self.phase = ParticipantPhase.TRAINING
+        self.training_round = ann.round
+        self.pending = ann
+        return [StartTraining(ann.round, ann.model_version, self.weights, ann.train)]
+
+    def _on_trained(self, event: TrainingFinished) -> list[Action]:
+        ann = self.pending
+        if (ann is None or event.round != self.training_round
+                or event.base_version != self.version or ann.round != event.round):
+            # obsolete result: a newer round or model arrived meanwhile
+            self.phase = ParticipantPhase.READY
+            return self._restart_if_pending()
+        assert self.weights is not None
+        self.pending = None
+        self.phase = ParticipantPhase.READY
+        delta = subtract(event.weights, self.weights)
+        encoded, info = self.encode(delta, ann.pipeline)
+        update = ModelUpdate(
+            round=event.round,
+            base_version=event.base_version,
+            num_samples=event.num_samples,
+            delta=encoded,
+            train_loss=event.train_loss,
+            clipped=bool(info.get("clipped", 0.0)),
+            stats={**event.stats, **{k: v for k, v in info.items() if k != "clipped"}},
+        )
+        action = PublishUpdate(event.round, new_message_id(), update)
+        self.last_sent = action
+        self.last_sent_base = event.base_version
+        return [action]
+
+    def _restart_if_pending(self) -> list[Action]:
+        ann, self.pending = self.pending, None
+        self.training_round = -1
+        return self._on_round(ann) if ann is not None else []
