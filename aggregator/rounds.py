@@ -242,6 +242,7 @@ class RoundStateMachine:
         self.announced_at = 0.0
         self.attempt = 0
         self.received: dict[str, _Received] = {}
+        self.refused: set[str] = set()  # gateways whose update this round failed validation
         self.seen_ids: dict[str, int] = {}  # message id -> round, for duplicate detection
         self.rejected: dict[str, int] = {}
         self.history: list[dict[str, Any]] = []
@@ -328,6 +329,7 @@ class RoundStateMachine:
     def _start_collecting(self, now: float) -> None:
         self.phase = Phase.COLLECTING
         self.received = {}
+        self.refused = set()
         self.attempt = 0
         self.announced_at = now
         self.deadline = now + self.config.round_timeout_s
@@ -390,21 +392,32 @@ class RoundStateMachine:
         if update.base_version != self.version:
             return [self._reject(device, update.round, "stale_base",
                                  f"built on version {update.base_version}, current {self.version}")]
-        if update.num_samples <= 0:
-            return [self._reject(device, update.round, "bad_samples", str(update.num_samples))]
-        try:
-            delta = self.decode(update.delta, self.shapes)
-        except RemoteProtocolError as exc:
-            return [self._reject(device, update.round, exc.reason, exc.detail)]
-        if any(not np.isfinite(d).all() for d in delta):
-            return [self._reject(device, update.round, "not_finite")]
-        bound = self.config.max_update_norm
-        if bound > 0 and (norm := l2_norm(delta)) > bound:
-            return [self._reject(device, update.round, "norm_too_large", f"{norm:.3g} > {bound:.3g}")]
+        problem = self._validate(device, update)
+        if isinstance(problem, UpdateRejected):
+            # this gateway has answered the round, badly: do not wait for it
+            self.refused.add(device)
+            return [problem, *self._maybe_close(event.now)]
+        delta = problem
         self.seen_ids[event.message_id] = update.round
         self.received[device] = _Received(update, delta, event.wire_bytes)
         actions: list[Action] = [UpdateAccepted(device, update.round, update.num_samples)]
         return actions + self._maybe_close(event.now)
+
+    def _validate(self, device: str, update: ModelUpdate) -> Params | UpdateRejected:
+        """Decode and check one update's content; the delta, or the rejection."""
+        round_ = update.round
+        if update.num_samples <= 0:
+            return self._reject(device, round_, "bad_samples", str(update.num_samples))
+        try:
+            delta = self.decode(update.delta, self.shapes)
+        except RemoteProtocolError as exc:
+            return self._reject(device, round_, exc.reason, exc.detail)
+        if any(not np.isfinite(d).all() for d in delta):
+            return self._reject(device, round_, "not_finite")
+        bound = self.config.max_update_norm
+        if bound > 0 and (norm := l2_norm(delta)) > bound:
+            return self._reject(device, round_, "norm_too_large", f"{norm:.3g} > {bound:.3g}")
+        return delta
 
     def _maybe_close(self, now: float) -> list[Action]:
         if self.phase is not Phase.COLLECTING:
@@ -412,7 +425,7 @@ class RoundStateMachine:
         got = len(self.received)
         if got < self.config.min_participants:
             return []
-        if self._expected() <= set(self.received):
+        if self._expected() <= set(self.received) | self.refused:
             return self._aggregate(now)
         return []
 
