@@ -1,0 +1,133 @@
+"""The aggregator's TOML config, validated into frozen objects (see docs/configuration.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedcore.config import Section, load_toml
+from fedcore.protocol.messages import ModelSpec
+from fedcore.service_config import (
+    BrokerConfig,
+    broker_config,
+    model_spec,
+    name,
+    pipeline_config,
+    train_config,
+)
+
+from aggregator.rounds import RoundConfig
+from aggregator.server_optim import SERVER_OPTIMIZERS, ServerOptimizerConfig
+
+
+@dataclass(frozen=True, slots=True)
+class FusionConfig:
+    rule: str = "fedavg"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyTarget:
+    target_epsilon: float = 0.0  # 0 = no DP calibration
+    delta: float = 1e-5
+    policy: str = "stop"  # what happens when a gateway's budget is spent: stop | warn
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorConfig:
+    file: str
+    broker: BrokerConfig
+    fleet: str
+    task: str
+    spec: ModelSpec
+    rounds: RoundConfig
+    fusion: FusionConfig
+    privacy: PrivacyTarget
+    state_dir: Path
+    seed: int = 0
+    exit_when_done: bool = False
+    metrics_port: int = 0  # Prometheus exporter; 0 = off
+    security: dict[str, Path] = field(default_factory=dict)
+
+
+def load_aggregator_config(path: str | Path) -> AggregatorConfig:
+    root = load_toml(path)
+    task = root.section("task", required=True)
+    fleet, task_name = name(task, "fleet"), name(task, "name")
+    task.reject_unknown()
+    broker = broker_config(root.section("broker"), "aggregator")
+    spec = model_spec(root.section("model", required=True))
+    rsec = root.section("rounds")
+    server_sec = root.section("server")
+    server = ServerOptimizerConfig(
+        name=server_sec.str("optimizer", "fedavg", choices=SERVER_OPTIMIZERS),
+        learning_rate=server_sec.float("learning_rate", 1.0, min=0.0),
+        momentum=server_sec.float("momentum", 0.9, min=0.0, max=1.0),
+        beta1=server_sec.float("beta1", 0.9, min=0.0, max=1.0),
+        beta2=server_sec.float("beta2", 0.99, min=0.0, max=1.0),
+        tau=server_sec.float("tau", 1e-3, min=0.0),
+    )
+    server_sec.reject_unknown()
+    psec = root.section("pipeline")
+    pipeline = pipeline_config(psec)
+    privacy = PrivacyTarget(
+        target_epsilon=psec.float("target_epsilon", 0.0, min=0.0),
+        delta=psec.float("delta", 1e-5, min=0.0, max=0.1),
+        policy=psec.str("budget_policy", "stop", choices=("stop", "warn")),
+    )
+    if privacy.target_epsilon > 0 and pipeline.clip_norm <= 0:
+        raise psec.error("target_epsilon", privacy.target_epsilon, "needs clip_norm > 0")
+    psec.reject_unknown()
+    rounds = RoundConfig(
+        rounds=rsec.int("rounds", 10, min=1),
+        min_participants=rsec.int("min_participants", 1, min=1),
+        round_timeout_s=rsec.float("round_timeout_s", 60.0, min=0.1),
+        fraction=rsec.float("fraction", 1.0, min=0.0, max=1.0),
+        max_update_norm=rsec.float("max_update_norm", 0.0, min=0.0),
+        train=train_config(root.section("train")),
+        pipeline=pipeline,
+        server=server,
+    )
+    rsec.reject_unknown()
+    fsec = root.section("fusion")
+    fusion = FusionConfig(
+        rule=fsec.str("rule", "fedavg"),
+        params={k: v for k, v in fsec.data.items() if k != "rule"},
+    )
+    state = root.section("state")
+    cfg = AggregatorConfig(
+        file=str(path),
+        broker=broker,
+        fleet=fleet,
+        task=task_name,
+        spec=spec,
+        rounds=rounds,
+        fusion=fusion,
+        privacy=privacy,
+        state_dir=state.path("dir", "aggregator-state"),
+        seed=state.int("seed", 0),
+        exit_when_done=state.bool("exit_when_done", False),
+        metrics_port=state.int("metrics_port", 0, min=0, max=65535),
+        security=_security(root.section("security")),
+    )
+    state.reject_unknown()
+    root.reject_unknown()
+    _check_fusion(fsec, fusion)
+    return cfg
+
+
+def _security(sec: Section) -> dict[str, Path]:
+    out = {k: sec.path(k) for k in ("keyring", "signing_key", "revocations") if sec.has(k)}
+    sec.reject_unknown()
+    return out
+
+
+def _check_fusion(sec: Section, fusion: FusionConfig) -> None:
+    """Ask the fusion registry whether the rule and its parameters exist."""
+    from aggregator.fusion import check_rule
+
+    try:
+        check_rule(fusion.rule, fusion.params)
+    except ValueError as exc:
+        raise sec.error("rule", fusion.rule, str(exc)) from None
