@@ -1,0 +1,250 @@
+"""`fedgate demo`: a whole federated run on real data, on one machine.
+
+It starts a broker (Mosquitto when on PATH, else the embedded one; or uses ``--broker``),
+writes one config per service into the run folder, starts the aggregator and one gateway
+agent per unit of the data set as separate processes (`fedgate aggregator run`,
+`fedgate edge run`), and watches the metrics and model topics like any other subscriber:
+each global model is evaluated on the pooled held-out test split, which only this
+simulation has. After the run it trains the centralized and local-only baselines on the
+same split with the same training budget and prints them beside the federated result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from fedcore.datasets import FederatedDataset, default_spec, default_train_config, load_dataset
+from fedcore.learning.models import init_params
+from fedcore.learning.training import train_local
+from fedcore.protocol import codec
+from fedcore.protocol.messages import GlobalModel, ModelSpec, RoundSummary, TrainConfig
+from fedcore.protocol.tensors import decode_tensors
+from fedcore.protocol.topics import Topics
+from fedcore.transport.base import MessageReceived
+from fedcore.transport.paho import PahoTransport
+from fedgate.broker import RunningBroker, start_broker
+from fedgate.demo_configs import DemoOptions, write_configs
+
+
+@dataclass
+class RoundRow:
+    round: int
+    participants: int
+    metric: float
+    bytes_up: int
+    bytes_down: int
+    wall_s: float
+    epsilon: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def evaluate_model(dataset: FederatedDataset, spec: ModelSpec, weights: list[np.ndarray]) -> dict[str, float]:
+    return dataset.evaluate(spec, weights, dataset.x_test, dataset.y_test)
+
+
+def _baseline_rounds(
+    spec: ModelSpec, x: np.ndarray, y: np.ndarray, train: TrainConfig, rounds: int, seed: int
+) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    weights = init_params(spec, np.random.default_rng(seed))
+    for _ in range(rounds):
+        weights, _ = train_local(spec, weights, x, y, train, rng)
+    return weights
+
+
+def baselines(dataset: FederatedDataset, spec: ModelSpec, train: TrainConfig, rounds: int,
+              seed: int) -> tuple[float, float, dict[str, float]]:
+    """Centralized (pooled training data) and local-only (mean over gateways) on the same
+    test split, each with the federated run's training budget per round."""
+    metric = dataset.primary_metric
+    units = list(dataset.units.values())
+    x_all = np.concatenate([u.x_train for u in units])
+    y_all = np.concatenate([u.y_train for u in units])
+    pooled_train = replace(train, max_steps=train.max_steps * len(units)) if train.max_steps else train
+    central = _baseline_rounds(spec, x_all, y_all, pooled_train, rounds, seed)
+    centralized = evaluate_model(dataset, spec, central)[metric]
+    per_unit: dict[str, float] = {}
+    for name, unit in dataset.units.items():
+        w = _baseline_rounds(spec, unit.x_train, unit.y_train, train, rounds, seed)
+        per_unit[name] = evaluate_model(dataset, spec, w)[metric]
+    return centralized, float(np.mean(list(per_unit.values()))), per_unit
+
+
+class Observer:
+    """Subscribes to the metrics and model topics and pairs each summary with a test score."""
+
+    def __init__(self, url: str, topics: Topics) -> None:
+        self.topics = topics
+        self.events: queue.Queue[Any] = queue.Queue()
+        self.transport = PahoTransport(url, f"demo-observer-{os.getpid()}", clean_start=True,
+                                       rng=random.Random(0))
+
+    def start(self) -> None:
+        def on_event(event: Any) -> None:
+            self.events.put(event)
+            if type(event).__name__ == "Connected":
+                self.transport.subscribe(self.topics.metrics())
+                self.transport.subscribe(self.topics.model())
+
+        self.transport.start(on_event)
+
+    def next(self, timeout: float) -> RoundSummary | GlobalModel | None:
+        try:
+            event = self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if not isinstance(event, MessageReceived) or not event.payload:
+            return None
+        env = codec.decode(event.payload)
+        if event.topic == self.topics.metrics():
+            return codec.decode_body(env, RoundSummary)
+        return codec.decode_body(env, GlobalModel)
+
+    def stop(self) -> None:
+        self.transport.stop()
+
+
+def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    log = open(log_path, "ab")
+    return subprocess.Popen([sys.executable, "-m", "fedgate", *args], stdout=log, stderr=log,
+                            start_new_session=True)
+
+
+def _format_row(row: RoundRow, metric: str) -> str:
+    eps = f"{row.epsilon:8.3f}" if row.epsilon is not None else "       -"
+    return (f"{row.round:5d} {row.participants:6d} {row.metric:12.4f} {row.bytes_up:10d} "
+            f"{row.bytes_down:10d} {row.wall_s:7.2f} {eps}")
+
+
+def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
+    """Run the demo; returns (and writes to ``options.out``) the run record."""
+    say: Callable[[str], None] = lambda line: print(line, file=out, flush=True)  # noqa: E731
+    workdir = Path(options.workdir or tempfile.mkdtemp(prefix="fedgate-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    dataset = load_dataset(options.dataset, gateways=options.gateways or None,
+                           max_rows_per_unit=options.max_rows_per_unit or None,
+                           **options.csv_options())
+    spec = replace(default_spec(dataset), features=tuple(dataset.features), target=dataset.target)
+    train = options.train or default_train_config(dataset)
+    metric = dataset.primary_metric
+    say(f"data set {dataset.name}: {len(dataset.units)} gateways "
+        f"({', '.join(dataset.units)}), {sum(len(u.y_train) for u in dataset.units.values())} "
+        f"training rows, {len(dataset.y_test)} test rows; metric {metric}")
+    broker: RunningBroker | None = None
+    procs: list[subprocess.Popen[bytes]] = []
+    observer: Observer | None = None
+    rows: list[RoundRow] = []
+    try:
+        if options.broker:
+            url = options.broker
+        else:
+            broker = start_broker(data_dir=workdir / "broker")
+            url = broker.url
+            say(f"broker: {broker.kind} on {url}")
+        topics = Topics(options.fleet, options.task)
+        files = write_configs(workdir, url, options, dataset, spec, train)
+        observer = Observer(url, topics)
+        observer.start()
+        procs.append(_spawn(["aggregator", "run", "-c", str(files.aggregator)], workdir / "aggregator.log"))
+        for unit, path in files.edges.items():
+            procs.append(_spawn(["edge", "run", "-c", str(path)], workdir / f"edge-{unit}.log"))
+        say(f"started the aggregator and {len(files.edges)} gateway agents (logs in {workdir})")
+        say(f"{'round':>5} {'parts':>6} {metric:>12} {'bytes_up':>10} {'bytes_down':>10} {'wall_s':>7} {'epsilon':>8}")
+        rows = _watch(observer, dataset, options, procs, say)
+    except KeyboardInterrupt:
+        say("interrupted: stopping the services")
+        _stop_all(procs, observer, broker)
+        raise
+    _stop_all(procs, observer, broker)
+    if len(rows) < options.rounds:
+        raise RuntimeError(f"only {len(rows)} of {options.rounds} rounds completed; see logs in {workdir}")
+    say("training the baselines on the same split ...")
+    centralized, local_only, per_unit = baselines(dataset, spec, train, options.rounds, options.seed)
+    federated = rows[-1].metric
+    say(f"{metric}: federated {federated:.4f} | centralized {centralized:.4f} | "
+        f"local-only (mean of {len(per_unit)}) {local_only:.4f}")
+    record = {
+        "dataset": dataset.name,
+        "metric": metric,
+        "higher_is_better": dataset.higher_is_better,
+        "gateways": len(dataset.units),
+        "rounds": [
+            {"round": r.round, "participants": r.participants, "metric": r.metric,
+             "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "wall_s": r.wall_s,
+             **({"epsilon": r.epsilon} if r.epsilon is not None else {}), **r.extra}
+            for r in rows
+        ],
+        "federated": federated,
+        "centralized": centralized,
+        "local_only": local_only,
+        "local_only_per_gateway": per_unit,
+        "final_metrics": rows[-1].extra,
+        "config": options.describe(),
+    }
+    if options.out:
+        Path(options.out).write_text(json.dumps(record, indent=2))
+        say(f"wrote {options.out}")
+    return record
+
+
+def _watch(observer: Observer, dataset: FederatedDataset, options: DemoOptions,
+           procs: list[subprocess.Popen[bytes]], say: Callable[[str], None]) -> list[RoundRow]:
+    metric = dataset.primary_metric
+    scores: dict[int, dict[str, float]] = {}
+    summaries: dict[int, RoundSummary] = {}
+    rows: list[RoundRow] = []
+    deadline = time.monotonic() + options.timeout_s
+    while len(rows) < options.rounds:
+        if time.monotonic() > deadline:
+            say(f"timed out after {options.timeout_s:.0f} s")
+            break
+        if procs[0].poll() is not None and procs[0].returncode != 0:
+            say(f"the aggregator exited with code {procs[0].returncode}")
+            break
+        item = observer.next(timeout=0.5)
+        if isinstance(item, GlobalModel) and item.version > 0:
+            weights = [np.array(a) for a in decode_tensors(item.tensors)]
+            scores[item.version] = evaluate_model(dataset, item.spec, weights)
+        elif isinstance(item, RoundSummary):
+            summaries[item.model_version] = item
+        for version in sorted(set(scores) & set(summaries)):
+            s, score = summaries.pop(version), scores.pop(version)
+            if any(r.round == s.round for r in rows):
+                continue
+            eps = max(s.epsilon.values()) if s.epsilon else None
+            row = RoundRow(s.round, len(s.participants), score[metric], s.bytes_up, s.bytes_down,
+                           s.wall_s, eps, {k: v for k, v in score.items()})
+            rows.append(row)
+            say(_format_row(row, metric))
+    return rows
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]], observer: Observer | None,
+              broker: RunningBroker | None) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    if observer is not None:
+        observer.stop()
+    if broker is not None:
+        broker.stop()

@@ -1,0 +1,126 @@
+"""The demo's options and the service config files it writes (the same TOML an operator writes)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedcore.datasets import FederatedDataset
+from fedcore.protocol.messages import ModelSpec, TrainConfig
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    dataset: str = "wind"
+    gateways: int = 0  # 0 = one per natural unit of the data set
+    rounds: int = 20
+    out: str | None = None
+    broker: str | None = None
+    workdir: str | None = None
+    seed: int = 0
+    fleet: str = "demo"
+    task: str = "task"
+    max_rows_per_unit: int = 0
+    round_timeout_s: float = 120.0
+    timeout_s: float = 900.0
+    train: TrainConfig | None = None
+    fusion: str = "fedavg"
+    server_optimizer: str = "fedavg"
+    compression: tuple[str, ...] = ()
+    clip_norm: float = 0.0
+    dp_epsilon: float = 0.0
+    unit_column: str = ""
+    target: str = ""
+    features: tuple[str, ...] = ()
+    csv_task: str = ""
+    extra_aggregator_toml: str = ""
+    extra_edge_toml: dict[str, str] = field(default_factory=dict)
+
+    def csv_options(self) -> dict[str, Any]:
+        if not self.dataset.startswith("csv:"):
+            return {}
+        return dict(unit_column=self.unit_column or None, target=self.target or None,
+                    features=list(self.features) or None, task=self.csv_task or None)
+
+    def describe(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("extra_edge_toml")
+        return d
+
+
+@dataclass(frozen=True)
+class ConfigFiles:
+    aggregator: Path
+    edges: dict[str, Path]
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def _table(name: str, values: dict[str, Any]) -> str:
+    lines = [f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: FederatedDataset,
+                  spec: ModelSpec, train: TrainConfig) -> ConfigFiles:
+    units = list(dataset.units)
+    pipeline: dict[str, Any] = {"compression": list(options.compression)}
+    if options.clip_norm > 0 or options.dp_epsilon > 0:
+        pipeline["clip_norm"] = options.clip_norm or 1.0
+    if options.dp_epsilon > 0:
+        pipeline["target_epsilon"] = options.dp_epsilon
+    agg = "\n".join([
+        "# written by fedgate demo",
+        _table("task", {"fleet": options.fleet, "name": options.task}),
+        _table("broker", {"url": url, "client_id": "aggregator"}),
+        _table("model", {"kind": spec.kind, "layer_sizes": list(spec.layer_sizes),
+                         "activation": spec.activation, "task": spec.task,
+                         "features": list(spec.features), "target": spec.target}),
+        _table("rounds", {"rounds": options.rounds, "min_participants": len(units),
+                          "round_timeout_s": options.round_timeout_s}),
+        _table("train", {"local_epochs": train.local_epochs, "batch_size": train.batch_size,
+                         "learning_rate": train.learning_rate, "optimizer": train.optimizer,
+                         "max_steps": train.max_steps}),
+        _table("pipeline", pipeline),
+        _table("fusion", {"rule": options.fusion}),
+        _table("server", {"optimizer": options.server_optimizer}),
+        _table("state", {"dir": str(workdir / "aggregator-state"), "seed": options.seed,
+                         "exit_when_done": False}),
+        options.extra_aggregator_toml,
+    ])
+    agg_path = workdir / "aggregator.toml"
+    agg_path.write_text(agg)
+    edges: dict[str, Path] = {}
+    for i, unit in enumerate(units):
+        device = f"gw-{unit}".replace("/", "-")[:64]
+        data: dict[str, Any] = {"source": "dataset", "dataset": options.dataset, "unit": unit}
+        if options.gateways:
+            data["gateways"] = options.gateways
+        if options.max_rows_per_unit:
+            data["max_rows_per_unit"] = options.max_rows_per_unit
+        if options.dataset.startswith("csv:"):
+            data.update({k: v for k, v in (("unit_column", options.unit_column),
+                                           ("target", options.target),
+                                           ("features", list(options.features)),
+                                           ("task", options.csv_task)) if v})
+        text = "\n".join([
+            "# written by fedgate demo",
+            _table("device", {"id": device, "fleet": options.fleet, "task": options.task}),
+            _table("broker", {"url": url, "client_id": device}),
+            _table("data", data),
+            _table("state", {"dir": str(workdir / f"edge-{device}"), "seed": options.seed + 1 + i}),
+            options.extra_edge_toml.get(unit, ""),
+        ])
+        path = workdir / f"edge-{device}.toml"
+        path.write_text(text)
+        edges[unit] = path
+    return ConfigFiles(agg_path, edges)
