@@ -1,0 +1,67 @@
+"""The Mosquitto ACL, generated only from :data:`fedcore.protocol.topics.ACL_RULES`.
+
+Theory of operation: each :class:`~fedcore.protocol.topics.AclRule` holds a topic pattern
+with ``{fleet}``, ``{task}``, ``{device}`` and ``{stage}`` placeholders and four permission
+bits. A client's MQTT username is its certificate CN (``use_identity_as_username``).
+
+- Device permissions on topics with a ``{device}`` level become ``pattern`` lines, which
+  Mosquitto applies to every client with ``%u`` replaced by its username: ``{device}`` ->
+  ``%u``, so a gateway can only touch the ``{device}`` level equal to its own CN. Device
+  permissions on shared topics (round, model, metrics) become ``topic`` lines placed before
+  any ``user`` line, which Mosquitto applies to every client (a ``pattern`` without ``%u``
+  works too but makes Mosquitto warn at start).
+- Aggregator permissions become ``topic`` lines under ``user <aggregator>``, with
+  ``{device}`` and ``{stage}`` as ``+`` (the aggregator serves every device).
+- ``{task}`` is always ``+``; ``{fleet}`` is the fleet name or ``+``.
+
+Anything not granted is denied (Mosquitto's rule once an acl_file is set). A test parses
+this output back and checks it against the rules and real topics built by ``Topics``.
+"""
+
+from __future__ import annotations
+
+from fedcore.protocol.topics import ACL_RULES, AclRule, check_name
+
+
+def _access(read: bool, write: bool) -> str | None:
+    if read and write:
+        return "readwrite"
+    if read:
+        return "read"
+    if write:
+        return "write"
+    return None
+
+
+def _fill(rule: AclRule, fleet: str, device: str) -> str:
+    return rule.pattern.format(fleet=fleet, task="+", device=device, stage="+")
+
+
+def generate_acl(fleet: str = "+", aggregator: str = "aggregator") -> str:
+    """The acl_file text for one fleet (or every fleet with ``'+'``)."""
+    if fleet != "+":
+        check_name(fleet, "fleet")
+    check_name(aggregator, "aggregator")
+    lines = [
+        "# Mosquitto ACL for fedgate. Generated from fedcore.protocol.topics.ACL_RULES;",
+        "# do not edit: regenerate with `fedgate provision broker`.",
+        "# Username = client certificate CN. Everything not granted here is denied.",
+        "",
+        "# Every client (gateways): shared topics, then the client's own subtree (%u = CN).",
+    ]
+    shared = [r for r in ACL_RULES if "{device}" not in r.pattern]
+    own = [r for r in ACL_RULES if "{device}" in r.pattern]
+    for rule in shared:
+        access = _access(rule.device_read, rule.device_write)
+        if access is not None:
+            lines.append(f"topic {access} {_fill(rule, fleet, '+')}")
+    for rule in own:
+        access = _access(rule.device_read, rule.device_write)
+        if access is not None:
+            lines.append(f"pattern {access} {_fill(rule, fleet, '%u')}")
+    lines += ["", "# The aggregator identity alone publishes round, model and metrics.", f"user {aggregator}"]
+    for rule in ACL_RULES:
+        access = _access(rule.aggregator_read, rule.aggregator_write)
+        if access is not None:
+            lines.append(f"topic {access} {_fill(rule, fleet, '+')}")
+    return "\n".join(lines) + "\n"
