@@ -1,0 +1,139 @@
+"""Evaluation metrics as plain functions on numpy arrays.
+
+Classification: accuracy, and macro-averaged precision, recall and F1 (each class counts the
+same, so a gateway whose data is dominated by one class cannot hide a useless model behind a
+high accuracy). A class that is never predicted has precision 0; a class absent from both
+truth and predictions is left out of the macro average.
+
+ROC AUC (binary) is computed from ranks, the Mann-Whitney U statistic: the probability that
+a random positive scores above a random negative, ties counted one half (tied scores get
+their average rank). It is undefined when only one class is present; then it is NaN.
+
+Regression: MSE, RMSE, MAE on whatever scale the caller passes (the data sets report kW on
+the original scale by inverting the target scaler first).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TASK_PRIMARY_METRIC: dict[str, tuple[str, bool]] = {
+    "regression": ("rmse", False),
+    "classification": ("accuracy", True),
+    "anomaly": ("roc_auc", True),
+}
+
+
+def primary_metric(task: str) -> tuple[str, bool]:
+    """The metric that ranks models for ``task`` and whether higher is better."""
+    try:
+        return TASK_PRIMARY_METRIC[task]
+    except KeyError:
+        raise ValueError(f"task {task!r} is not one of {', '.join(TASK_PRIMARY_METRIC)}") from None
+
+
+def _pair(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    t = np.asarray(y_true).reshape(-1)
+    p = np.asarray(y_pred).reshape(-1)
+    if t.shape != p.shape:
+        raise ValueError(f"{t.shape[0]} true values but {p.shape[0]} predictions")
+    if t.size == 0:
+        raise ValueError("no samples to score")
+    return t, p
+
+
+def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    t, p = _pair(y_true, y_pred)
+    return float(np.mean(t == p))
+
+
+def _per_class_counts(
+    y_true: np.ndarray, y_pred: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    t, p = _pair(y_true, y_pred)
+    classes = np.union1d(t, p)
+    # One vectorised pass: a (n, k) comparison is small for the class counts seen here.
+    is_true = t[:, None] == classes[None, :]
+    is_pred = p[:, None] == classes[None, :]
+    tp = np.sum(is_true & is_pred, axis=0)
+    return tp, is_pred.sum(axis=0), is_true.sum(axis=0)
+
+
+def _safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.divide(num, den, out=np.zeros(num.shape, dtype=np.float64), where=den > 0)
+
+
+def precision(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Macro-averaged precision."""
+    tp, predicted, _ = _per_class_counts(y_true, y_pred)
+    return float(np.mean(_safe_ratio(tp, predicted)))
+
+
+def recall(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Macro-averaged recall."""
+    tp, _, actual = _per_class_counts(y_true, y_pred)
+    return float(np.mean(_safe_ratio(tp, actual)))
+
+
+def f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Macro-averaged F1 (the mean of per-class F1, not F1 of the mean P and R)."""
+    tp, predicted, actual = _per_class_counts(y_true, y_pred)
+    return float(np.mean(_safe_ratio(2 * tp, predicted + actual)))
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing the mean of the ranks they span."""
+    order = np.argsort(values, kind="mergesort")
+    sorted_values = values[order]
+    # Start of each run of equal values, and the mean rank of that run.
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_values)) + 1]
+    ends = np.r_[starts[1:], values.size]
+    run_rank = (starts + ends + 1) / 2.0
+    ranks = np.empty(values.size, dtype=np.float64)
+    ranks[order] = np.repeat(run_rank, ends - starts)
+    return ranks
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Binary ROC AUC of ``scores`` (higher = more positive) for 0/1 ``labels``."""
+    y, s = _pair(labels, scores)
+    positive = y.astype(bool)
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("ROC AUC labels must be 0 or 1")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("ROC AUC scores must be finite")
+    n_pos = int(positive.sum())
+    n_neg = int(y.size - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _average_ranks(s.astype(np.float64))
+    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def mse(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    t, p = _pair(y_true, y_pred)
+    return float(np.mean(np.square(t.astype(np.float64) - p)))
+
+
+def rmse(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    return float(np.sqrt(mse(y_true, y_pred)))
+
+
+def mae(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    t, p = _pair(y_true, y_pred)
+    return float(np.mean(np.abs(t.astype(np.float64) - p)))
+
+
+def classification_report(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    return {
+        "accuracy": accuracy(y_true, y_pred),
+        "precision": precision(y_true, y_pred),
+        "recall": recall(y_true, y_pred),
+        "f1": f1(y_true, y_pred),
+    }
+
+
+def regression_report(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    m = mse(y_true, y_pred)
+    return {"mse": m, "rmse": float(np.sqrt(m)), "mae": mae(y_true, y_pred)}
