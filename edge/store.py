@@ -1,0 +1,193 @@
+"""The edge sample store: the gateway's bounded, crash-safe history of its machines.
+
+Theory of operation
+-------------------
+The store is one SQLite file in WAL mode. ``firmware_bridge`` appends to it (through
+:class:`fedcore.samples.SampleWriter`); this module reads training data from it and keeps it
+bounded. The schema, the connection settings and the eviction policy are defined once in
+:mod:`fedcore.samples` (read its docstring for the layout, the durability guarantees and the
+policy: delete by age first, then oldest 10 % at a time until the pages in use fit
+``max_bytes``). WAL lets the bridge write while the trainer reads, without either waiting
+for the other for more than one transaction.
+
+Reading turns the long table back into rows: every value read by one Modbus request shares
+its ``ts``, so a *row* is the set of the requested signals with the same ``ts``; rows missing
+any requested signal are dropped. When the device carries its own clock (``time_signal``,
+e.g. ``row_time`` of the wind turbine simulator), the row's time is that clock's value and
+rows repeating an already seen device time are dropped, so polling faster than the device
+updates does not duplicate data.
+
+:meth:`SampleStore.training_windows` then builds sliding windows: the feature vector of row
+``i`` is the ``window`` consecutive rows ending at ``i`` (oldest first, features in the given
+order, flattened), its label the target ``horizon`` rows later. Windows touching a NaN or a
+time gap wider than ``max_step`` seconds are dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedcore import samples as sample_file
+from fedcore.errors import LocalProtocolError
+from fedcore.samples import EvictionResult, Sample
+
+# The wind data set's columns, in the order of fedcore/datasets/data/la_haute_borne.npz.
+WIND_COLUMNS = ("Ba_avg", "P_avg", "Ws_avg", "Va_avg", "Ot_avg", "Ya_avg", "Wa_avg")
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Wide rows of one device: ``time`` (n,) and ``values`` (n, len(columns)) float32."""
+
+    columns: tuple[str, ...]
+    time: np.ndarray  # float64 bridge time, or int64 device time when a time_signal is used
+    values: np.ndarray
+
+
+class SampleStore:
+    """Open (or create) the sample file at ``path`` with its size and age bounds."""
+
+    def __init__(self, path: str | Path, max_bytes: int = 256 * 1024 * 1024, max_age_s: float = 30 * 86400.0) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.max_age_s = max_age_s
+        self.conn = sample_file.connect(self.path)
+        self._writer: sample_file.SampleWriter | None = None
+
+    def append(self, batch: Sequence[Sample]) -> int:
+        """Append samples atomically (the bridge has its own writer; this serves tools and tests)."""
+        if self._writer is None:
+            self._writer = sample_file.SampleWriter(self.path, self.max_bytes, self.max_age_s)
+        return self._writer.write(batch)
+
+    def evict(self, now: float) -> EvictionResult:
+        """Apply the eviction policy of :mod:`fedcore.samples`; ``now`` is Unix seconds."""
+        return sample_file.evict(self.conn, self.max_bytes, self.max_age_s, now)
+
+    def count(self, device: str | None = None) -> int:
+        if device is None:
+            return int(self.conn.execute("SELECT count(*) FROM samples").fetchone()[0])
+        return int(
+            self.conn.execute(
+                "SELECT count(*) FROM samples JOIN signals ON signals.id = samples.signal WHERE device = ?",
+                (device,),
+            ).fetchone()[0]
+        )
+
+    def devices(self) -> list[str]:
+        return [str(r[0]) for r in self.conn.execute("SELECT DISTINCT device FROM signals ORDER BY device")]
+
+    def signals(self, device: str) -> dict[str, str]:
+        """Signal name -> unit for ``device``."""
+        rows = self.conn.execute("SELECT name, unit FROM signals WHERE device = ? ORDER BY id", (device,))
+        return {str(n): str(u) for n, u in rows}
+
+    def rows(self, device: str, columns: Sequence[str], time_signal: str | None = None, since: float | None = None) -> Rows:
+        """Rebuild wide rows of ``columns`` for ``device`` (see the module docstring)."""
+        wanted = list(columns) + ([time_signal] if time_signal and time_signal not in columns else [])
+        ids = sample_file.signal_ids(self.conn, device, wanted)
+        k = len(columns)
+        if len(ids) < len(wanted):
+            missing = sorted(set(wanted) - set(ids))
+            if self.count(device) == 0 or len(ids) == 0:
+                return _empty(columns, time_signal)
+            raise LocalProtocolError(f"device {device!r} has no signal(s) {missing} in {self.path}")
+        col_of = {ids[name]: j for j, name in enumerate(wanted)}
+        marks = ",".join("?" * len(ids))
+        sql = f"SELECT signal, ts, value FROM samples WHERE signal IN ({marks})"
+        params: list[object] = list(ids.values())
+        if since is not None:
+            sql += " AND ts >= ?"
+            params.append(since)
+        raw = self.conn.execute(sql, params).fetchall()
+        if not raw:
+            return _empty(columns, time_signal)
+        sig = np.fromiter((r[0] for r in raw), dtype=np.int64, count=len(raw))
+        ts = np.fromiter((r[1] for r in raw), dtype=np.float64, count=len(raw))
+        val = np.fromiter((np.nan if r[2] is None else r[2] for r in raw), dtype=np.float64, count=len(raw))
+        stamps, row = np.unique(ts, return_inverse=True)
+        col = np.vectorize(col_of.__getitem__, otypes=[np.int64])(sig)
+        table = np.full((len(stamps), len(wanted)), np.nan)
+        seen = np.zeros((len(stamps), len(wanted)), dtype=bool)
+        table[row, col] = val
+        seen[row, col] = True
+        complete = seen.all(axis=1)
+        table, stamps = table[complete], stamps[complete]
+        if time_signal is None:
+            return Rows(tuple(columns), stamps, table[:, :k].astype(np.float32))
+        device_time = table[:, wanted.index(time_signal)]
+        ok = np.isfinite(device_time)
+        table, device_time = table[ok], device_time[ok].astype(np.int64)
+        # First occurrence of each device time, in device-time order.
+        _, first = np.unique(device_time, return_index=True)
+        return Rows(tuple(columns), device_time[first], table[first][:, :k].astype(np.float32))
+
+    def training_windows(
+        self,
+        device: str,
+        features: Sequence[str],
+        target: str,
+        window: int,
+        *,
+        horizon: int = 0,
+        stride: int = 1,
+        time_signal: str | None = None,
+        max_step: float | None = None,
+        since: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``X`` (n, window * len(features)) and ``y`` (n,), float32, oldest window first."""
+        if window < 1 or stride < 1 or horizon < 0:
+            raise LocalProtocolError("window and stride must be >= 1, horizon >= 0")
+        columns = list(dict.fromkeys([*features, target]))
+        rows = self.rows(device, columns, time_signal=time_signal, since=since)
+        return make_windows(rows, features, target, window, horizon=horizon, stride=stride, max_step=max_step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self.conn.close()
+
+
+def make_windows(
+    rows: Rows, features: Sequence[str], target: str, window: int,
+    *, horizon: int = 0, stride: int = 1, max_step: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pure: sliding windows over ``rows`` (see :meth:`SampleStore.training_windows`)."""
+    nf = len(features)
+    n = len(rows.time) - window - horizon + 1
+    if n <= 0:
+        return np.zeros((0, window * nf), np.float32), np.zeros((0,), np.float32)
+    fi = [rows.columns.index(f) for f in features]
+    ti = rows.columns.index(target)
+    ends = np.arange(window - 1, window - 1 + n, stride)
+    idx = ends[:, None] + np.arange(-window + 1, 1)[None, :]  # (m, window) row indexes
+    x = rows.values[idx][:, :, fi].reshape(len(ends), window * nf)
+    y = rows.values[ends + horizon, ti]
+    keep = np.isfinite(x).all(axis=1) & np.isfinite(y)
+    if max_step is not None:
+        t = rows.time.astype(np.float64)
+        span_idx = ends[:, None] + np.arange(-window + 1, horizon + 1)[None, :]
+        steps = np.diff(t[span_idx], axis=1) if span_idx.shape[1] > 1 else np.zeros((len(ends), 0))
+        keep &= (steps <= max_step).all(axis=1)
+    return x[keep].astype(np.float32), y[keep].astype(np.float32)
+
+
+def _empty(columns: Sequence[str], time_signal: str | None) -> Rows:
+    dtype = np.int64 if time_signal else np.float64
+    return Rows(tuple(columns), np.zeros((0,), dtype), np.zeros((0, len(columns)), np.float32))
+
+
+def wind_rows(path: str | Path, device: str, time_signal: str = "row_time", since: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of one simulated turbine as the data set holds them: ``time`` (n,) int64 Unix
+    seconds and ``values`` (n, 7) float32 in :data:`WIND_COLUMNS` order, raw (unscaled),
+    sorted by time, one row per SCADA row, NaN rows kept (as in the data set)."""
+    store = SampleStore(path)
+    try:
+        rows = store.rows(device, WIND_COLUMNS, time_signal=time_signal, since=since)
+    finally:
+        store.close()
+    return rows.time.astype(np.int64), rows.values
