@@ -24,6 +24,7 @@ from a thread that outlives the broker (normally the main thread).
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import signal
 import socket
@@ -67,7 +68,11 @@ def _die_with_parent() -> None:
 
 
 def mosquitto_config(
-    port: int, data_dir: Path, *, max_queued_messages: int = 10000, persistence: bool = False,
+    port: int,
+    data_dir: Path,
+    *,
+    max_queued_messages: int = 10000,
+    persistence: bool = False,
     extra_config: str = "",
 ) -> str:
     """The generated mosquitto.conf. ``extra_config`` is appended after the listener line,
@@ -114,8 +119,6 @@ next_connection_delay_ms = 1
 
 
 def _is_root() -> bool:
-    import os
-
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
@@ -252,8 +255,11 @@ def start_broker(
         conf = data_dir / "mosquitto.conf"
         conf.write_text(
             mosquitto_config(
-                chosen_port, data_dir, max_queued_messages=max_queued_messages,
-                persistence=persistence, extra_config=extra_config,
+                chosen_port,
+                data_dir,
+                max_queued_messages=max_queued_messages,
+                persistence=persistence,
+                extra_config=extra_config,
             )
         )
         argv = [mosquitto, "-c", str(conf)]

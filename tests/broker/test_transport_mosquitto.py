@@ -48,6 +48,18 @@ def transport(topic_prefix: str) -> Iterator[Factory]:
         t.stop()
 
 
+class RecordingRandom(random.Random):
+    """Records the ranges the reconnect backoff draws from."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.ranges: list[tuple[float, float]] = []
+
+    def uniform(self, a: float, b: float) -> float:
+        self.ranges.append((a, b))
+        return super().uniform(a, b)
+
+
 def connect(t: PahoTransport, log: EventLog, session_present: bool | None = None) -> Connected:
     t.start(log)
     event = log.wait_for(Connected)
@@ -232,7 +244,8 @@ def test_reconnects_and_resubscribes_after_broker_restart(
 ) -> None:
     broker = mosquitto_factory()
     sub_log, pub_log = events(), events()
-    sub = transport(broker.url, "sub")
+    rng = RecordingRandom(5)
+    sub = transport(broker.url, "sub", rng=rng, backoff_min=0.05, backoff_max=0.4)
     pub = transport(broker.url, "pub")
     connect(sub, sub_log)
     connect(pub, pub_log)
@@ -249,6 +262,9 @@ def test_reconnects_and_resubscribes_after_broker_restart(
     # arrives whether the re-SUBSCRIBE reaches the broker before or after this publish.
     pub.publish(f"{topic_prefix}/after", b"2", retain=True, wait=5)
     assert [m.payload for m in sub_log.messages(2)] == [b"1", b"2"]
+    # The waits between attempts came from our jittered backoff, starting at its minimum.
+    assert rng.ranges and rng.ranges[0] == (0.025, 0.05)
+    assert all(hi <= 0.4 for _, hi in rng.ranges)
 
 
 def test_publish_wait_times_out_while_the_broker_is_down(
