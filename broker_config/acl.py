@@ -4,12 +4,12 @@ Theory of operation: each :class:`~fedcore.protocol.topics.AclRule` holds a topi
 with ``{fleet}``, ``{task}``, ``{device}`` and ``{stage}`` placeholders and four permission
 bits. A client's MQTT username is its certificate CN (``use_identity_as_username``).
 
-- Device permissions on topics with a ``{device}`` level become ``pattern`` lines, which
-  Mosquitto applies to every client with ``%u`` replaced by its username: ``{device}`` ->
-  ``%u``, so a gateway can only touch the ``{device}`` level equal to its own CN. Device
-  permissions on shared topics (round, model, metrics) become ``topic`` lines placed before
-  any ``user`` line, which Mosquitto applies to every client (a ``pattern`` without ``%u``
-  works too but makes Mosquitto warn at start).
+- Device permissions become ``pattern`` lines, which Mosquitto applies to every
+  authenticated client with ``%u`` replaced by its username: ``{device}`` -> ``%u``, so a
+  gateway can only touch the ``{device}`` level equal to its own CN. Shared topics (round,
+  model, metrics) are ``pattern`` lines too, without ``%u``: Mosquitto applies ``topic``
+  lines placed before any ``user`` line to *anonymous* clients only, which would lock every
+  gateway out. (Mosquitto warns at start that those patterns lack ``%u``; that is expected.)
 - Aggregator permissions become ``topic`` lines under ``user <aggregator>``, with
   ``{device}`` and ``{stage}`` as ``+`` (the aggregator serves every device).
 - ``{task}`` is always ``+``; ``{fleet}`` is the fleet name or ``+``.
@@ -51,11 +51,7 @@ def generate_acl(fleet: str = "+", aggregator: str = "aggregator") -> str:
     ]
     shared = [r for r in ACL_RULES if "{device}" not in r.pattern]
     own = [r for r in ACL_RULES if "{device}" in r.pattern]
-    for rule in shared:
-        access = _access(rule.device_read, rule.device_write)
-        if access is not None:
-            lines.append(f"topic {access} {_fill(rule, fleet, '+')}")
-    for rule in own:
+    for rule in shared + own:
         access = _access(rule.device_read, rule.device_write)
         if access is not None:
             lines.append(f"pattern {access} {_fill(rule, fleet, '%u')}")

@@ -28,7 +28,9 @@ def topic_matches(filter_: str, topic: str) -> bool:
 
 
 class Acl:
-    """Mosquitto's reading of an acl_file: general topics, per-user topics, %u patterns."""
+    """Mosquitto's reading of an acl_file: ``topic`` lines before any ``user`` line bind
+    anonymous clients only; ``user`` sections bind that user; ``pattern`` lines bind every
+    client, with %u replaced by its username."""
 
     def __init__(self, text: str) -> None:
         self.general: list[tuple[str, str]] = []
@@ -53,8 +55,11 @@ class Acl:
             else:
                 raise AssertionError(f"unexpected ACL line {line!r}")
 
-    def allowed(self, username: str, access: str, topic: str) -> bool:
-        grants = self.general + self.users.get(username, [])
+    def allowed(self, username: str | None, access: str, topic: str) -> bool:
+        if username is None:
+            grants = list(self.general)
+            return any(a in (access, "readwrite") and topic_matches(t, topic) for a, t in grants)
+        grants = list(self.users.get(username, []))
         grants += [(a, t.replace("%u", username)) for a, t in self.patterns]
         return any(a in (access, "readwrite") and topic_matches(t, topic) for a, t in grants)
 
@@ -112,10 +117,12 @@ def test_fleet_restriction_and_line_count() -> None:
     assert not acl.allowed("agg-1", "write", other_fleet.model())
     assert acl.allowed("agg-1", "write", Topics("plant", "task").model())
     assert not acl.allowed("aggregator", "write", Topics("plant", "task").model())
+    assert not acl.allowed(None, "read", Topics("plant", "task").model())  # no anonymous grants
+    assert not acl.general
     grants = sum(
         (r.device_read or r.device_write) + (r.aggregator_read or r.aggregator_write) for r in ACL_RULES
     )
-    assert len(acl.general) + len(acl.patterns) + len(acl.users["agg-1"]) == grants
+    assert len(acl.patterns) + len(acl.users["agg-1"]) == grants
 
 
 def test_conf_requires_client_certificates(tmp_path: Path) -> None:
