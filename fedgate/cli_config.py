@@ -60,7 +60,8 @@ def _loader(kind: str) -> Callable[[str], Any] | None:
         return None
 
 
-def check_file(file: str, kind: str | None = None, out: TextIO = sys.stdout) -> int:
+def check_file(file: str, kind: str | None = None, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
     try:
         root = load_toml(file)
     except ConfigError as exc:

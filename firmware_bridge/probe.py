@@ -51,10 +51,11 @@ def _settled(config: BridgeConfig, health: Mapping[str, DeviceHealth]) -> bool:
     )
 
 
-def probe(config: BridgeConfig, once: bool = False, refresh: float = 1.0, out: TextIO = sys.stdout, stop: threading.Event | None = None) -> int:
+def probe(config: BridgeConfig, once: bool = False, refresh: float = 1.0, out: TextIO | None = None, stop: threading.Event | None = None) -> int:
     """Print live values; with ``once``, one snapshot after every signal answered or failed.
 
     Returns 0 when every signal has a value, 1 otherwise (for scripts)."""
+    out = out or sys.stdout
     bridge = Bridge(config, sink=NullSink())
     stop = stop or threading.Event()
     bridge.start()

@@ -154,6 +154,7 @@ class SimulatorServer:
         self.thread.start()
         self.servers: dict[int, object] = {}
         self.turbines: dict[int, SimulatedTurbine] = {}
+        self.serial_servers: list[object] = []
         logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # injected faults are not news
 
     def add(self, turbine: SimulatedTurbine, port: int, device_id: int = 1) -> int:
@@ -179,6 +180,27 @@ class SimulatorServer:
         self.turbines[real] = turbine
         return real
 
+    def add_rtu(self, turbines: dict[int, SimulatedTurbine], serial_port: str, baudrate: int = 19200) -> None:
+        """Serve ``turbines`` by unit id on one RS-485 line (Modbus RTU on ``serial_port``)."""
+        self._call(self._listen_rtu(turbines, serial_port, baudrate))
+
+    async def _listen_rtu(self, turbines: dict[int, SimulatedTurbine], serial_port: str, baudrate: int) -> int:
+        from pymodbus.server import ModbusSerialServer
+        from pymodbus.simulator import DataType, SimData, SimDevice
+
+        devices = []
+        for unit_id, turbine in turbines.items():
+            turbine.release = asyncio.Event()
+            devices.append(SimDevice(
+                id=unit_id,
+                simdata=[SimData(0, count=turbine.size, values=0, datatype=DataType.REGISTERS)],
+                action=turbine.action,  # type: ignore[arg-type]
+            ))
+        server = ModbusSerialServer(devices, port=serial_port, baudrate=baudrate, ignore_missing_devices=True)
+        await server.serve_forever(background=True)
+        self.serial_servers.append(server)
+        return 0
+
     def remove(self, port: int) -> SimulatedTurbine:
         """Stop serving ``port`` (the device disappears); ``add`` it again to bring it back."""
         server = self.servers.pop(port)
@@ -195,6 +217,8 @@ class SimulatorServer:
     def close(self) -> None:
         for port in list(self.servers):
             self.remove(port)
+        for server in self.serial_servers:
+            self._call(server.shutdown())  # type: ignore[attr-defined]
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
         self.loop.close()
