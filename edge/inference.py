@@ -75,10 +75,14 @@ class InferenceEngine:
             raise RemoteProtocolError("bad_tflite", "input and output must be [batch, features]")
         interpreter_class = _interpreter_class()
         try:
-            interpreter = interpreter_class(model_content=bytes(tflite_bytes), num_threads=num_threads)
+            interpreter = interpreter_class(
+                model_content=bytes(tflite_bytes), num_threads=num_threads
+            )
             interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            raise RemoteProtocolError("bad_tflite", f"interpreter refused the model: {exc}") from exc
+            raise RemoteProtocolError(
+                "bad_tflite", f"interpreter refused the model: {exc}"
+            ) from exc
         return cls(interpreter, info)
 
     @property
@@ -101,12 +105,11 @@ class InferenceEngine:
             self._interpreter.resize_tensor_input(self._input["index"], [n, self.n_in])
             self._interpreter.allocate_tensors()
             self._batch = n
+        feed: np.ndarray = features
         if self.input_qparams is not None:
             scale, zero_point = self.input_qparams
             q = np.round(features.astype(np.float64) / scale) + zero_point
             feed = np.clip(q, -128, 127).astype(np.int8)
-        else:
-            feed = features
         self._interpreter.set_tensor(self._input["index"], feed)
         self._interpreter.invoke()
         raw = self._interpreter.get_tensor(self._output["index"])
@@ -115,7 +118,7 @@ class InferenceEngine:
             out = ((raw.astype(np.float64) - zero_point) * scale).astype(np.float32)
         else:
             out = np.array(raw, dtype=np.float32)  # a copy: the interpreter reuses its buffer
-        return out[0] if single else out
+        return np.asarray(out[0] if single else out)
 
 
 def anomaly_scores(
@@ -130,7 +133,9 @@ def anomaly_scores(
     if out.ndim == 1:
         out = out[None, :]
     if spec.kind == "autoencoder":
-        return np.asarray(np.mean(np.square(out - np.asarray(x, np.float64).reshape(out.shape)), axis=1))
+        return np.asarray(
+            np.mean(np.square(out - np.asarray(x, np.float64).reshape(out.shape)), axis=1)
+        )
     if spec.task == "classification":
         return np.asarray(1.0 - out.max(axis=1))
     if observed is None:
@@ -156,5 +161,7 @@ def telemetry(model_version: int, scores: np.ndarray, threshold: float | None = 
         over = int(np.count_nonzero(s > threshold))
         values["over_threshold"] = float(over)
         if over:
-            alerts = (f"anomaly score {s.max():.4g} above {threshold:.4g} in {over}/{s.size} samples",)
+            alerts = (
+                f"anomaly score {s.max():.4g} above {threshold:.4g} in {over}/{s.size} samples",
+            )
     return Telemetry(model_version=model_version, values=values, alerts=alerts)

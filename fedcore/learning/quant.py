@@ -101,7 +101,7 @@ def quantize_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def fake_quant_weights(w: np.ndarray) -> np.ndarray:
     """``W`` rounded to the per-channel int8 grid, back in float32 (same layout as ``W``)."""
     q, scales = quantize_weights(w)
-    return (q.T.astype(np.float32) * scales).astype(np.float32)
+    return np.asarray(q.T.astype(np.float32) * scales, dtype=np.float32)
 
 
 def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
@@ -142,7 +142,9 @@ def fake_quant_bias(b: np.ndarray, input_scale: float, w_scales: np.ndarray) -> 
 # --- calibration --------------------------------------------------------------------------
 
 
-def _float_observed(spec: ModelSpec, params: Sequence[np.ndarray], x: np.ndarray) -> list[np.ndarray]:
+def _float_observed(
+    spec: ModelSpec, params: Sequence[np.ndarray], x: np.ndarray
+) -> list[np.ndarray]:
     """The float tensors that carry a calibrated range: input, then each FC output."""
     h = np.asarray(x, np.float32)
     seen = [h]
@@ -158,7 +160,9 @@ def _float_observed(spec: ModelSpec, params: Sequence[np.ndarray], x: np.ndarray
     return seen
 
 
-def observe_ranges(spec: ModelSpec, params: Sequence[np.ndarray], x: np.ndarray) -> ActivationRanges:
+def observe_ranges(
+    spec: ModelSpec, params: Sequence[np.ndarray], x: np.ndarray
+) -> ActivationRanges:
     """Min/max of every quantized tensor over one batch of the float model."""
     check_spec(spec, params)
     seen = [(float(t.min()), float(t.max())) for t in _float_observed(spec, params, x)]
@@ -200,7 +204,9 @@ def calibrate_ranges(
         raise ValueError(f"unknown calibration method {method!r}")
     ranges = observe_ranges(spec, params, x[:batch_size])
     for start in range(batch_size, x.shape[0], batch_size):
-        ranges = ema_ranges(ranges, observe_ranges(spec, params, x[start : start + batch_size]), momentum)
+        ranges = ema_ranges(
+            ranges, observe_ranges(spec, params, x[start : start + batch_size]), momentum
+        )
     return ranges
 
 
@@ -217,7 +223,9 @@ class _Trace:
     output: np.ndarray  # fake-quantized last FC output (regression output or logits)
 
 
-def _qat_trace(spec: ModelSpec, params: Sequence[np.ndarray], x: np.ndarray, ranges: ActivationRanges) -> _Trace:
+def _qat_trace(
+    spec: ModelSpec, params: Sequence[np.ndarray], x: np.ndarray, ranges: ActivationRanges
+) -> _Trace:
     check_spec(spec, params)
     n_layers = len(params) // 2
     if len(ranges.layers) != n_layers:
@@ -233,8 +241,9 @@ def _qat_trace(spec: ModelSpec, params: Sequence[np.ndarray], x: np.ndarray, ran
         trace.weights.append(wq)
         z = (h.astype(np.float64) @ wq.astype(np.float64) + bq).astype(np.float32)
         out_scale, out_zp = activation_qparams(*ranges.layers[i])
-        lo = (INT8_MIN - out_zp) * out_scale
-        hi = (INT8_MAX - out_zp) * out_scale
+        # Values that round onto the grid are not saturated: the STE passes them.
+        lo = (INT8_MIN - 0.5 - out_zp) * out_scale
+        hi = (INT8_MAX + 0.5 - out_zp) * out_scale
         hidden = i < n_layers - 1
         if hidden and spec.activation == "relu":
             # Fused ReLU: the int8 clamp at the zero point is the ReLU.
@@ -260,12 +269,16 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return np.asarray(e / e.sum(axis=1, keepdims=True))
 
 
-def qat_forward(spec: ModelSpec, params: Sequence[np.ndarray], x: np.ndarray, ranges: ActivationRanges) -> np.ndarray:
+def qat_forward(
+    spec: ModelSpec, params: Sequence[np.ndarray], x: np.ndarray, ranges: ActivationRanges
+) -> np.ndarray:
     """The int8 model simulated in float: regression outputs, or logits for classification."""
     return _qat_trace(spec, params, x, ranges).output
 
 
-def qat_predict(spec: ModelSpec, params: Sequence[np.ndarray], x: np.ndarray, ranges: ActivationRanges) -> np.ndarray:
+def qat_predict(
+    spec: ModelSpec, params: Sequence[np.ndarray], x: np.ndarray, ranges: ActivationRanges
+) -> np.ndarray:
     """What the exported int8 graph outputs (softmax quantized to 1/256 for classification)."""
     out = qat_forward(spec, params, x, ranges)
     if spec.task == "classification":

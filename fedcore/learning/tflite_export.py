@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import flatbuffers
 import numpy as np
@@ -47,7 +48,11 @@ _SOFTMAX = tflite.BuiltinOperator.SOFTMAX
 _TANH = tflite.BuiltinOperator.TANH
 _OP_NAMES = {_FC: "FULLY_CONNECTED", _SOFTMAX: "SOFTMAX", _TANH: "TANH"}
 _FLOAT32, _INT32, _INT8 = tflite.TensorType.FLOAT32, tflite.TensorType.INT32, tflite.TensorType.INT8
-_DTYPES = {_FLOAT32: np.dtype(np.float32), _INT32: np.dtype(np.int32), _INT8: np.dtype(np.int8)}
+_DTYPES: dict[int, np.dtype[Any]] = {
+    _FLOAT32: np.dtype(np.float32),
+    _INT32: np.dtype(np.int32),
+    _INT8: np.dtype(np.int8),
+}
 _SCHEMA_VERSION = 3
 MAX_MODEL_BYTES = 64 * 1024 * 1024  # far above any gateway MLP; bounds what we parse
 
@@ -116,12 +121,18 @@ def _build_graph(
             w_q, w_s = quant.quantize_weights(w)
             zeros = (0,) * n_out
             w_t = _Tensor(
-                f"dense{i}/kernel", (n_out, sizes[i]), _INT8, w_q.tobytes(),
+                f"dense{i}/kernel",
+                (n_out, sizes[i]),
+                _INT8,
+                w_q.tobytes(),
                 _Quant(tuple(float(s) for s in w_s), zeros, 0),
             )
             b_s = (np.float64(in_q[0]) * w_s.astype(np.float64)).astype(np.float32)
             b_t = _Tensor(
-                f"dense{i}/bias", (n_out,), _INT32, quant.quantize_bias(b, in_q[0], w_s).tobytes(),
+                f"dense{i}/bias",
+                (n_out,),
+                _INT32,
+                quant.quantize_bias(b, in_q[0], w_s).tobytes(),
                 _Quant(tuple(float(s) for s in b_s), zeros, 0),
             )
             out_q = quant.activation_qparams(*ranges.layers[i])
@@ -162,7 +173,7 @@ def _serialize(g: _Graph, description: str) -> bytes:
     opcodes = sorted({op.code for op in g.ops})
     # Buffers: 0 is the empty sentinel, then one per constant tensor.
     buffer_of: dict[int, int] = {}
-    data_vectors = []
+    data_vectors: list[int] = []
     for idx, t in enumerate(g.tensors):
         if t.data is not None:
             buffer_of[idx] = len(data_vectors) + 1
@@ -177,7 +188,9 @@ def _serialize(g: _Graph, description: str) -> bytes:
     for idx, t in enumerate(g.tensors):
         name = b.CreateString(t.name)
         shape = b.CreateNumpyVector(np.array(t.shape, np.int32))
-        signature = b.CreateNumpyVector(np.array((-1, *t.shape[1:]) if t.data is None else t.shape, np.int32))
+        signature = b.CreateNumpyVector(
+            np.array((-1, *t.shape[1:]) if t.data is None else t.shape, np.int32)
+        )
         q_off = None
         if t.quant is not None:
             scales = b.CreateNumpyVector(np.array(t.quant.scales, np.float32))
@@ -205,11 +218,17 @@ def _serialize(g: _Graph, description: str) -> bytes:
             tflite.FullyConnectedOptionsStart(b)
             relu = tflite.ActivationFunctionType.RELU
             tflite.FullyConnectedOptionsAddFusedActivationFunction(b, relu if op.fused_relu else 0)
-            options, options_type = tflite.FullyConnectedOptionsEnd(b), tflite.BuiltinOptions.FullyConnectedOptions
+            options, options_type = (
+                tflite.FullyConnectedOptionsEnd(b),
+                tflite.BuiltinOptions.FullyConnectedOptions,
+            )
         elif op.code == _SOFTMAX:
             tflite.SoftmaxOptionsStart(b)
             tflite.SoftmaxOptionsAddBeta(b, 1.0)
-            options, options_type = tflite.SoftmaxOptionsEnd(b), tflite.BuiltinOptions.SoftmaxOptions
+            options, options_type = (
+                tflite.SoftmaxOptionsEnd(b),
+                tflite.BuiltinOptions.SoftmaxOptions,
+            )
         tflite.OperatorStart(b)
         tflite.OperatorAddOpcodeIndex(b, opcodes.index(op.code))
         tflite.OperatorAddInputs(b, ins)
@@ -370,7 +389,9 @@ def _read(data: bytes) -> ModelInfo:
             raise _bad("the graph must have exactly one valid input and one output")
         ios.append(tensors[getter(0)])
     description = model.Description().decode("utf-8", "replace") if model.Description() else ""
-    return ModelInfo(int(model.Version()), description, tuple(ops), tensors, ios[0], ios[1], len(data))
+    return ModelInfo(
+        int(model.Version()), description, tuple(ops), tensors, ios[0], ios[1], len(data)
+    )
 
 
 def model_info(tflite_bytes: bytes) -> ModelInfo:
