@@ -100,7 +100,7 @@ def decode(data: bytes, limits: Limits = Limits()) -> Envelope:
         )
     try:
         env = _env_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:  # bad UTF-8 in a str field
         raise RemoteProtocolError("malformed", f"envelope: {exc}") from None
     if env.version != PROTOCOL_VERSION:
         raise RemoteProtocolError("bad_version", f"protocol version {env.version} (speak {PROTOCOL_VERSION})")
@@ -118,7 +118,7 @@ def decode_body(env: Envelope, expected: type[B]) -> B:
         raise RemoteProtocolError("bad_kind", f"expected {expected.__name__}, got kind {env.kind!r}")
     try:
         body = _body_decoders[kind].decode(env.body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:  # bad UTF-8 in a str field
         raise RemoteProtocolError("bad_body", f"{kind.value}: {exc}") from None
     assert isinstance(body, expected)
     return body

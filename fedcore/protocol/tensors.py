@@ -57,6 +57,9 @@ def decode_tensor(
         raise RemoteProtocolError("bad_shape", f"{len(t.shape)} dimensions (max {MAX_DIMS})")
     if any(d < 0 for d in t.shape):
         raise RemoteProtocolError("bad_shape", f"negative dimension in {t.shape}")
+    if any(d > max_elements for d in t.shape):
+        # Checked per dimension too: (0, 2**63) has no elements yet numpy cannot reshape to it.
+        raise RemoteProtocolError("too_large", f"dimension in {t.shape} over {max_elements}")
     count = math.prod(t.shape)
     if count > max_elements:
         raise RemoteProtocolError("too_large", f"{count} elements (max {max_elements})")
