@@ -12,10 +12,11 @@ for the other for more than one transaction.
 
 Reading turns the long table back into rows: every value read by one Modbus request shares
 its ``ts``, so a *row* is the set of the requested signals with the same ``ts``; rows missing
-any requested signal are dropped. When the device carries its own clock (``time_signal``,
-e.g. ``row_time`` of the wind turbine simulator), the row's time is that clock's value and
-rows repeating an already seen device time are dropped, so polling faster than the device
-updates does not duplicate data.
+any requested signal are dropped. When the device numbers its records (``seq_signal``, e.g.
+``row_seq`` of the wind turbine simulator), rows are kept one per record, in record order,
+so polling faster than the device updates does not duplicate data; when it carries its own
+clock (``time_signal``, e.g. ``row_time``), that clock is the row's time (and, without a
+record number, the key for dropping repeats).
 
 :meth:`SampleStore.training_windows` then builds sliding windows: the feature vector of row
 ``i`` is the ``window`` consecutive rows ending at ``i`` (oldest first, features in the given
@@ -51,7 +52,9 @@ class Rows:
 class SampleStore:
     """Open (or create) the sample file at ``path`` with its size and age bounds."""
 
-    def __init__(self, path: str | Path, max_bytes: int = 256 * 1024 * 1024, max_age_s: float = 30 * 86400.0) -> None:
+    def __init__(
+        self, path: str | Path, max_bytes: int = 256 * 1024 * 1024, max_age_s: float = 30 * 86400.0
+    ) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
@@ -79,22 +82,39 @@ class SampleStore:
         )
 
     def devices(self) -> list[str]:
-        return [str(r[0]) for r in self.conn.execute("SELECT DISTINCT device FROM signals ORDER BY device")]
+        return [
+            str(r[0])
+            for r in self.conn.execute("SELECT DISTINCT device FROM signals ORDER BY device")
+        ]
 
     def signals(self, device: str) -> dict[str, str]:
         """Signal name -> unit for ``device``."""
-        rows = self.conn.execute("SELECT name, unit FROM signals WHERE device = ? ORDER BY id", (device,))
+        rows = self.conn.execute(
+            "SELECT name, unit FROM signals WHERE device = ? ORDER BY id", (device,)
+        )
         return {str(n): str(u) for n, u in rows}
 
-    def rows(self, device: str, columns: Sequence[str], time_signal: str | None = None, since: float | None = None) -> Rows:
-        """Rebuild wide rows of ``columns`` for ``device`` (see the module docstring)."""
-        wanted = list(columns) + ([time_signal] if time_signal and time_signal not in columns else [])
+    def rows(
+        self,
+        device: str,
+        columns: Sequence[str],
+        time_signal: str | None = None,
+        since: float | None = None,
+        seq_signal: str | None = None,
+    ) -> Rows:
+        """Rebuild wide rows of ``columns`` for ``device`` (see the module docstring).
+
+        ``time_signal``: a signal holding the device's own Unix time, used as the row time.
+        ``seq_signal``: a signal holding the device's record number; rows are then one per
+        record, in record order (a clock alone can repeat, e.g. at a clock change)."""
+        extra = [s for s in (time_signal, seq_signal) if s and s not in columns]
+        wanted = list(dict.fromkeys([*columns, *extra]))
         ids = sample_file.signal_ids(self.conn, device, wanted)
         k = len(columns)
         if len(ids) < len(wanted):
-            missing = sorted(set(wanted) - set(ids))
-            if self.count(device) == 0 or len(ids) == 0:
+            if len(ids) == 0:
                 return _empty(columns, time_signal)
+            missing = sorted(set(wanted) - set(ids))
             raise LocalProtocolError(f"device {device!r} has no signal(s) {missing} in {self.path}")
         col_of = {ids[name]: j for j, name in enumerate(wanted)}
         marks = ",".join("?" * len(ids))
@@ -108,7 +128,9 @@ class SampleStore:
             return _empty(columns, time_signal)
         sig = np.fromiter((r[0] for r in raw), dtype=np.int64, count=len(raw))
         ts = np.fromiter((r[1] for r in raw), dtype=np.float64, count=len(raw))
-        val = np.fromiter((np.nan if r[2] is None else r[2] for r in raw), dtype=np.float64, count=len(raw))
+        val = np.fromiter(
+            (np.nan if r[2] is None else r[2] for r in raw), dtype=np.float64, count=len(raw)
+        )
         stamps, row = np.unique(ts, return_inverse=True)
         col = np.vectorize(col_of.__getitem__, otypes=[np.int64])(sig)
         table = np.full((len(stamps), len(wanted)), np.nan)
@@ -117,14 +139,22 @@ class SampleStore:
         seen[row, col] = True
         complete = seen.all(axis=1)
         table, stamps = table[complete], stamps[complete]
+        if time_signal is None and seq_signal is None:
+            return Rows(tuple(columns), stamps, table[:, :k].astype(np.float32))
+        key_signal = seq_signal or time_signal
+        assert key_signal is not None
+        key = table[:, wanted.index(key_signal)]
+        ok = np.isfinite(key)
+        if time_signal is not None:
+            ok &= np.isfinite(table[:, wanted.index(time_signal)])
+        table, stamps, key = table[ok], stamps[ok], key[ok].astype(np.int64)
+        # First reading of each record (or device time), in record order.
+        _, first = np.unique(key, return_index=True)
+        table, stamps = table[first], stamps[first]
         if time_signal is None:
             return Rows(tuple(columns), stamps, table[:, :k].astype(np.float32))
-        device_time = table[:, wanted.index(time_signal)]
-        ok = np.isfinite(device_time)
-        table, device_time = table[ok], device_time[ok].astype(np.int64)
-        # First occurrence of each device time, in device-time order.
-        _, first = np.unique(device_time, return_index=True)
-        return Rows(tuple(columns), device_time[first], table[first][:, :k].astype(np.float32))
+        device_time = table[:, wanted.index(time_signal)].astype(np.int64)
+        return Rows(tuple(columns), device_time, table[:, :k].astype(np.float32))
 
     def training_windows(
         self,
@@ -136,6 +166,7 @@ class SampleStore:
         horizon: int = 0,
         stride: int = 1,
         time_signal: str | None = None,
+        seq_signal: str | None = None,
         max_step: float | None = None,
         since: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -143,8 +174,12 @@ class SampleStore:
         if window < 1 or stride < 1 or horizon < 0:
             raise LocalProtocolError("window and stride must be >= 1, horizon >= 0")
         columns = list(dict.fromkeys([*features, target]))
-        rows = self.rows(device, columns, time_signal=time_signal, since=since)
-        return make_windows(rows, features, target, window, horizon=horizon, stride=stride, max_step=max_step)
+        rows = self.rows(
+            device, columns, time_signal=time_signal, since=since, seq_signal=seq_signal
+        )
+        return make_windows(
+            rows, features, target, window, horizon=horizon, stride=stride, max_step=max_step
+        )
 
     def close(self) -> None:
         if self._writer is not None:
@@ -153,8 +188,14 @@ class SampleStore:
 
 
 def make_windows(
-    rows: Rows, features: Sequence[str], target: str, window: int,
-    *, horizon: int = 0, stride: int = 1, max_step: float | None = None,
+    rows: Rows,
+    features: Sequence[str],
+    target: str,
+    window: int,
+    *,
+    horizon: int = 0,
+    stride: int = 1,
+    max_step: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pure: sliding windows over ``rows`` (see :meth:`SampleStore.training_windows`)."""
     nf = len(features)
@@ -181,13 +222,25 @@ def _empty(columns: Sequence[str], time_signal: str | None) -> Rows:
     return Rows(tuple(columns), np.zeros((0,), dtype), np.zeros((0, len(columns)), np.float32))
 
 
-def wind_rows(path: str | Path, device: str, time_signal: str = "row_time", since: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of one simulated turbine as the data set holds them: ``time`` (n,) int64 Unix
-    seconds and ``values`` (n, 7) float32 in :data:`WIND_COLUMNS` order, raw (unscaled),
-    sorted by time, one row per SCADA row, NaN rows kept (as in the data set)."""
+def wind_rows(
+    path: str | Path,
+    device: str,
+    time_signal: str = "row_time",
+    seq_signal: str | None = "row_seq",
+    since: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of one turbine as the wind data set holds them.
+
+    Returns ``time`` (n,) int64 Unix seconds (the turbine's own row time) and ``values``
+    (n, 7) float32 in :data:`WIND_COLUMNS` order, raw (unscaled), one row per record in
+    record order — so repeated timestamps of the SCADA export are kept, as in the data set —
+    with NaN rows kept. Scale and split them as the data set's direct path does.
+    """
     store = SampleStore(path)
     try:
-        rows = store.rows(device, WIND_COLUMNS, time_signal=time_signal, since=since)
+        rows = store.rows(
+            device, WIND_COLUMNS, time_signal=time_signal, since=since, seq_signal=seq_signal
+        )
     finally:
         store.close()
     return rows.time.astype(np.int64), rows.values

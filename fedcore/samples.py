@@ -99,14 +99,18 @@ def connect(path: str | Path, readonly: bool = False, timeout: float = 10.0) -> 
         if row is None:
             conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         elif int(row[0]) != SCHEMA_VERSION:
-            raise LocalProtocolError(f"{path}: sample schema {row[0]}, this code reads {SCHEMA_VERSION}")
+            raise LocalProtocolError(
+                f"{path}: sample schema {row[0]}, this code reads {SCHEMA_VERSION}"
+            )
     return conn
 
 
 class SampleWriter:
     """Appends batches of samples; one transaction per batch (all or nothing)."""
 
-    def __init__(self, path: str | Path, max_bytes: int | None = None, max_age_s: float | None = None) -> None:
+    def __init__(
+        self, path: str | Path, max_bytes: int | None = None, max_age_s: float | None = None
+    ) -> None:
         self.path = Path(path)
         self.conn = connect(self.path)
         self.max_bytes = max_bytes
@@ -119,7 +123,8 @@ class SampleWriter:
         sid = self._ids.get(key)
         if sid is None:
             self.conn.execute(
-                "INSERT OR IGNORE INTO signals(device, name, unit) VALUES (?, ?, ?)", (device, name, unit)
+                "INSERT OR IGNORE INTO signals(device, name, unit) VALUES (?, ?, ?)",
+                (device, name, unit),
             )
             sid = int(
                 self.conn.execute(
@@ -136,7 +141,11 @@ class SampleWriter:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             rows = [
-                (self._signal_id(s.device, s.signal, s.unit), s.ts, None if math.isnan(s.value) else s.value)
+                (
+                    self._signal_id(s.device, s.signal, s.unit),
+                    s.ts,
+                    None if math.isnan(s.value) else s.value,
+                )
                 for s in samples
             ]
             self.conn.executemany("INSERT INTO samples(signal, ts, value) VALUES (?, ?, ?)", rows)
@@ -182,7 +191,8 @@ def evict(conn: sqlite3.Connection, max_bytes: int, max_age_s: float, now: float
             break
         cut = max(1, total // 10)
         by_size += conn.execute(
-            "DELETE FROM samples WHERE rowid IN (SELECT rowid FROM samples ORDER BY rowid LIMIT ?)", (cut,)
+            "DELETE FROM samples WHERE rowid IN (SELECT rowid FROM samples ORDER BY rowid LIMIT ?)",
+            (cut,),
         ).rowcount
     return EvictionResult(int(by_age), by_size)
 

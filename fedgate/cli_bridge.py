@@ -10,18 +10,24 @@ from typing import Any
 
 
 def register(subparsers: Any) -> None:
-    bridge = subparsers.add_parser("bridge", help="field bus: simulate, probe and run the Modbus/serial bridge")
+    bridge = subparsers.add_parser(
+        "bridge", help="field bus: simulate, probe and run the Modbus/serial bridge"
+    )
     sub = bridge.add_subparsers(dest="bridge_command", required=True, metavar="ACTION")
 
     from firmware_bridge.simulator import add_arguments
 
-    sim = sub.add_parser("simulate", help="serve one wind turbine of the real data set as a Modbus TCP device")
+    sim = sub.add_parser(
+        "simulate", help="serve one wind turbine of the real data set as a Modbus TCP device"
+    )
     add_arguments(sim)
     sim.set_defaults(func=_simulate)
 
     probe = sub.add_parser("probe", help="print live decoded values of every signal")
     probe.add_argument("-c", "--config", required=True, help="bridge TOML file")
-    probe.add_argument("--once", action="store_true", help="print one snapshot and exit (0 if all signals read)")
+    probe.add_argument(
+        "--once", action="store_true", help="print one snapshot and exit (0 if all signals read)"
+    )
     probe.add_argument("--refresh", type=float, default=1.0, help="seconds between refreshes")
     probe.set_defaults(func=_probe)
 

@@ -13,7 +13,6 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TextIO
 
 from fedcore.config import load_toml
@@ -36,7 +35,9 @@ _HINTS = {
 def register(subparsers: Any) -> None:
     config = subparsers.add_parser("config", help="check fedgate config files")
     sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    check = sub.add_parser("check", help="validate a bridge, edge or aggregator config and explain errors")
+    check = sub.add_parser(
+        "check", help="validate a bridge, edge or aggregator config and explain errors"
+    )
     check.add_argument("file", help="TOML file")
     check.add_argument("--kind", choices=sorted(_LOADERS), help="skip detection")
     check.set_defaults(func=lambda a: check_file(a.file, a.kind))
@@ -77,7 +78,9 @@ def check_file(file: str, kind: str | None = None, out: TextIO | None = None) ->
     load = _loader(kind)
     if load is None:
         module, func = _LOADERS[kind]
-        out.write(f"{file}: looks like a {kind} config, but {module}.{func} is not available in this install\n")
+        out.write(
+            f"{file}: looks like a {kind} config, but {module}.{func} is not available in this install\n"
+        )
         return 2
     try:
         result = load(file)
@@ -103,9 +106,13 @@ def explain(error: ConfigError) -> str:
 
 def summary(kind: str, cfg: Any) -> str:
     if kind == "bridge":
-        lines = [f"  store: {cfg.store.path} (max {cfg.store.max_bytes // 2**20} MB, {cfg.store.max_age_s / 86400:g} days)"]
+        lines = [
+            f"  store: {cfg.store.path} (max {cfg.store.max_bytes // 2**20} MB, {cfg.store.max_age_s / 86400:g} days)"
+        ]
         for dev in cfg.devices:
-            lines.append(f"  device {dev.name}: {dev.link.bus} unit {dev.unit_id}, {len(dev.signals)} signals")
+            lines.append(
+                f"  device {dev.name}: {dev.link.bus} unit {dev.unit_id}, {len(dev.signals)} signals"
+            )
         return "\n".join(lines)
     return "  " + ", ".join(f"{k}={getattr(cfg, k)}" for k in ("fleet", "task") if hasattr(cfg, k))
 

@@ -142,7 +142,9 @@ def _device(sec: Section) -> DeviceSpec:
         link = TcpLink(sec.str("host"), sec.int("port", 502, min=1, max=65535))
     else:
         port = sec.str("serial_port")
-        baudrate = sec.int("baudrate", 9600 if protocol == "modbus_rtu" else 115200, min=300, max=4_000_000)
+        baudrate = sec.int(
+            "baudrate", 9600 if protocol == "modbus_rtu" else 115200, min=300, max=4_000_000
+        )
         if protocol == "modbus_rtu":
             link = RtuLink(
                 port,
@@ -166,7 +168,9 @@ def _device(sec: Section) -> DeviceSpec:
     backoff_initial = sec.float("backoff_initial", 0.5, min=0.01, max=3600.0)
     backoff_max = sec.float("backoff_max", 30.0, min=0.01, max=3600.0)
     if backoff_max < backoff_initial:
-        raise sec.error("backoff_max", backoff_max, f"must be >= backoff_initial ({backoff_initial})")
+        raise sec.error(
+            "backoff_max", backoff_max, f"must be >= backoff_initial ({backoff_initial})"
+        )
     unit_id = sec.int("unit_id", 1, min=0, max=247) if is_modbus else 0
     max_gap = sec.int("max_gap", 8, min=0, max=100) if is_modbus else 0
     sig_tables = sec.sections("signal")
@@ -177,7 +181,9 @@ def _device(sec: Section) -> DeviceSpec:
     )
     sec.reject_unknown()
     _check_signals(sig_tables, signals)
-    return DeviceSpec(name, link, unit_id, timeout, retries, backoff_initial, backoff_max, max_gap, signals)
+    return DeviceSpec(
+        name, link, unit_id, timeout, retries, backoff_initial, backoff_max, max_gap, signals
+    )
 
 
 def _signal(sec: Section, default_period: float, line: LineLink | None) -> SignalSpec:
@@ -196,7 +202,13 @@ def _signal(sec: Section, default_period: float, line: LineLink | None) -> Signa
             raise sec.error(
                 "source", source, f"not one of the device's columns {list(line.columns)}"
             )
-        spec = SignalSpec(name, unit, period, Encoding(Function.INPUT, 0, DataType.F32, "ABCD", scale, offset), source)
+        spec = SignalSpec(
+            name,
+            unit,
+            period,
+            Encoding(Function.INPUT, 0, DataType.F32, "ABCD", scale, offset),
+            source,
+        )
         sec.reject_unknown()
         return spec
     function = Function(sec.str("function", choices=[f.value for f in Function]))
@@ -212,7 +224,9 @@ def _signal(sec: Section, default_period: float, line: LineLink | None) -> Signa
     order = sec.str("order", "ABCD", choices=WORD_ORDERS)
     address = sec.int("address", min=0, max=65535)
     if address + dtype.words > 65536:
-        raise sec.error("address", address, f"a {dtype.value} needs {dtype.words} registers: past 65535")
+        raise sec.error(
+            "address", address, f"a {dtype.value} needs {dtype.words} registers: past 65535"
+        )
     spec = SignalSpec(name, unit, period, Encoding(function, address, dtype, order, scale, offset))
     sec.reject_unknown()
     return spec
@@ -222,7 +236,9 @@ def _check_signals(tables: list[Section], signals: tuple[SignalSpec, ...]) -> No
     seen: dict[str, int] = {}
     for i, sig in enumerate(signals):
         if sig.name in seen:
-            raise tables[i].error("name", sig.name, f"duplicate signal name (also signal[{seen[sig.name]}])")
+            raise tables[i].error(
+                "name", sig.name, f"duplicate signal name (also signal[{seen[sig.name]}])"
+            )
         seen[sig.name] = i
     taken: dict[tuple[str, int], int] = {}
     for i, sig in enumerate(signals):
@@ -252,14 +268,19 @@ def _check_devices(tables: list[Section], devices: tuple[DeviceSpec, ...]) -> No
         bus = dev.link.bus
         first = buses.setdefault(bus, dev)
         if isinstance(dev.link, LineLink) and first is not dev:
-            raise tables[i].error("serial_port", dev.link.port, f"already used by device '{first.name}'")
+            raise tables[i].error(
+                "serial_port", dev.link.port, f"already used by device '{first.name}'"
+            )
         if isinstance(dev.link, RtuLink) and first.link != dev.link:
             raise tables[i].error(
-                "serial_port", dev.link.port,
+                "serial_port",
+                dev.link.port,
                 f"shared RS-485 line: baudrate/parity/stopbits/bytesize differ from device '{first.name}'",
             )
         if (bus, dev.unit_id) in ids and not isinstance(dev.link, LineLink):
-            raise tables[i].error("unit_id", dev.unit_id, f"another device on {bus} has this unit id")
+            raise tables[i].error(
+                "unit_id", dev.unit_id, f"another device on {bus} has this unit id"
+            )
         ids.add((bus, dev.unit_id))
 
 

@@ -77,7 +77,9 @@ class DeviceHealth:
 class ModbusLink(Protocol):
     """One connection; ``read`` raises TransportError or RemoteProtocolError('modbus_exception')."""
 
-    def read(self, function: Function, address: int, count: int, unit_id: int) -> Sequence[int] | Sequence[bool]: ...
+    def read(
+        self, function: Function, address: int, count: int, unit_id: int
+    ) -> Sequence[int] | Sequence[bool]: ...
 
     def reset(self) -> None: ...
 
@@ -103,12 +105,20 @@ class PymodbusLink:
             self.client = ModbusTcpClient(link.host, port=link.port, timeout=timeout, retries=0)
         else:
             self.client = ModbusSerialClient(
-                link.port, framer=FramerType.RTU, baudrate=link.baudrate, parity=link.parity,
-                stopbits=link.stopbits, bytesize=link.bytesize, timeout=timeout, retries=0,
+                link.port,
+                framer=FramerType.RTU,
+                baudrate=link.baudrate,
+                parity=link.parity,
+                stopbits=link.stopbits,
+                bytesize=link.bytesize,
+                timeout=timeout,
+                retries=0,
             )
         self.name = link.bus
 
-    def read(self, function: Function, address: int, count: int, unit_id: int) -> Sequence[int] | Sequence[bool]:
+    def read(
+        self, function: Function, address: int, count: int, unit_id: int
+    ) -> Sequence[int] | Sequence[bool]:
         from pymodbus.exceptions import ModbusException
 
         calls = {
@@ -129,14 +139,16 @@ class PymodbusLink:
             raise TransportError(f"{self.name}: {exc}") from exc
         if reply.isError():
             code = int(getattr(reply, "exception_code", 0))
-            raise RemoteProtocolError("modbus_exception", f"code {code} ({EXCEPTION_NAMES.get(code, 'unknown')})")
+            raise RemoteProtocolError(
+                "modbus_exception", f"code {code} ({EXCEPTION_NAMES.get(code, 'unknown')})"
+            )
         return list(reply.bits[:count]) if function.is_bit else list(reply.registers)
 
     def reset(self) -> None:
-        self.client.close()
+        self.client.close()  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
-        self.client.close()
+        self.client.close()  # type: ignore[no-untyped-call]
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +162,9 @@ class _Group:
 class ModbusPoller:
     """Polls one Modbus device on a shared link. Time is passed in; nothing here sleeps."""
 
-    def __init__(self, spec: DeviceSpec, link: ModbusLink, rng: random.Random, start: float) -> None:
+    def __init__(
+        self, spec: DeviceSpec, link: ModbusLink, rng: random.Random, start: float
+    ) -> None:
         self.spec = spec
         self.link = link
         self.rng = rng
@@ -168,7 +182,9 @@ class ModbusPoller:
         """Monotonic time of the next read (later while the device is backing off)."""
         return max(min(self.next_due), self.health.retry_at)
 
-    def poll(self, mono: float, wall: float, clock: Callable[[], float] | None = None) -> list[Sample]:
+    def poll(
+        self, mono: float, wall: float, clock: Callable[[], float] | None = None
+    ) -> list[Sample]:
         """Read every group that is due at ``mono``; returns good samples stamped ``wall``.
 
         ``clock`` (optional) gives the wall time after each request, so values are stamped
@@ -229,7 +245,12 @@ class ModbusPoller:
     def _device_down(self, group: _Group, block: ReadBlock, why: str, mono: float) -> None:
         self.health.up = False
         self.health.failures += 1
-        delay = backoff_delay(self.health.failures, self.spec.backoff_initial, self.spec.backoff_max, self.rng.random())
+        delay = backoff_delay(
+            self.health.failures,
+            self.spec.backoff_initial,
+            self.spec.backoff_max,
+            self.rng.random(),
+        )
         self.health.retry_at = mono + delay
         for sig in group.signals:
             h = self.health.signals[sig.name]

@@ -23,7 +23,9 @@ _CLEAR = "\x1b[H\x1b[J"  # cursor home + clear screen: refresh in place
 
 def render(config: BridgeConfig, health: Mapping[str, DeviceHealth], now: float) -> str:
     """A table of every signal; ``now`` is wall time (for ages)."""
-    lines = [f"{'device':<14} {'signal':<14} {'value':>16} {'unit':<6} {'age':>7} {'errors':>6}  last error"]
+    lines = [
+        f"{'device':<14} {'signal':<14} {'value':>16} {'unit':<6} {'age':>7} {'errors':>6}  last error"
+    ]
     for dev in config.devices:
         h = health[dev.name]
         state = "" if h.up else f"  [DOWN, retry #{h.failures}]"
@@ -51,7 +53,13 @@ def _settled(config: BridgeConfig, health: Mapping[str, DeviceHealth]) -> bool:
     )
 
 
-def probe(config: BridgeConfig, once: bool = False, refresh: float = 1.0, out: TextIO | None = None, stop: threading.Event | None = None) -> int:
+def probe(
+    config: BridgeConfig,
+    once: bool = False,
+    refresh: float = 1.0,
+    out: TextIO | None = None,
+    stop: threading.Event | None = None,
+) -> int:
     """Print live values; with ``once``, one snapshot after every signal answered or failed.
 
     Returns 0 when every signal has a value, 1 otherwise (for scripts)."""
@@ -62,7 +70,12 @@ def probe(config: BridgeConfig, once: bool = False, refresh: float = 1.0, out: T
     try:
         if once:
             worst = max(d.timeout * (d.retries + 1) for d in config.devices)
-            deadline = time.monotonic() + worst + max(s.period for d in config.devices for s in d.signals) + 1.0
+            deadline = (
+                time.monotonic()
+                + worst
+                + max(s.period for d in config.devices for s in d.signals)
+                + 1.0
+            )
             while time.monotonic() < deadline and not _settled(config, bridge.health()):
                 time.sleep(0.05)
             out.write(render(config, bridge.health(), time.time()) + "\n")
@@ -75,5 +88,7 @@ def probe(config: BridgeConfig, once: bool = False, refresh: float = 1.0, out: T
         pass
     finally:
         bridge.stop()
-    good = all(s.last_good is not None for h in bridge.health().values() for s in h.signals.values())
+    good = all(
+        s.last_good is not None for h in bridge.health().values() for s in h.signals.values()
+    )
     return 0 if good else 1

@@ -64,7 +64,13 @@ class DataType(enum.Enum):
 
 
 WORD_ORDERS = ("ABCD", "CDAB", "BADC", "DCBA")
-_STRUCT = {DataType.U16: ">H", DataType.I16: ">h", DataType.U32: ">I", DataType.I32: ">i", DataType.F32: ">f"}
+_STRUCT = {
+    DataType.U16: ">H",
+    DataType.I16: ">h",
+    DataType.U32: ">I",
+    DataType.I32: ">i",
+    DataType.F32: ">f",
+}
 # Modbus PDU limits: a read returns at most 125 registers or 2000 bits.
 MAX_REGISTERS_PER_READ = 125
 MAX_BITS_PER_READ = 2000
@@ -171,7 +177,9 @@ def plan_reads(encodings: Sequence[Encoding], max_gap: int = 8) -> tuple[ReadBlo
     round trip; set ``max_gap = 0`` for devices that reject reads of undefined registers).
     """
     blocks: list[ReadBlock] = []
-    order = sorted(range(len(encodings)), key=lambda i: (encodings[i].function.value, encodings[i].address))
+    order = sorted(
+        range(len(encodings)), key=lambda i: (encodings[i].function.value, encodings[i].address)
+    )
     current: list[int] = []
     for i in order:
         enc = encodings[i]

@@ -101,7 +101,14 @@ Poller = ModbusPoller | LinePoller
 
 
 class _LinkWorker(threading.Thread):
-    def __init__(self, name: str, pollers: list[Poller], out: queue.Queue[list[Sample]], stop: threading.Event, close: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        name: str,
+        pollers: list[Poller],
+        out: queue.Queue[list[Sample]],
+        stop: threading.Event,
+        close: Callable[[], None],
+    ) -> None:
         super().__init__(name=f"bridge-{name}", daemon=True)
         self.pollers = pollers
         self.out = out
@@ -130,7 +137,9 @@ class _LinkWorker(threading.Thread):
 def _log_transition(spec: DeviceSpec, was_up: bool, health: DeviceHealth) -> None:
     if was_up and not health.up:
         errs = [h.last_error for h in health.signals.values() if h.last_error]
-        log.warning("device %s down (%s); retrying with backoff", spec.name, errs[-1] if errs else "?")
+        log.warning(
+            "device %s down (%s); retrying with backoff", spec.name, errs[-1] if errs else "?"
+        )
     elif not was_up and health.up:
         log.warning("device %s is back", spec.name)
 
@@ -145,7 +154,9 @@ class BridgeStats:
 class Bridge:
     """All devices of one config; ``start`` the workers, ``pump`` samples into the sink."""
 
-    def __init__(self, config: BridgeConfig, sink: SampleSink | None = None, seed: int | None = None) -> None:
+    def __init__(
+        self, config: BridgeConfig, sink: SampleSink | None = None, seed: int | None = None
+    ) -> None:
         self.config = config
         self.sink: SampleSink = sink if sink is not None else StoreSink(config.store)
         self.queue: queue.Queue[list[Sample]] = queue.Queue()
@@ -167,7 +178,9 @@ class Bridge:
                 close: Callable[[], None] = lp.close
             else:
                 link = PymodbusLink(devs[0].link, max(d.timeout for d in devs))
-                pollers.extend(ModbusPoller(d, link, random.Random(rng.random()), start) for d in devs)
+                pollers.extend(
+                    ModbusPoller(d, link, random.Random(rng.random()), start) for d in devs
+                )
                 close = link.close
             for p in pollers:
                 self.pollers[p.spec.name] = p
@@ -238,7 +251,9 @@ class Bridge:
                 if notifier and watchdog_s and now - last_ping >= watchdog_s / 2:
                     if self.alive():
                         down = sum(1 for h in self.health().values() if not h.up)
-                        notifier.notify(f"WATCHDOG=1\nSTATUS={self.written} samples, {down} devices down")
+                        notifier.notify(
+                            f"WATCHDOG=1\nSTATUS={self.written} samples, {down} devices down"
+                        )
                         last_ping = now
                     else:
                         log.error("a link worker died; withholding the watchdog ping")
@@ -263,7 +278,12 @@ def run_bridge(
     return Bridge(config, seed=seed).run(until_samples=until_samples, duration=duration, stop=stop)
 
 
-def serve(config: BridgeConfig, notify_socket: str | None, watchdog_usec: int | None, stop: threading.Event) -> BridgeStats:
+def serve(
+    config: BridgeConfig,
+    notify_socket: str | None,
+    watchdog_usec: int | None,
+    stop: threading.Event,
+) -> BridgeStats:
     """The systemd service (``fedgate bridge run``); environment values come from __main__."""
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # our own counters say it better
     watchdog_s = watchdog_usec / 1e6 if watchdog_usec else None

@@ -96,7 +96,9 @@ class LinePoller:
     def due_at(self) -> float:
         return max(self.next_due, self.health.retry_at)
 
-    def poll(self, mono: float, wall: float, clock: Callable[[], float] | None = None) -> list[Sample]:
+    def poll(
+        self, mono: float, wall: float, clock: Callable[[], float] | None = None
+    ) -> list[Sample]:
         if mono < self.due_at():
             return []
         nxt = self.next_due + self.period
@@ -153,7 +155,12 @@ class LinePoller:
         self.close()
         self.health.up = False
         self.health.failures += 1
-        delay = backoff_delay(self.health.failures, self.spec.backoff_initial, self.spec.backoff_max, self.rng.random())
+        delay = backoff_delay(
+            self.health.failures,
+            self.spec.backoff_initial,
+            self.spec.backoff_max,
+            self.rng.random(),
+        )
         self.health.retry_at = mono + delay
         self._error_all(why)
 

@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 :class:`SimulatedTurbine` holds one turbine's SCADA series (10-minute rows of
 ``Ba_avg, P_avg, Ws_avg, Va_avg, Ot_avg, Ya_avg, Wa_avg`` plus the row's Unix time) and
-answers every read with the registers of the *current* row, encoded exactly as the register
+answers every read with the registers of the *current* row and its record number
+(``row_seq``, +1 per row, never wrapping), encoded exactly as the register
 map ``maps/wind_turbine.toml`` says (the map is the single source of truth for both sides).
 The current row advances in one of two ways:
 
@@ -47,6 +48,7 @@ UNITS = ("R80711", "R80721", "R80736", "R80790")
 ROW_SECONDS = 600.0  # the SCADA rows are 10-minute averages
 WIND_COLUMNS = ("Ba_avg", "P_avg", "Ws_avg", "Va_avg", "Ot_avg", "Ya_avg", "Wa_avg")
 TIME_SIGNAL = "row_time"
+SEQ_SIGNAL = "row_seq"
 
 
 def wind_data_path() -> Path:
@@ -56,7 +58,7 @@ def wind_data_path() -> Path:
 
 
 def wind_signals() -> tuple[SignalSpec, ...]:
-    """The signals of the simulator's register map (row_time first, then WIND_COLUMNS)."""
+    """The signals of the simulator's register map (row_time, WIND_COLUMNS, row_seq)."""
     return load_bridge_config(WIND_MAP).devices[0].signals
 
 
@@ -88,7 +90,11 @@ class SimulatedTurbine:
             self.values = np.asarray(data[f"{unit}_values"], dtype=np.float32)
         self.unit = unit
         self.signals = wind_signals()
-        self.col_of = {s.name: columns.index(s.name) for s in self.signals if s.name != TIME_SIGNAL}
+        self.col_of = {
+            s.name: columns.index(s.name)
+            for s in self.signals
+            if s.name not in (TIME_SIGNAL, SEQ_SIGNAL)
+        }
         self.size = max(s.encoding.end for s in self.signals if s.encoding)
         self.speed = speed
         self.advance = advance
@@ -100,25 +106,39 @@ class SimulatedTurbine:
         self.fault_code = 4
         self.release = asyncio.Event()
 
-    def row_index(self) -> int:
+    def record(self) -> int:
+        """Number of the record on the registers: rows replayed since row 0 (never wraps)."""
         if self.advance == "read":
             step = self.reads
         else:
             step = int((self.clock() - self.t0) * self.speed / ROW_SECONDS)
-        return (self.start_row + step) % len(self.times)
+        return self.start_row + step
 
-    def registers_for(self, row: int) -> list[int]:
+    def registers_for(self, record: int) -> list[int]:
         regs = [0] * self.size
+        row = record % len(self.times)  # the series wraps around; the record number does not
         for sig in self.signals:
             enc = sig.encoding
             assert enc is not None
-            value = float(self.times[row]) if sig.name == TIME_SIGNAL else float(self.values[row, self.col_of[sig.name]])
-            regs[enc.address : enc.end] = encode_raw(raw_from_engineering(value, enc), enc.dtype, enc.order)
+            if sig.name == TIME_SIGNAL:
+                value = float(self.times[row])
+            elif sig.name == SEQ_SIGNAL:
+                value = float(record % 2**32)
+            else:
+                value = float(self.values[row, self.col_of[sig.name]])
+            regs[enc.address : enc.end] = encode_raw(
+                raw_from_engineering(value, enc), enc.dtype, enc.order
+            )
         return regs
 
     async def action(
-        self, function_code: int, start_address: int, address: int, count: int,
-        registers: list[int], set_values: list[int] | list[bool] | None,
+        self,
+        function_code: int,
+        start_address: int,
+        address: int,
+        count: int,
+        registers: list[int],
+        set_values: list[int] | list[bool] | None,
     ) -> object:
         """pymodbus SimDevice hook: runs before each request is answered."""
         from pymodbus.constants import ExcCodes
@@ -132,8 +152,8 @@ class SimulatedTurbine:
             return ExcCodes.DEVICE_BUSY
         if self.fault is Fault.EXCEPTION:
             return ExcCodes(self.fault_code)
-        if address <= 0 < address + count:  # the block holding row_time: a new row
-            registers[0 : self.size] = self.registers_for(self.row_index())
+        if address <= 0 < address + count:  # the block holding row_time: next record
+            registers[0 : self.size] = self.registers_for(self.record())
             self.reads += 1
         return None
 
@@ -180,23 +200,31 @@ class SimulatorServer:
         self.turbines[real] = turbine
         return real
 
-    def add_rtu(self, turbines: dict[int, SimulatedTurbine], serial_port: str, baudrate: int = 19200) -> None:
+    def add_rtu(
+        self, turbines: dict[int, SimulatedTurbine], serial_port: str, baudrate: int = 19200
+    ) -> None:
         """Serve ``turbines`` by unit id on one RS-485 line (Modbus RTU on ``serial_port``)."""
         self._call(self._listen_rtu(turbines, serial_port, baudrate))
 
-    async def _listen_rtu(self, turbines: dict[int, SimulatedTurbine], serial_port: str, baudrate: int) -> int:
+    async def _listen_rtu(
+        self, turbines: dict[int, SimulatedTurbine], serial_port: str, baudrate: int
+    ) -> int:
         from pymodbus.server import ModbusSerialServer
         from pymodbus.simulator import DataType, SimData, SimDevice
 
         devices = []
         for unit_id, turbine in turbines.items():
             turbine.release = asyncio.Event()
-            devices.append(SimDevice(
-                id=unit_id,
-                simdata=[SimData(0, count=turbine.size, values=0, datatype=DataType.REGISTERS)],
-                action=turbine.action,  # type: ignore[arg-type]
-            ))
-        server = ModbusSerialServer(devices, port=serial_port, baudrate=baudrate, ignore_missing_devices=True)
+            devices.append(
+                SimDevice(
+                    id=unit_id,
+                    simdata=[SimData(0, count=turbine.size, values=0, datatype=DataType.REGISTERS)],
+                    action=turbine.action,  # type: ignore[arg-type]
+                )
+            )
+        server = ModbusSerialServer(
+            devices, port=serial_port, baudrate=baudrate, ignore_missing_devices=True
+        )
         await server.serve_forever(background=True)
         self.serial_servers.append(server)
         return 0
@@ -233,12 +261,27 @@ def start_simulator(
     return server, real
 
 
-def spawn_simulator(unit: str, port: int, speed: float = 600.0, advance: str = "time", start_row: int = 0) -> subprocess.Popen[bytes]:
+def spawn_simulator(
+    unit: str, port: int, speed: float = 600.0, advance: str = "time", start_row: int = 0
+) -> subprocess.Popen[bytes]:
     """One simulated turbine as a child process; returns once it accepts connections."""
     import socket
 
-    cmd = [sys.executable, "-m", "firmware_bridge.simulator", "--unit", unit, "--port", str(port),
-           "--speed", str(speed), "--advance", advance, "--start-row", str(start_row)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "firmware_bridge.simulator",
+        "--unit",
+        unit,
+        "--port",
+        str(port),
+        "--speed",
+        str(speed),
+        "--advance",
+        advance,
+        "--start-row",
+        str(start_row),
+    ]
     proc = subprocess.Popen(cmd)
     deadline = time.monotonic() + 20.0
     while time.monotonic() < deadline:
@@ -261,7 +304,9 @@ class SimulatedDevice:
     unit_id: int = 1
 
 
-def wind_bridge_toml(devices: Sequence[SimulatedDevice], store: str | Path, period: float = 1.0, timeout: float = 1.0) -> str:
+def wind_bridge_toml(
+    devices: Sequence[SimulatedDevice], store: str | Path, period: float = 1.0, timeout: float = 1.0
+) -> str:
     """A bridge config (TOML text) reading ``devices`` with the simulator's register map."""
     head = WIND_MAP.read_text().split("[[device]]", 1)[0]
     head = head.replace('store = "samples.db"', f"store = {str(store)!r}".replace("'", '"'))
@@ -277,7 +322,13 @@ def wind_bridge_toml(devices: Sequence[SimulatedDevice], store: str | Path, peri
     return "".join(out)
 
 
-def wind_bridge_config(devices: Sequence[SimulatedDevice], store: str | Path, period: float = 1.0, folder: Path | None = None, timeout: float = 1.0) -> BridgeConfig:
+def wind_bridge_config(
+    devices: Sequence[SimulatedDevice],
+    store: str | Path,
+    period: float = 1.0,
+    folder: Path | None = None,
+    timeout: float = 1.0,
+) -> BridgeConfig:
     """Write and load a bridge config for ``devices`` (file kept in ``folder`` for operators)."""
     import tempfile
 
@@ -295,16 +346,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unit", required=True, choices=UNITS, help="turbine of La Haute Borne")
-    parser.add_argument("--port", type=int, default=5020, help="TCP port on 127.0.0.1 (default 5020)")
-    parser.add_argument("--speed", type=float, default=600.0, help="times real time (600 = one 10-min row per second)")
-    parser.add_argument("--advance", choices=("time", "read"), default="time", help="next row by clock or on each read")
+    parser.add_argument(
+        "--port", type=int, default=5020, help="TCP port on 127.0.0.1 (default 5020)"
+    )
+    parser.add_argument(
+        "--speed",
+        type=float,
+        default=600.0,
+        help="times real time (600 = one 10-min row per second)",
+    )
+    parser.add_argument(
+        "--advance",
+        choices=("time", "read"),
+        default="time",
+        help="next row by clock or on each read",
+    )
     parser.add_argument("--start-row", type=int, default=0, help="first row replayed")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     server = SimulatorServer(args.host)
-    port = server.add(SimulatedTurbine(args.unit, args.speed, args.advance, args.start_row), args.port)
+    port = server.add(
+        SimulatedTurbine(args.unit, args.speed, args.advance, args.start_row), args.port
+    )
     print(f"simulating {args.unit} on {args.host}:{port} (map {WIND_MAP})", flush=True)
     try:
         while server.thread.is_alive():

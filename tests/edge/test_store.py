@@ -21,7 +21,11 @@ def _rows(n: int, device: str = "d", t0: float = 1000.0, step: float = 1.0) -> l
     out = []
     for i in range(n):
         ts = t0 + i * step
-        out += [Sample(device, "x", ts, float(i)), Sample(device, "y", ts, 10.0 * i), Sample(device, "clock", ts, float(5000 + i // 2))]
+        out += [
+            Sample(device, "x", ts, float(i)),
+            Sample(device, "y", ts, 10.0 * i),
+            Sample(device, "clock", ts, float(5000 + i // 2)),
+        ]
     return out
 
 
@@ -41,6 +45,34 @@ def test_rows_pivot_drops_incomplete_and_keeps_nan(tmp_path: Path) -> None:
     np.testing.assert_array_equal(dev.values[:, 0], [0.0, 2.0])
     assert store.signals("d") == {"x": "", "y": "", "clock": ""} and store.devices() == ["d"]
     assert store.rows("nobody", ["x"]).values.shape == (0, 1)
+    store.close()
+
+
+def test_record_number_keeps_repeated_device_times(tmp_path: Path) -> None:
+    store = SampleStore(tmp_path / "s.db")
+    # (bridge ts, record, device clock): record 11 polled twice; records 11 and 12 share a
+    # device time (a clock change), which must not merge them.
+    polls = [
+        (1.0, 10, 600.0),
+        (2.0, 11, 1200.0),
+        (3.0, 11, 1200.0),
+        (4.0, 12, 1200.0),
+        (5.0, 13, 1800.0),
+    ]
+    batch = []
+    for ts, seq, clock in polls:
+        batch += [
+            Sample("d", "seq", ts, float(seq)),
+            Sample("d", "clock", ts, clock),
+            Sample("d", "x", ts, ts),
+        ]
+    store.append(batch)
+    rows = store.rows("d", ["x"], time_signal="clock", seq_signal="seq")
+    assert rows.time.dtype == np.int64
+    assert rows.time.tolist() == [600, 1200, 1200, 1800]
+    assert rows.values[:, 0].tolist() == [1.0, 2.0, 4.0, 5.0]
+    by_clock = store.rows("d", ["x"], time_signal="clock")
+    assert by_clock.time.tolist() == [600, 1200, 1800]
     store.close()
 
 
@@ -102,10 +134,14 @@ WRITER = textwrap.dedent(
 
 
 @pytest.mark.parametrize("kill_after", [3, 40])
-def test_kill_9_mid_stream_loses_at_most_the_batch_in_flight(tmp_path: Path, kill_after: int) -> None:
+def test_kill_9_mid_stream_loses_at_most_the_batch_in_flight(
+    tmp_path: Path, kill_after: int
+) -> None:
     db = tmp_path / "s.db"
     batch = 500
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(batch)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(db), str(batch)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     committed = 0
     while committed < kill_after:
@@ -130,8 +166,28 @@ def test_kill_9_mid_stream_loses_at_most_the_batch_in_flight(tmp_path: Path, kil
 
 def test_wind_rows_shape(tmp_path: Path) -> None:
     w = SampleWriter(tmp_path / "s.db")
-    cols = ["row_time", "Ba_avg", "P_avg", "Ws_avg", "Va_avg", "Ot_avg", "Ya_avg", "Wa_avg"]
-    w.write([Sample("t", c, 5.0, 1388534400.0 if c == "row_time" else float(i)) for i, c in enumerate(cols)])
+    cols = [
+        "row_time",
+        "Ba_avg",
+        "P_avg",
+        "Ws_avg",
+        "Va_avg",
+        "Ot_avg",
+        "Ya_avg",
+        "Wa_avg",
+        "row_seq",
+    ]
+    w.write(
+        [
+            Sample(
+                "t",
+                c,
+                5.0,
+                1388534400.0 if c == "row_time" else 0.0 if c == "row_seq" else float(i),
+            )
+            for i, c in enumerate(cols)
+        ]
+    )
     w.close()
     t, v = wind_rows(tmp_path / "s.db", "t")
     assert t.dtype == np.int64 and t.tolist() == [1388534400]

@@ -16,7 +16,9 @@ HEAD = '[bridge]\nstore = "s.db"\n'
 TCP = '[[device]]\nname = "{name}"\nprotocol = "modbus_tcp"\nhost = "10.0.0.5"\nunit_id = {uid}\n'
 
 
-def sig(name: str, address: int, type_: str = "u16", function: str = "holding", extra: str = "") -> str:
+def sig(
+    name: str, address: int, type_: str = "u16", function: str = "holding", extra: str = ""
+) -> str:
     return f'[[device.signal]]\nname = "{name}"\nfunction = "{function}"\naddress = {address}\ntype = "{type_}"\n{extra}'
 
 
@@ -29,10 +31,25 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_shipped_map_loads() -> None:
     cfg = load_bridge_config(WIND_MAP)
     (dev,) = cfg.devices
-    assert [s.name for s in dev.signals] == ["row_time", "Ba_avg", "P_avg", "Ws_avg", "Va_avg", "Ot_avg", "Ya_avg", "Wa_avg"]
+    assert [s.name for s in dev.signals] == [
+        "row_time",
+        "Ba_avg",
+        "P_avg",
+        "Ws_avg",
+        "Va_avg",
+        "Ot_avg",
+        "Ya_avg",
+        "Wa_avg",
+        "row_seq",
+    ]
     p = dev.signals[2]
     assert p.unit == "kW" and p.encoding is not None
-    assert (p.encoding.function, p.encoding.address, p.encoding.dtype, p.encoding.order) == (Function.INPUT, 4, DataType.F32, "CDAB")
+    assert (p.encoding.function, p.encoding.address, p.encoding.dtype, p.encoding.order) == (
+        Function.INPUT,
+        4,
+        DataType.F32,
+        "CDAB",
+    )
     assert cfg.store.path == WIND_MAP.parent / "samples.db"
 
 
@@ -52,25 +69,76 @@ def test_rtu_and_line_devices(tmp_path: Path) -> None:
 
 BAD = [
     # (body, key, value, words in the problem)
-    (TCP.format(name="a", uid=1) + sig("x", 0, "f32") + sig("y", 1), "device[0].signal[1].address", 1, "overlapping"),
-    (TCP.format(name="a", uid=1) + sig("x", 0, "f32", function="coil"), "device[0].signal[0].type", "f32", "one bit"),
-    (TCP.format(name="a", uid=1) + sig("x", 0, "bool"), "device[0].signal[0].type", "bool", "only for coils"),
-    (TCP.format(name="a", uid=1) + sig("x", 65535, "u32"), "device[0].signal[0].address", 65535, "past 65535"),
-    (TCP.format(name="a", uid=1) + sig("x", 0, "u16", extra="order = 'XYZW'\n"), "device[0].signal[0].order", "XYZW", "one of"),
-    (TCP.format(name="a", uid=1) + sig("x", 0, "u16", extra="scal = 2\n"), "device[0].signal[0].scal", 2, "unknown key"),
-    (TCP.format(name="a", uid=1) + sig("x", 0, "u16", extra="scale = 0\n"), "device[0].signal[0].scale", 0.0, "zero"),
-    (TCP.format(name="a", uid=1) + sig("x", 0) + sig("x", 4), "device[0].signal[1].name", "x", "duplicate"),
-    (TCP.format(name="a", uid=1) + sig("x", 0) + TCP.format(name="b", uid=1) + sig("y", 0), "device[1].unit_id", 1, "unit id"),
+    (
+        TCP.format(name="a", uid=1) + sig("x", 0, "f32") + sig("y", 1),
+        "device[0].signal[1].address",
+        1,
+        "overlapping",
+    ),
+    (
+        TCP.format(name="a", uid=1) + sig("x", 0, "f32", function="coil"),
+        "device[0].signal[0].type",
+        "f32",
+        "one bit",
+    ),
+    (
+        TCP.format(name="a", uid=1) + sig("x", 0, "bool"),
+        "device[0].signal[0].type",
+        "bool",
+        "only for coils",
+    ),
+    (
+        TCP.format(name="a", uid=1) + sig("x", 65535, "u32"),
+        "device[0].signal[0].address",
+        65535,
+        "past 65535",
+    ),
+    (
+        TCP.format(name="a", uid=1) + sig("x", 0, "u16", extra="order = 'XYZW'\n"),
+        "device[0].signal[0].order",
+        "XYZW",
+        "one of",
+    ),
+    (
+        TCP.format(name="a", uid=1) + sig("x", 0, "u16", extra="scal = 2\n"),
+        "device[0].signal[0].scal",
+        2,
+        "unknown key",
+    ),
+    (
+        TCP.format(name="a", uid=1) + sig("x", 0, "u16", extra="scale = 0\n"),
+        "device[0].signal[0].scale",
+        0.0,
+        "zero",
+    ),
+    (
+        TCP.format(name="a", uid=1) + sig("x", 0) + sig("x", 4),
+        "device[0].signal[1].name",
+        "x",
+        "duplicate",
+    ),
+    (
+        TCP.format(name="a", uid=1) + sig("x", 0) + TCP.format(name="b", uid=1) + sig("y", 0),
+        "device[1].unit_id",
+        1,
+        "unit id",
+    ),
     (TCP.format(name="a", uid=300) + sig("x", 0), "device[0].unit_id", 300, "<= 247"),
     (TCP.format(name="a", uid=1), "device[0].signal", None, "at least one"),
-    ('[[device]]\nname = "s"\nprotocol = "serial_lines"\nserial_port = "loop://"\nformat = "csv"\ncolumns = ["a"]\n[[device.signal]]\nname = "b"\n',
-     "device[0].signal[0].source", "b", "not one of"),
+    (
+        '[[device]]\nname = "s"\nprotocol = "serial_lines"\nserial_port = "loop://"\nformat = "csv"\ncolumns = ["a"]\n[[device.signal]]\nname = "b"\n',
+        "device[0].signal[0].source",
+        "b",
+        "not one of",
+    ),
     ('[[device]]\nname = "s"\nprotocol = "canbus"\n', "device[0].protocol", "canbus", "one of"),
 ]
 
 
 @pytest.mark.parametrize(("body", "key", "value", "problem"), BAD)
-def test_bad_maps_are_explained(tmp_path: Path, body: str, key: str, value: object, problem: str) -> None:
+def test_bad_maps_are_explained(
+    tmp_path: Path, body: str, key: str, value: object, problem: str
+) -> None:
     path = write(tmp_path, HEAD + body)
     with pytest.raises(ConfigError) as err:
         load_bridge_config(path)
@@ -82,7 +150,9 @@ def test_bad_maps_are_explained(tmp_path: Path, body: str, key: str, value: obje
 
 def test_shared_rtu_line_settings_must_agree(tmp_path: Path) -> None:
     dev = '[[device]]\nname = "{n}"\nprotocol = "modbus_rtu"\nserial_port = "/dev/ttyS1"\nbaudrate = {b}\nunit_id = {u}\n'
-    body = dev.format(n="a", b=9600, u=1) + sig("x", 0) + dev.format(n="b", b=19200, u=2) + sig("y", 0)
+    body = (
+        dev.format(n="a", b=9600, u=1) + sig("x", 0) + dev.format(n="b", b=19200, u=2) + sig("y", 0)
+    )
     with pytest.raises(ConfigError) as err:
         load_bridge_config(write(tmp_path, HEAD + body))
     assert err.value.key == "device[1].serial_port" and "shared RS-485" in err.value.problem

@@ -14,7 +14,13 @@ import pytest
 from fedcore.samples import Sample
 from firmware_bridge.config import load_bridge_config
 from firmware_bridge.modbus import ModbusPoller, PymodbusLink
-from firmware_bridge.simulator import WIND_MAP, Fault, SimulatedTurbine, SimulatorServer, wind_data_path
+from firmware_bridge.simulator import (
+    WIND_MAP,
+    Fault,
+    SimulatedTurbine,
+    SimulatorServer,
+    wind_data_path,
+)
 
 from .conftest import wait_for
 
@@ -26,7 +32,8 @@ def pty_pair(tmp_path: Path) -> Iterator[tuple[str, str]]:
     a, b = tmp_path / "plc", tmp_path / "gateway"
     proc = subprocess.Popen(
         ["socat", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_for(lambda: a.exists() and b.exists(), what="socat's ptys")
@@ -38,7 +45,7 @@ def pty_pair(tmp_path: Path) -> Iterator[tuple[str, str]]:
 
 def _rtu_config(tmp_path: Path, port: str) -> Path:
     signals = WIND_MAP.read_text().split("[[device.signal]]", 1)[1]
-    text = f'[bridge]\nstore = "s.db"\n'
+    text = '[bridge]\nstore = "s.db"\n'
     for name, uid in (("north", 1), ("south", 2)):
         text += (
             f'[[device]]\nname = "{name}"\nprotocol = "modbus_rtu"\nserial_port = "{port}"\n'
@@ -49,9 +56,18 @@ def _rtu_config(tmp_path: Path, port: str) -> Path:
     return path
 
 
-def test_rtu_multidrop_reads_real_rows(tmp_path: Path, pty_pair: tuple[str, str], sim: SimulatorServer) -> None:
+def test_rtu_multidrop_reads_real_rows(
+    tmp_path: Path, pty_pair: tuple[str, str], sim: SimulatorServer
+) -> None:
     plc, gateway = pty_pair
-    sim.add_rtu({1: SimulatedTurbine("R80711", advance="read"), 2: SimulatedTurbine("R80736", advance="read")}, plc, 115200)
+    sim.add_rtu(
+        {
+            1: SimulatedTurbine("R80711", advance="read"),
+            2: SimulatedTurbine("R80736", advance="read"),
+        },
+        plc,
+        115200,
+    )
     cfg = load_bridge_config(_rtu_config(tmp_path, gateway))
     link = PymodbusLink(cfg.devices[0].link, timeout=0.5)  # type: ignore[arg-type]
     pollers = [ModbusPoller(d, link, random.Random(0), 0.0) for d in cfg.devices]
@@ -90,7 +106,7 @@ def test_rtu_silent_unit_times_out_and_neighbour_still_answers(
         assert south.poll(0.01, 1.0) == []  # backing off: not even asked
         assert south.health.signals["P_avg"].errors == 1
         # The silent unit does not poison the line for its neighbour.
-        assert len(north.poll(0.0, 1.0)) == 8 and north.health.up
+        assert len(north.poll(0.0, 1.0)) == 9 and north.health.up
     finally:
         sim.loop.call_soon_threadsafe(silent.set_fault, Fault.NONE)
         link.close()

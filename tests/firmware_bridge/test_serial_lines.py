@@ -32,7 +32,13 @@ def test_parse(line: str, link: LineLink, expected: dict[str, float]) -> None:
 
 @pytest.mark.parametrize(
     ("line", "link", "reason"),
-    [("1,2", CSV, "bad_line"), ("1,x,3", CSV, "bad_value"), ("temp", KV, "bad_line"), ("t=inf", KV, "bad_value"), ("", CSV, "empty_line")],
+    [
+        ("1,2", CSV, "bad_line"),
+        ("1,x,3", CSV, "bad_value"),
+        ("temp", KV, "bad_line"),
+        ("t=inf", KV, "bad_value"),
+        ("", CSV, "empty_line"),
+    ],
 )
 def test_parse_rejects(line: str, link: LineLink, reason: str) -> None:
     with pytest.raises(RemoteProtocolError) as err:
@@ -59,7 +65,10 @@ def test_loop_port_keeps_latest_good_line(tmp_path: Path) -> None:
     poller = LinePoller(spec, random.Random(0), 0.0, opener=lambda link, timeout: port)
     port.write(b"20.0,50\n21.0,52\ngarbage\n22.")
     got = poller.poll(0.0, 100.0)
-    assert [(s.signal, s.value, s.unit, s.ts) for s in got] == [("temp", 21.0, "degC", 100.0), ("hum", 26.0, "%", 100.0)]
+    assert [(s.signal, s.value, s.unit, s.ts) for s in got] == [
+        ("temp", 21.0, "degC", 100.0),
+        ("hum", 26.0, "%", 100.0),
+    ]
     assert poller.health.signals["temp"].errors == 1  # the garbage line
     port.write(b"5,10\n")
     got = poller.poll(0.2, 101.0)

@@ -13,7 +13,13 @@ from pathlib import Path
 from edge.store import SampleStore
 from fedcore.errors import EXIT_CODES
 from firmware_bridge.probe import probe
-from firmware_bridge.simulator import SimulatedDevice, SimulatedTurbine, SimulatorServer, wind_bridge_config, wind_bridge_toml
+from firmware_bridge.simulator import (
+    SimulatedDevice,
+    SimulatedTurbine,
+    SimulatorServer,
+    wind_bridge_config,
+    wind_bridge_toml,
+)
 
 from .conftest import free_port
 
@@ -21,13 +27,17 @@ from .conftest import free_port
 def test_run_notifies_systemd_and_stops_cleanly(tmp_path: Path, sim: SimulatorServer) -> None:
     port = sim.add(SimulatedTurbine("R80711", speed=60000.0), 0)
     cfg_path = tmp_path / "bridge.toml"
-    cfg_path.write_text(wind_bridge_toml([SimulatedDevice("t1", port)], tmp_path / "s.db", period=0.05))
+    cfg_path.write_text(
+        wind_bridge_toml([SimulatedDevice("t1", port)], tmp_path / "s.db", period=0.05)
+    )
     notify_path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(notify_path)
     sock.settimeout(20)
     env = dict(os.environ, NOTIFY_SOCKET=notify_path, WATCHDOG_USEC="400000")
-    proc = subprocess.Popen([sys.executable, "-m", "fedgate", "bridge", "run", "-c", str(cfg_path)], env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedgate", "bridge", "run", "-c", str(cfg_path)], env=env
+    )
     try:
         messages = [sock.recv(4096).decode()]
         assert messages[0].startswith("READY=1")
@@ -43,14 +53,18 @@ def test_run_notifies_systemd_and_stops_cleanly(tmp_path: Path, sim: SimulatorSe
             proc.kill()
         sock.close()
     store = SampleStore(tmp_path / "s.db")
-    assert store.count("t1") >= 8 and store.count("t1") % 8 == 0  # whole polls only
+    assert store.count("t1") >= 9 and store.count("t1") % 9 == 0  # whole polls only
     store.close()
 
 
 def test_bad_config_exits_78(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[bridge]\nstore = "s.db"\n')
-    rc = subprocess.run([sys.executable, "-m", "fedgate", "bridge", "run", "-c", str(bad)], capture_output=True, text=True)
+    rc = subprocess.run(
+        [sys.executable, "-m", "fedgate", "bridge", "run", "-c", str(bad)],
+        capture_output=True,
+        text=True,
+    )
     assert rc.returncode == 78 and "device" in rc.stderr
     assert 78 in EXIT_CODES
 
@@ -59,7 +73,10 @@ def test_probe_once_shows_values_and_dead_devices(tmp_path: Path, sim: Simulator
     port = sim.add(SimulatedTurbine("R80721"), 0)
     dead = free_port()
     cfg = wind_bridge_config(
-        [SimulatedDevice("alive", port), SimulatedDevice("dead", dead)], tmp_path / "s.db", folder=tmp_path, timeout=0.3
+        [SimulatedDevice("alive", port), SimulatedDevice("dead", dead)],
+        tmp_path / "s.db",
+        folder=tmp_path,
+        timeout=0.3,
     )
     out = io.StringIO()
     assert probe(cfg, once=True, out=out) == 1  # not every signal could be read
