@@ -33,8 +33,19 @@ import numpy as np
 from fedcore.errors import RemoteProtocolError
 from fedcore.protocol import codec, signing, tensors
 from fedcore.protocol.messages import (
-    BODY_TYPES, EncodedDelta, GlobalModel, Kind, ModelSpec, ModelUpdate, PipelineConfig,
-    RoundAnnouncement, RoundSummary, SecAggMessage, Status, Telemetry, TrainConfig,
+    BODY_TYPES,
+    EncodedDelta,
+    GlobalModel,
+    Kind,
+    ModelSpec,
+    ModelUpdate,
+    PipelineConfig,
+    RoundAnnouncement,
+    RoundSummary,
+    SecAggMessage,
+    Status,
+    Telemetry,
+    TrainConfig,
 )
 from fedcore.protocol.topics import Topics, parse_topic
 
