@@ -34,7 +34,8 @@ def load_local_data(config: EdgeConfig) -> LocalData:
         raise ConfigError(config.file, "data.unit", d.unit,
                           f"not a unit of data set {d.dataset!r}; units: {', '.join(sorted(dataset.units))}")
     unit = dataset.units[d.unit]
-    return LocalData(unit.x_train, unit.y_train, unit.x_test, unit.y_test)
+    scale = dataset.scaler.target_std if dataset.task == "regression" else 1.0
+    return LocalData(unit.x_train, unit.y_train, unit.x_test, unit.y_test, float(scale))
 
 
 def build_edge(config_path: str | Path) -> EdgeService:

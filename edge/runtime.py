@@ -49,6 +49,7 @@ class LocalData:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    target_scale: float = 1.0  # regression errors are reported in the target's own unit
 
 
 def status_payload(
@@ -169,7 +170,8 @@ class EdgeService:
         spec = action.model.spec
         self.eval_stats = {}
         if len(self.data.y_test):
-            scores = evaluate(spec, action.weights, self.data.x_test, self.data.y_test)
+            scores = evaluate(spec, action.weights, self.data.x_test, self.data.y_test,
+                              target_scale=self.data.target_scale)
             self.eval_stats = {f"eval_{k}": float(v) for k, v in scores.items()}
         log.info("installed model version %d %s", action.model.version, self.eval_stats)
         if self.on_install is not None:

@@ -27,7 +27,13 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from fedcore.datasets import FederatedDataset, default_spec, default_train_config, load_dataset
+from fedcore.datasets import (
+    FederatedDataset,
+    default_spec,
+    default_train_config,
+    evaluate_dataset,
+    load_dataset,
+)
 from fedcore.learning.models import init_params
 from fedcore.learning.training import train_local
 from fedcore.protocol import codec
@@ -52,10 +58,6 @@ class RoundRow:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def evaluate_model(dataset: FederatedDataset, spec: ModelSpec, weights: list[np.ndarray]) -> dict[str, float]:
-    return dataset.evaluate(spec, weights, dataset.x_test, dataset.y_test)
-
-
 def _baseline_rounds(
     spec: ModelSpec, x: np.ndarray, y: np.ndarray, train: TrainConfig, rounds: int, seed: int
 ) -> list[np.ndarray]:
@@ -70,17 +72,17 @@ def baselines(dataset: FederatedDataset, spec: ModelSpec, train: TrainConfig, ro
               seed: int) -> tuple[float, float, dict[str, float]]:
     """Centralized (pooled training data) and local-only (mean over gateways) on the same
     test split, each with the federated run's training budget per round."""
-    metric = dataset.primary_metric
+    metric, _ = dataset.primary_metric
     units = list(dataset.units.values())
     x_all = np.concatenate([u.x_train for u in units])
     y_all = np.concatenate([u.y_train for u in units])
     pooled_train = replace(train, max_steps=train.max_steps * len(units)) if train.max_steps else train
     central = _baseline_rounds(spec, x_all, y_all, pooled_train, rounds, seed)
-    centralized = evaluate_model(dataset, spec, central)[metric]
+    centralized = evaluate_dataset(dataset, spec, central)[metric]
     per_unit: dict[str, float] = {}
     for name, unit in dataset.units.items():
         w = _baseline_rounds(spec, unit.x_train, unit.y_train, train, rounds, seed)
-        per_unit[name] = evaluate_model(dataset, spec, w)[metric]
+        per_unit[name] = evaluate_dataset(dataset, spec, w)[metric]
     return centralized, float(np.mean(list(per_unit.values()))), per_unit
 
 
@@ -140,7 +142,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
                            **options.csv_options())
     spec = replace(default_spec(dataset), features=tuple(dataset.features), target=dataset.target)
     train = options.train or default_train_config(dataset)
-    metric = dataset.primary_metric
+    metric, higher_is_better = dataset.primary_metric
     say(f"data set {dataset.name}: {len(dataset.units)} gateways "
         f"({', '.join(dataset.units)}), {sum(len(u.y_train) for u in dataset.units.values())} "
         f"training rows, {len(dataset.y_test)} test rows; metric {metric}")
@@ -180,7 +182,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     record = {
         "dataset": dataset.name,
         "metric": metric,
-        "higher_is_better": dataset.higher_is_better,
+        "higher_is_better": higher_is_better,
         "gateways": len(dataset.units),
         "rounds": [
             {"round": r.round, "participants": r.participants, "metric": r.metric,
@@ -203,7 +205,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
 
 def _watch(observer: Observer, dataset: FederatedDataset, options: DemoOptions,
            procs: list[subprocess.Popen[bytes]], say: Callable[[str], None]) -> list[RoundRow]:
-    metric = dataset.primary_metric
+    metric, _ = dataset.primary_metric
     scores: dict[int, dict[str, float]] = {}
     summaries: dict[int, RoundSummary] = {}
     rows: list[RoundRow] = []
@@ -218,7 +220,7 @@ def _watch(observer: Observer, dataset: FederatedDataset, options: DemoOptions,
         item = observer.next(timeout=0.5)
         if isinstance(item, GlobalModel) and item.version > 0:
             weights = [np.array(a) for a in decode_tensors(item.tensors)]
-            scores[item.version] = evaluate_model(dataset, item.spec, weights)
+            scores[item.version] = evaluate_dataset(dataset, item.spec, weights)
         elif isinstance(item, RoundSummary):
             summaries[item.model_version] = item
         for version in sorted(set(scores) & set(summaries)):
