@@ -45,9 +45,16 @@ from fedcore.privacy.adaptive import gateway_indicator
 from fedcore.privacy.clipping import add_gaussian_noise, clip_l2, l2_norm
 from fedcore.protocol.codec import Limits
 from fedcore.protocol.messages import EncodedDelta, PipelineConfig
-from fedcore.protocol.tensors import ALLOWED_DTYPES, Tensor, decode_tensor, decode_tensors, encode_tensor
+from fedcore.protocol.tensors import (
+    ALLOWED_DTYPES,
+    Tensor,
+    decode_tensor,
+    decode_tensors,
+    encode_tensor,
+)
 
 _msgpack = msgspec.msgpack.Encoder()
+_DEFAULT_LIMITS = Limits()
 
 
 @dataclass
@@ -259,7 +266,7 @@ def _flat_arrays(parts: tuple[Tensor, ...], plan: StagePlan, shapes: Shapes, lim
     return arrays
 
 
-def decode_update(encoded: EncodedDelta, expected_shapes: Shapes, limits: Limits = Limits()) -> Params:
+def decode_update(encoded: EncodedDelta, expected_shapes: Shapes, limits: Limits = _DEFAULT_LIMITS) -> Params:
     """Undo a gateway's pipeline: bounded, validated, finite float32 Params of ``expected_shapes``.
 
     Never allocates more than the expected model (plus the message itself): sizes come

@@ -9,9 +9,11 @@ at most ``expected + 1`` bytes of memory before it is refused.
 from __future__ import annotations
 
 import zlib
+from types import ModuleType
 
 from fedcore.errors import RemoteProtocolError
 
+_zstd: ModuleType | None
 try:  # zstandard is a declared dependency, but a stripped gateway image may lack it
     import zstandard as _zstd
 except ImportError:  # pragma: no cover - exercised only on images without zstandard
@@ -36,7 +38,7 @@ def compress(data: bytes, codec: str) -> bytes:
     if codec == "zstd":
         if _zstd is None:
             raise RuntimeError("zstandard is not installed; use choose_codec() first")
-        return _zstd.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+        return bytes(_zstd.ZstdCompressor(level=ZSTD_LEVEL).compress(data))
     if codec == "zlib":
         return zlib.compress(data, ZLIB_LEVEL)
     raise ValueError(f"unknown codec {codec!r}")
@@ -49,7 +51,7 @@ def decompress(data: bytes, codec: str, expected_size: int) -> bytes:
             raise RemoteProtocolError("bad_encoding", "zstd is not available here; send zlib")
         try:
             with _zstd.ZstdDecompressor().stream_reader(data) as reader:
-                out = reader.read(expected_size + 1)
+                out = bytes(reader.read(expected_size + 1))
         except _zstd.ZstdError as exc:
             raise RemoteProtocolError("bad_encoding", f"zstd: {exc}") from None
     elif codec == "zlib":

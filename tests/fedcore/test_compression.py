@@ -92,13 +92,12 @@ def test_entropy_round_trip(codec: str) -> None:
 @pytest.mark.parametrize("codec", ["zstd", "zlib"])
 def test_decompression_bomb_is_refused_within_the_expected_size(codec: str) -> None:
     bomb_size = 64 * 1024 * 1024  # 64 MiB of zeros...
+    chunk = b"\0" * (1 << 20)
     if codec == "zstd":
-        cobj = zstandard.ZstdCompressor(level=1).compressobj()
-        chunk = b"\0" * (1 << 20)
-        bomb = b"".join(cobj.compress(chunk) for _ in range(bomb_size >> 20)) + cobj.flush()
+        zobj = zstandard.ZstdCompressor(level=1).compressobj()
+        bomb = b"".join(zobj.compress(chunk) for _ in range(bomb_size >> 20)) + zobj.flush()
     else:
         cobj = zlib.compressobj(9)
-        chunk = b"\0" * (1 << 20)
         bomb = b"".join(cobj.compress(chunk) for _ in range(bomb_size >> 20)) + cobj.flush()
     assert len(bomb) < 100_000  # ...in a message the size limits let through
     with pytest.raises(RemoteProtocolError) as err:

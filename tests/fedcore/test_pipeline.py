@@ -175,9 +175,9 @@ def _encoded(comp: tuple[str, ...]) -> EncodedDelta:
     return encode_update(delta(rng), PipelineConfig(compression=comp), EdgePipelineState(), rng)[0]
 
 
-def _refused(enc: EncodedDelta, shapes: tuple[tuple[int, ...], ...] = SHAPES, limits: Limits = Limits()) -> str:
+def _refused(enc: EncodedDelta, shapes: tuple[tuple[int, ...], ...] = SHAPES, limits: Limits | None = None) -> str:
     with pytest.raises(RemoteProtocolError) as err:
-        decode_update(enc, shapes, limits)
+        decode_update(enc, shapes, limits or Limits())
     return err.value.reason
 
 
