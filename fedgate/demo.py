@@ -21,10 +21,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import msgspec
 import numpy as np
 
 from fedcore.datasets import (
@@ -76,7 +77,7 @@ def baselines(dataset: FederatedDataset, spec: ModelSpec, train: TrainConfig, ro
     units = list(dataset.units.values())
     x_all = np.concatenate([u.x_train for u in units])
     y_all = np.concatenate([u.y_train for u in units])
-    pooled_train = replace(train, max_steps=train.max_steps * len(units)) if train.max_steps else train
+    pooled_train = msgspec.structs.replace(train, max_steps=train.max_steps * len(units)) if train.max_steps else train
     central = _baseline_rounds(spec, x_all, y_all, pooled_train, rounds, seed)
     centralized = evaluate_dataset(dataset, spec, central)[metric]
     per_unit: dict[str, float] = {}
@@ -140,7 +141,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     dataset = load_dataset(options.dataset, gateways=options.gateways or None,
                            max_rows_per_unit=options.max_rows_per_unit or None,
                            **options.csv_options())
-    spec = replace(default_spec(dataset), features=tuple(dataset.features), target=dataset.target)
+    spec = default_spec(dataset)
     train = options.train or default_train_config(dataset)
     metric, higher_is_better = dataset.primary_metric
     say(f"data set {dataset.name}: {len(dataset.units)} gateways "
