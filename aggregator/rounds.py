@@ -468,6 +468,8 @@ class RoundStateMachine:
             weight = sum(c for _, c in pairs)
             if weight > 0:
                 metrics[key] = float(sum(v * c for v, c in pairs) / weight)
+            if key.endswith("_s"):  # timings: the slowest gateway bounds the round
+                metrics[f"{key}_max"] = float(max(v for v, _ in pairs))
         metrics["train_loss"] = float(
             sum(self.received[d].update.train_loss * c for d, c in zip(devices, counts, strict=True)) / total
         )
