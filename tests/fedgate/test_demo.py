@@ -1,0 +1,46 @@
+"""Smoke test of `fedgate demo` on the real wind data, small configuration."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+def test_demo_runs_rounds_and_reports_baselines(tmp_path: Path, mosquitto) -> None:
+    out = tmp_path / "run.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedgate", "demo", "--dataset", "wind", "--rounds", "2",
+         "--max-rows-per-unit", "3000", "--broker", mosquitto.url, "--workdir", str(tmp_path / "w"),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = json.loads(out.read_text())
+    assert record["metric"] == "rmse" and record["gateways"] == 4
+    assert [r["round"] for r in record["rounds"]] == [1, 2]
+    for r in record["rounds"]:
+        assert r["participants"] == 4
+        assert r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["wall_s"] > 0
+        assert {"round", "participants", "metric", "bytes_up", "bytes_down", "wall_s"} <= set(r)
+    for key in ("federated", "centralized", "local_only"):
+        assert math.isfinite(record[key]) and record[key] > 0
+    assert record["federated"] == record["rounds"][-1]["metric"]
+    # the live table printed each round and the baselines
+    assert "centralized" in proc.stdout and "local-only" in proc.stdout
+
+
+def test_demo_rejects_an_unknown_dataset(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedgate", "demo", "--dataset", "nope", "--rounds", "1",
+         "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 78
+    assert "nope" in proc.stderr and "wind" in proc.stderr
