@@ -7,7 +7,8 @@ decoder it can reach:
 
 - ``codec.decode`` on the mutated envelope bytes, then ``signing.verify`` / ``authenticate``,
   ``codec.decode_body`` (with the right and a wrong schema), ``tensors.decode_tensors`` on
-  every tensor inside, and ``fedcore.pipeline.decode_update`` when that module exists;
+  every tensor inside, and ``fedcore.pipeline.decode_update`` (seeded with updates the real
+  gateway pipeline compressed: top-k, int8, zstd/zlib) when that module exists;
 - the same body decoders on a mutated *body* re-wrapped in a well-formed envelope, so body
   parsing is exercised even where a mutated envelope would already fail;
 - ``topics.parse_topic`` on mutated topics.
@@ -19,7 +20,6 @@ reason; anything else is recorded as a crash with the payload that caused it.
 from __future__ import annotations
 
 import importlib
-import inspect
 import random
 import struct
 from collections import Counter
@@ -59,20 +59,27 @@ INTERESTING = (0x00, 0x01, 0x7F, 0x80, 0xFF, 0xC0, 0xC1, 0xC4, 0xC6, 0xCF, 0xD3,
 LENGTH_HEADERS = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4, 0xDC: 2, 0xDD: 4, 0xDE: 2, 0xDF: 4}
 
 
-def _pipeline_decoder() -> Callable[[ModelUpdate], Any] | None:
-    """``fedcore.pipeline.decode_update(update, ...)`` if that module exists in this build."""
+SHAPES = ((4, 3), (3,))  # the seed model's layer shapes
+
+
+def _pipeline() -> Any:
+    """``fedcore.pipeline`` (encode_update / decode_update) if it exists in this build."""
     try:
         module = importlib.import_module("fedcore.pipeline")
     except ModuleNotFoundError:
         return None
-    fn = getattr(module, "decode_update", None)
-    if fn is None:
-        return None
-    params = [p for p in inspect.signature(fn).parameters.values() if p.default is p.empty]
-    return fn if len(params) == 1 else None
+    return module if hasattr(module, "decode_update") and hasattr(module, "encode_update") else None
 
 
-DECODE_UPDATE = _pipeline_decoder()
+PIPELINE = _pipeline()
+
+
+def _decode_update(delta: EncodedDelta) -> Any:
+    assert PIPELINE is not None
+    return PIPELINE.decode_update(delta, SHAPES, codec.Limits(max_elements=LIMITS.max_elements))
+
+
+DECODE_UPDATE = _decode_update if PIPELINE is not None else None
 
 
 def seed_bodies() -> list[msgspec.Struct]:
@@ -91,12 +98,26 @@ def seed_bodies() -> list[msgspec.Struct]:
     ]
 
 
+def pipeline_updates() -> list[ModelUpdate]:
+    """Updates as the gateway's real pipeline encodes them (compressed paths included)."""
+    if PIPELINE is None:
+        return []
+    rng = np.random.default_rng(11)
+    delta = [rng.normal(size=s).astype(np.float32) for s in SHAPES]
+    out = []
+    for stages in [(), ("int8",), ("topk:0.25",), ("topk:0.5", "int8", "zstd"), ("int8:4", "zlib")]:
+        config = PipelineConfig(clip_norm=1.0, noise_multiplier=0.1, compression=stages)
+        encoded, _ = PIPELINE.encode_update(delta, config, PIPELINE.EdgePipelineState(), rng)
+        out.append(ModelUpdate(3, 2, 10, encoded))
+    return out
+
+
 def seed_envelopes() -> list[codec.Envelope]:
     out = []
-    for body in seed_bodies():
+    for body in seed_bodies() + pipeline_updates():
         kind = next(k for k, t in BODY_TYPES.items() if t is type(body))
         sender = "aggregator" if kind.value in signing.AGGREGATOR_KINDS else "gw1"
-        env = codec.make_envelope(kind, "plant", "wind", 3, sender, body, timestamp=1.5, message_id=f"{kind.value}-1")
+        env = codec.make_envelope(kind, "plant", "wind", 3, sender, body, timestamp=1.5, message_id=f"{kind.value}-{len(out)}")
         out.append(signing.sign(env, AGG if sender == "aggregator" else GW1))
     return out
 
@@ -189,7 +210,7 @@ def check_body(stats: FuzzStats, payload: bytes, env: codec.Envelope) -> None:
     if parts:
         stats.run("decode_tensors", payload, tensors.decode_tensors, parts, LIMITS.max_elements)
     if DECODE_UPDATE is not None and isinstance(body, ModelUpdate):
-        stats.run("pipeline.decode_update", payload, DECODE_UPDATE, body)
+        stats.run("pipeline.decode_update", payload, DECODE_UPDATE, body.delta)
 
 
 def check_envelope_bytes(stats: FuzzStats, payload: bytes, guard: signing.ReplayGuard) -> None:

@@ -19,7 +19,7 @@ from fedcore.protocol.messages import BODY_TYPES, Kind
 from fedcore.protocol.topics import parse_topic
 from tests.fedcore import fuzz_harness as harness
 
-FAST = settings(max_examples=1500, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=1000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 U64 = st.integers(min_value=-(2**63), max_value=2**64 - 1)
 
 
@@ -117,7 +117,7 @@ def test_structured_tensors(dtype: str, shape: list[int], data: bytes, count: in
         assert sum(a.size for a in arrays) <= 1024
 
 
-@FAST
+@settings(max_examples=500, deadline=None, database=None)
 @given(st.text(max_size=120) | st.lists(st.sampled_from(["fg", "plant", "wind", "update", "gw1", "+", "#", "", "status", "round", "secagg"]), max_size=7).map("/".join))
 def test_topics(topic: str) -> None:
     if rejected_or_ok(parse_topic, topic) == "ok":
