@@ -8,6 +8,7 @@ unit, age of the last good value, error count and the last error. :func:`render`
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -64,6 +65,7 @@ def probe(
 
     Returns 0 when every signal has a value, 1 otherwise (for scripts)."""
     out = out or sys.stdout
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # the table shows the errors
     bridge = Bridge(config, sink=NullSink())
     stop = stop or threading.Event()
     bridge.start()

@@ -186,6 +186,12 @@ class Bridge:
                 self.pollers[p.spec.name] = p
             self.workers.append(_LinkWorker(bus, pollers, self.queue, self.stop_event, close))
 
+    def polls(self) -> int:
+        """Good reads of the least-read signal of any device (= rows for one-request maps)."""
+        return min(
+            (h.reads for p in self.pollers.values() for h in p.health.signals.values()), default=0
+        )
+
     def health(self) -> dict[str, DeviceHealth]:
         return {name: p.health for name, p in self.pollers.items()}
 
@@ -219,12 +225,14 @@ class Bridge:
         self,
         *,
         until_samples: int | None = None,
+        until_polls_per_device: int | None = None,
         duration: float | None = None,
         stop: threading.Event | None = None,
         notifier: SystemdNotifier | None = None,
         watchdog_s: float | None = None,
     ) -> BridgeStats:
-        """Serve until ``stop`` is set, ``duration`` passes or ``until_samples`` are written."""
+        """Serve until ``stop`` is set, ``duration`` passes, ``until_samples`` are written, or
+        every device has answered ``until_polls_per_device`` polls (and they are written)."""
         t0 = time.monotonic()
         last_evict = t0
         last_ping = 0.0
@@ -241,6 +249,9 @@ class Bridge:
                 self.pump()
                 now = time.monotonic()
                 if until_samples is not None and self.written >= until_samples:
+                    break
+                if until_polls_per_device is not None and self.polls() >= until_polls_per_device:
+                    self.pump()  # what the last polls queued since the flush above
                     break
                 if duration is not None and now - t0 >= duration:
                     break
@@ -268,14 +279,29 @@ def run_bridge(
     config: BridgeConfig,
     *,
     until_samples: int | None = None,
+    until_polls_per_device: int | None = None,
     duration: float | None = None,
     stop: threading.Event | None = None,
     seed: int | None = None,
 ) -> BridgeStats:
-    """Run the bridge in this thread into ``config.store`` until a condition is met."""
-    if until_samples is None and duration is None and stop is None:
-        raise ValueError("give until_samples, duration or stop, or the bridge runs forever")
-    return Bridge(config, seed=seed).run(until_samples=until_samples, duration=duration, stop=stop)
+    """Run the bridge in this thread into ``config.store`` until a condition is met.
+
+    Conditions (the first met wins): ``until_samples`` written in total; every device read
+    ``until_polls_per_device`` times (with the wind map and ``advance="read"``, that is at
+    least that many rows per turbine); ``duration`` seconds; ``stop`` set."""
+    if (
+        until_samples is None
+        and until_polls_per_device is None
+        and duration is None
+        and stop is None
+    ):
+        raise ValueError("give a stop condition, or the bridge runs forever")
+    return Bridge(config, seed=seed).run(
+        until_samples=until_samples,
+        until_polls_per_device=until_polls_per_device,
+        duration=duration,
+        stop=stop,
+    )
 
 
 def serve(

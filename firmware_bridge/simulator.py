@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import enum
+import json
 import logging
 import subprocess
 import sys
@@ -309,7 +310,7 @@ def wind_bridge_toml(
 ) -> str:
     """A bridge config (TOML text) reading ``devices`` with the simulator's register map."""
     head = WIND_MAP.read_text().split("[[device]]", 1)[0]
-    head = head.replace('store = "samples.db"', f"store = {str(store)!r}".replace("'", '"'))
+    head = head.replace('store = "samples.db"', f"store = {json.dumps(str(store))}")
     signals = WIND_MAP.read_text().split("[[device.signal]]", 1)[1]
     out = [head]
     for dev in devices:

@@ -85,3 +85,20 @@ def test_probe_once_shows_values_and_dead_devices(tmp_path: Path, sim: Simulator
     assert " kW " in alive_p and alive_p.split()[2] == "441.06"  # R80721's first row
     dead_p = next(line for line in lines if line.startswith("dead") and " P_avg " in line)
     assert "DOWN" in dead_p and f"127.0.0.1:{dead}" in dead_p
+
+
+def test_store_sink_applies_the_eviction_policy(tmp_path: Path) -> None:
+    from fedcore.samples import Sample
+    from firmware_bridge.config import StoreSpec
+    from firmware_bridge.runtime import StoreSink
+
+    sink = StoreSink(
+        StoreSpec(tmp_path / "s.db", max_bytes=10**9, max_age_s=60.0, flush_interval=0.5)
+    )
+    assert sink.write([Sample("d", "x", float(t), 1.0) for t in range(100)]) == 100
+    result = sink.maintain(now=120.0)  # cut at 60 s
+    assert (result.by_age, result.by_size) == (60, 0)
+    sink.close()
+    store = SampleStore(tmp_path / "s.db")
+    assert store.count("d") == 40 and store.rows("d", ["x"]).time[0] == 60.0
+    store.close()
