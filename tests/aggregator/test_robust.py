@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aggregator import robust
 from fedcore.learning.params import Params, flatten
@@ -227,3 +229,32 @@ def test_config_binding_uses_the_registry() -> None:
     assert value(fuse(one_d(1, 2, 3, 4, 100), [1] * 5, one_d(0)[0])) == [3.0]
     with pytest.raises(ValueError, match="trim_fraction"):
         make_fuse("trimmed_mean", {"trim_fraction": 0.9})
+
+
+# ---- hypothesis properties ----------------------------------------------------------------
+
+finite = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, width=32)
+rounds = st.integers(min_value=1, max_value=7).flatmap(
+    lambda n: st.tuples(
+        st.lists(st.lists(finite, min_size=3, max_size=3), min_size=n, max_size=n),
+        st.lists(st.integers(min_value=1, max_value=50), min_size=n, max_size=n),
+        st.permutations(range(n)),
+    )
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rounds)
+def test_rules_ignore_arrival_order_and_stay_in_the_inputs_box(case: tuple[list[list[float]], list[int], list[int]]) -> None:
+    vectors, weights, order = case
+    updates = rows(*vectors)
+    shuffled = [updates[i] for i in order]
+    shuffled_weights = [weights[i] for i in order]
+    lo, hi = np.min(vectors, axis=0), np.max(vectors, axis=0)
+    for rule in ("fedavg", "median", "trimmed_mean", "geometric_median"):
+        a = flatten(robust.fuse(rule, updates, weights).params)
+        b = flatten(robust.fuse(rule, shuffled, shuffled_weights).params)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+        assert np.all(a >= lo - 1e-3) and np.all(a <= hi + 1e-3), rule
+    chosen = flatten(robust.krum(updates, 1))
+    assert any(np.array_equal(chosen, np.float32(v)) for v in vectors)
