@@ -3,21 +3,49 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
+
+import msgspec
 
 from fedcore.transport.factory import transport_from_config
 
-from aggregator.config import load_aggregator_config
+from aggregator.config import AggregatorConfig, load_aggregator_config
+from aggregator.rounds import Ledger
 from aggregator.runtime import AggregatorService
 from aggregator.security import AggregatorSecurity
 
 log = logging.getLogger("fedgate.aggregator")
 
 
+def with_calibrated_noise(config: AggregatorConfig) -> AggregatorConfig:
+    """Turn a target (epsilon, delta) into the noise multiplier the gateways apply."""
+    target = config.privacy
+    if target.target_epsilon <= 0:
+        return config
+    from aggregator.privacy import noise_multiplier_for
+
+    q = min(1.0, config.rounds.fraction)
+    z = noise_multiplier_for(target.target_epsilon, target.delta, config.rounds.rounds, q)
+    log.info("DP: noise multiplier %.3f for epsilon %.3g, delta %.3g over %d rounds",
+             z, target.target_epsilon, target.delta, config.rounds.rounds)
+    pipeline = msgspec.structs.replace(config.rounds.pipeline, noise_multiplier=z)
+    return replace(config, rounds=replace(config.rounds, pipeline=pipeline))
+
+
+def make_ledger(config: AggregatorConfig) -> Ledger | None:
+    if config.rounds.pipeline.noise_multiplier <= 0:
+        return None
+    from aggregator.privacy import PrivacyLedger
+
+    eps = config.privacy.target_epsilon or float("inf")
+    return PrivacyLedger(eps, config.privacy.delta, config.privacy.policy)
+
+
 def build_aggregator(config_path: str | Path) -> AggregatorService:
-    config = load_aggregator_config(config_path)
+    config = with_calibrated_noise(load_aggregator_config(config_path))
     transport = transport_from_config(config.broker, seed=config.seed)
-    return AggregatorService(config, transport, AggregatorSecurity())
+    return AggregatorService(config, transport, AggregatorSecurity(), ledger=make_ledger(config))
 
 
 def run_aggregator(config_path: str | Path) -> int:

@@ -34,7 +34,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -82,6 +82,19 @@ def decode_raw(encoded: EncodedDelta, shapes: Shapes) -> Params:
     if tuple(a.shape for a in arrays) != shapes or any(a.dtype != np.float32 for a in arrays):
         raise RemoteProtocolError("bad_shape", "delta does not match the model's shapes")
     return [np.asarray(a) for a in arrays]
+
+
+class Ledger(Protocol):
+    """Per-gateway privacy accounting (``aggregator.privacy.PrivacyLedger``)."""
+
+    def check(self, device: str, noise_multiplier: float, sampling_rate: float = 1.0) -> Any: ...
+
+    def record(self, device: str, noise_multiplier: float, sampling_rate: float = 1.0,
+               steps: int = 1) -> float: ...
+
+    def spent(self) -> dict[str, float]: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 class Phase(Enum):
@@ -222,12 +235,15 @@ class RoundStateMachine:
         rng: random.Random,
         fuse: FuseFn = fedavg,
         decode: DecodeFn = decode_raw,
+        ledger: Ledger | None = None,
     ) -> None:
         self.config = config
         self.spec = spec
         self.rng = rng
         self.fuse = fuse
         self.decode = decode
+        self.ledger = ledger
+        self.alerts: list[str] = []  # raised during the current round, go into its summary
         self.weights: Params = [np.asarray(w, np.float32) for w in initial_weights]
         self.shapes = shapes_of(self.weights)
         self.optimizer_state = ServerOptimizerState()
@@ -290,6 +306,7 @@ class RoundStateMachine:
             "history": self.history,
             "rejected": self.rejected,
             "excluded": sorted(self.excluded),
+            "ledger": self.ledger.to_dict() if self.ledger is not None else None,
         }
         return Checkpoint([w.copy() for w in self.weights], meta, self.optimizer_state.to_arrays())
 
@@ -306,6 +323,8 @@ class RoundStateMachine:
         self.history = list(meta.get("history", []))
         self.rejected = dict(meta.get("rejected", {}))
         self.excluded = set(meta.get("excluded", []))
+        if meta.get("ledger") and self.ledger is not None:
+            self.ledger = type(self.ledger).from_dict(meta["ledger"])  # type: ignore[attr-defined]
         self.optimizer_state = ServerOptimizerState.from_arrays(
             checkpoint.arrays, int(meta.get("optimizer_steps", 0))
         )
@@ -330,6 +349,7 @@ class RoundStateMachine:
         self.phase = Phase.COLLECTING
         self.received = {}
         self.refused = set()
+        self.alerts = []
         self.attempt = 0
         self.announced_at = now
         self.deadline = now + self.config.round_timeout_s
@@ -398,6 +418,9 @@ class RoundStateMachine:
             self.refused.add(device)
             return [problem, *self._maybe_close(event.now)]
         delta = problem
+        budget = self._charge_privacy(device, update.round)
+        if budget is not None:
+            return [budget, *self._maybe_close(event.now)]
         self.seen_ids[event.message_id] = update.round
         self.received[device] = _Received(update, delta, event.wire_bytes)
         actions: list[Action] = [UpdateAccepted(device, update.round, update.num_samples)]
@@ -418,6 +441,22 @@ class RoundStateMachine:
         if bound > 0 and (norm := l2_norm(delta)) > bound:
             return self._reject(device, round_, "norm_too_large", f"{norm:.3g} > {bound:.3g}")
         return delta
+
+    def _charge_privacy(self, device: str, round_: int) -> UpdateRejected | None:
+        """Charge a noised update to the gateway's budget, or refuse it (policy "stop")."""
+        z = self.config.pipeline.noise_multiplier
+        if self.ledger is None or z <= 0:
+            return None
+        q = min(1.0, self.config.fraction)
+        decision = self.ledger.check(device, z, q)
+        if decision.alert:
+            self.alerts.append(decision.alert)
+        if not decision.allowed:
+            self.excluded.add(device)
+            self.refused.add(device)
+            return self._reject(device, round_, "budget_spent", decision.alert)
+        self.ledger.record(device, z, q)
+        return None
 
     def _maybe_close(self, now: float) -> list[Action]:
         if self.phase is not Phase.COLLECTING:
@@ -482,6 +521,8 @@ class RoundStateMachine:
             bytes_up=sum(self.received[d].wire_bytes for d in devices),
             wall_s=now - self.announced_at,
             rejected=dict(self.rejected),
+            epsilon=self.ledger.spent() if self.ledger is not None else {},
+            alerts=tuple(self.alerts),
         )
 
     def _make_model(self) -> GlobalModel:

@@ -50,6 +50,7 @@ class AggregatorService:
         config: AggregatorConfig,
         transport: Transport,
         security: AggregatorSecurity,
+        ledger: sm.Ledger | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -72,6 +73,7 @@ class AggregatorService:
             random.Random(config.seed),
             fuse=make_fuse(config.fusion.rule, config.fusion.params),
             decode=security.decode_delta,
+            ledger=ledger,
         )
         saved = checkpoints.load(config.state_dir)
         if saved is not None:

@@ -15,7 +15,9 @@ from fedcore.learning.params import Params, Shapes
 from fedcore.protocol import codec
 from fedcore.protocol.messages import EncodedDelta, Kind, RoundSummary
 
-from aggregator.rounds import Checkpoint, decode_raw
+from fedcore.pipeline import decode_update
+
+from aggregator.rounds import Checkpoint
 
 
 class AggregatorSecurity:
@@ -34,7 +36,7 @@ class AggregatorSecurity:
         return env
 
     def decode_delta(self, encoded: EncodedDelta, shapes: Shapes) -> Params:
-        return decode_raw(encoded, shapes)
+        return decode_update(encoded, shapes, self.limits)
 
     def audit(self, kind: str, ts: float, **fields: Any) -> None:
         pass

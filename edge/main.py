@@ -6,6 +6,9 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
+
+from fedcore.pipeline import EdgePipelineState, make_encoder
 from fedcore.protocol.topics import Topics
 from fedcore.transport.base import Will
 from fedcore.transport.factory import transport_from_config
@@ -47,7 +50,9 @@ def build_edge(config_path: str | Path) -> EdgeService:
     will = Will(topics.status(config.device),
                 status_payload(config, security, "offline", -1, time.time()))
     transport = transport_from_config(config.broker, will=will, seed=config.seed)
-    return EdgeService(config, transport, data, security)
+    # the pipeline's randomness (noise, stochastic rounding) is separate from training's
+    encode = make_encoder(EdgePipelineState(), np.random.default_rng([config.seed, 1]))
+    return EdgeService(config, transport, data, security, encode=encode)
 
 
 def run_edge(config_path: str | Path) -> int:

@@ -206,14 +206,18 @@ class Participant:
         self.phase = ParticipantPhase.READY
         delta = subtract(event.weights, self.weights)
         encoded, info = self.encode(delta, ann.pipeline)
+        private = ann.pipeline.noise_multiplier > 0
         update = ModelUpdate(
             round=event.round,
             base_version=event.base_version,
             num_samples=event.num_samples,
             delta=encoded,
-            train_loss=event.train_loss,
+            # Under DP only the noised delta is covered by the guarantee: the clear loss and
+            # evaluation figures would leak around it, so they stay on the gateway.
+            train_loss=0.0 if private else event.train_loss,
             clipped=bool(info.get("clipped", 0.0)),
-            stats={**event.stats, **{k: v for k, v in info.items() if k != "clipped"}},
+            stats={**({} if private else event.stats),
+                   **{k: v for k, v in info.items() if k != "clipped"}},
         )
         action = PublishUpdate(event.round, new_message_id(), update)
         self.last_sent = action

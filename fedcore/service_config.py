@@ -62,10 +62,10 @@ def train_config(sec: Section) -> TrainConfig:
 
 def pipeline_config(sec: Section) -> PipelineConfig:
     compression = sec.str_list("compression", [])
-    known = ("topk:", "int8", "zstd", "zlib")
+    known = ("topk:", "int8", "int8:", "zstd", "zlib")
     for stage in compression:
         if not any(stage == k or (k.endswith(":") and stage.startswith(k)) for k in known):
-            raise sec.error("compression", list(compression), f"unknown stage {stage!r}; use topk:FRACTION, int8, zstd")
+            raise sec.error("compression", list(compression), f"unknown stage {stage!r}; use topk:FRACTION, int8 or int8:CHUNK, zstd or zlib")
     cfg = PipelineConfig(
         clip_norm=sec.float("clip_norm", 0.0, min=0.0),
         noise_multiplier=sec.float("noise_multiplier", 0.0, min=0.0),

@@ -23,6 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="subsample each unit (fast smoke runs)")
     p.add_argument("--fusion", default="fedavg", help="fusion rule (fedavg, median, trimmed_mean, krum, ...)")
     p.add_argument("--server-optimizer", default="fedavg", choices=("fedavg", "fedavgm", "fedadam"))
+    p.add_argument("--compress", default="",
+                   help="gateway update compression, e.g. topk:0.01,int8,zstd")
+    p.add_argument("--dp-epsilon", type=float, default=0.0,
+                   help="differential privacy: each gateway's (epsilon, 1e-5) budget over the run")
+    p.add_argument("--clip-norm", type=float, default=0.0,
+                   help="L2 clip of each update (default 1.0 when --dp-epsilon is set)")
     p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     p.add_argument("--unit-column", default="", help="csv: the column naming each gateway's unit")
     p.add_argument("--target", default="", help="csv: the column to predict")
@@ -50,6 +56,9 @@ def _run(args: argparse.Namespace) -> int:
         fusion=args.fusion,
         server_optimizer=args.server_optimizer,
         timeout_s=args.timeout,
+        compression=tuple(c for c in args.compress.split(",") if c),
+        dp_epsilon=args.dp_epsilon,
+        clip_norm=args.clip_norm,
         unit_column=args.unit_column,
         target=args.target,
         features=tuple(f for f in args.features.split(",") if f),
