@@ -236,4 +236,4 @@ def test_default_specs_fit_each_data_set(batteries):
     assert spec.layer_sizes == (24, 32, 4) and spec.task == "classification"
     assert sum(a * b + b for a, b in zip(spec.layer_sizes, spec.layer_sizes[1:])) == 932
     assert default_spec(batteries).layer_sizes[0] == len(batteries.features)
-    assert default_train_config(batteries).optimizer == "adam"
+    assert default_train_config(batteries).optimizer == "sgd"
