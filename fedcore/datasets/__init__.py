@@ -5,7 +5,7 @@ turbine, battery cell or CSV unit, each with a time-respecting train/test split,
 with a :class:`Scaler` fitted on training rows only. ``default_spec`` and
 ``default_train_config`` give a model and local training settings measured to train in
 well under a second per round per gateway on a 2-core machine (see
-``bench/dataset_baselines.py`` for the centralized numbers behind them).
+``bench/bench_datasets.py`` and ``bench/RESULTS_datasets.md`` for the numbers).
 
 Loading reads the package's data files (or the CSV), so it belongs at the process edge
 (CLI, demo, benchmarks), not inside a pure core.
@@ -134,6 +134,7 @@ def evaluate_dataset(
     (``dataset.target_unit``, e.g. kW) and, where the data set labels anomalies, measured on
     normal rows only: a normal-behaviour model is judged on normal behaviour, and its
     ``roc_auc`` (absolute residual against the labels, all test rows) on the anomalies.
+    A unit without test rows (a battery cell shorter than 17 cycles) raises ``ValueError``.
     """
     if unit is None:
         x, y, labels = dataset.x_test, dataset.y_test, dataset.test_labels
