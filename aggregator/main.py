@@ -45,7 +45,8 @@ def make_ledger(config: AggregatorConfig) -> Ledger | None:
 def build_aggregator(config_path: str | Path) -> AggregatorService:
     config = with_calibrated_noise(load_aggregator_config(config_path))
     transport = transport_from_config(config.broker, seed=config.seed)
-    return AggregatorService(config, transport, AggregatorSecurity(), ledger=make_ledger(config))
+    security = AggregatorSecurity.from_paths(config.file, config.security, config.state_dir / "audit.jsonl")
+    return AggregatorService(config, transport, security, ledger=make_ledger(config))
 
 
 def run_aggregator(config_path: str | Path) -> int:

@@ -78,6 +78,7 @@ class AggregatorService:
         saved = checkpoints.load(config.state_dir)
         if saved is not None:
             self.machine.restore(saved)
+            security.restore(saved.meta)
             log.info("resumed from checkpoint: round %s, model version %s",
                      saved.meta["round"], saved.meta["version"])
         self.on_summary: Callable[[msgspec.Struct], None] | None = None
@@ -174,14 +175,16 @@ class AggregatorService:
             elif isinstance(action, sm.PublishModel):
                 size = self._publish(Kind.MODEL, self.topics.model(), action.model, action.model.round)
                 self._last_down = (size, self._last_down[1])
-                self.security.audit("model_commit", self.clock(), version=action.model.version)
+                self.security.audit("model_commit", self.clock(), version=action.model.version,
+                                    parent=action.model.parent_hash.hex())
             elif isinstance(action, sm.PublishRound):
                 ann = action.announcement
+                self.security.on_round(ann.round)
                 size = self._publish(Kind.ROUND, self.topics.round(), ann, ann.round)
                 self._last_down = (self._last_down[0], size)
                 log.info("round %d announced on model version %d", ann.round, ann.model_version)
             elif isinstance(action, sm.PublishMetrics):
-                summary = self.security.enrich_summary(action.summary)
+                summary = action.summary
                 down = sum(self._last_down) * len(summary.participants)
                 summary = msgspec.structs.replace(summary, bytes_down=down)
                 self._publish(Kind.METRICS, self.topics.metrics(), summary, summary.round)
@@ -197,7 +200,6 @@ class AggregatorService:
                             action.device, action.round, action.reason, action.detail)
             elif isinstance(action, sm.UpdateAccepted):
                 self.counters.accepted += 1
-                self.security.on_accepted(action.device, action.round)
             elif isinstance(action, sm.QuorumMissed):
                 log.warning("round %d: quorum missed (%d of %d); deadline extended",
                             action.round, action.received, action.needed)

@@ -1,54 +1,99 @@
 """What the aggregator checks on every inbound message and adds to every outbound one.
 
-``open`` turns untrusted bytes into an envelope: bounded decode, kind check, the sender
-must be the device named by the topic. Signing, replay protection, the audit log, the
-update pipeline's decoder and the privacy ledger plug in here, so the runtime's loop stays
-the same whichever are configured.
+``open`` turns untrusted bytes into an envelope: bounded decode, kind check, sender bound
+to the topic's device id, and - when a keyring is configured - the Ed25519 signature
+against the fleet keyring (revoked keys refused) and the replay guard (a message id seen
+before, or a round older than the guard's window). ``sign`` signs every outbound envelope
+with the aggregator's key. Rejections, accepted updates, quarantines and model commits go
+to the hash-chained audit log when one is configured. The replay guard's state travels in
+the checkpoint, so a restarted aggregator still refuses what it had already accepted.
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
-from fedcore.errors import RemoteProtocolError
+from fedcore.errors import ConfigError, RemoteProtocolError
 from fedcore.learning.params import Params, Shapes
-from fedcore.protocol import codec
-from fedcore.protocol.messages import EncodedDelta, Kind, RoundSummary
-
 from fedcore.pipeline import decode_update
+from fedcore.protocol import codec, signing
+from fedcore.protocol.messages import EncodedDelta, Kind
 
+from aggregator.audit import AuditLog
 from aggregator.rounds import Checkpoint
+
+log = logging.getLogger("fedgate.aggregator")
 
 
 class AggregatorSecurity:
-    def __init__(self, limits: codec.Limits = codec.Limits()) -> None:
+    def __init__(
+        self,
+        limits: codec.Limits = codec.Limits(),
+        keyring: signing.Keyring | None = None,
+        signing_key: signing.SigningKey | None = None,
+        audit: AuditLog | None = None,
+    ) -> None:
         self.limits = limits
+        self.keyring = keyring
+        self.signing_key = signing_key
+        self.guard = signing.ReplayGuard() if keyring is not None else None
+        self.audit_log = audit
+
+    @classmethod
+    def from_paths(cls, file: str, paths: dict[str, Path], audit_path: Path | None) -> AggregatorSecurity:
+        keyring = key = None
+        if "keyring" in paths:
+            keyring = signing.load_keyring(paths["keyring"], paths.get("revocations"))
+        if "signing_key" in paths:
+            try:
+                key = signing.SigningKey.from_pem(paths["signing_key"].read_bytes())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(file, "security.signing_key", str(paths["signing_key"]),
+                                  f"cannot load the Ed25519 key: {exc}") from None
+        if (keyring is None) != (key is None):
+            raise ConfigError(file, "security", sorted(paths),
+                              "keyring and signing_key go together (verify theirs, sign ours)")
+        audit = None
+        if audit_path is not None:
+            audit_path.parent.mkdir(parents=True, exist_ok=True)
+            audit = AuditLog(audit_path)
+        return cls(keyring=keyring, signing_key=key, audit=audit)
 
     def open(self, payload: bytes, topic_device: str, kind: Kind) -> codec.Envelope:
         env = codec.decode(payload, self.limits)
         if env.kind != kind.value:
             raise RemoteProtocolError("bad_kind", f"{env.kind!r} on a {kind.value} topic")
-        if env.sender != topic_device:
-            raise RemoteProtocolError("sender_mismatch", f"{env.sender!r} on {topic_device!r}'s topic")
+        if self.keyring is None:
+            signing.verify_sender(env, topic_device)
+        else:
+            # status messages are retained and re-delivered on every reconnect: no replay check
+            guard = self.guard if kind is Kind.UPDATE else None
+            signing.authenticate(env, self.keyring, guard, topic_device)
         return env
 
     def sign(self, env: codec.Envelope) -> codec.Envelope:
-        return env
+        return signing.sign(env, self.signing_key) if self.signing_key is not None else env
+
+    def on_round(self, round_: int) -> None:
+        if self.guard is not None:
+            self.guard.advance(round_)
 
     def decode_delta(self, encoded: EncodedDelta, shapes: Shapes) -> Params:
         return decode_update(encoded, shapes, self.limits)
 
     def audit(self, kind: str, ts: float, **fields: Any) -> None:
-        pass
+        if self.audit_log is not None:
+            self.audit_log.append(kind, ts, **fields)
 
     def audit_rejection(self, who: str, reason: str, detail: str, ts: float) -> None:
-        self.audit("rejection", ts, who=who, reason=reason, detail=detail)
-
-    def on_accepted(self, device: str, round_: int) -> None:
-        pass
-
-    def enrich_summary(self, summary: RoundSummary) -> RoundSummary:
-        return summary
+        self.audit("rejection", ts, who=who, reason=reason, detail=detail[:200])
 
     def before_checkpoint(self, checkpoint: Checkpoint) -> None:
-        pass
+        if self.guard is not None:
+            checkpoint.meta["replay_guard"] = self.guard.to_state()
+
+    def restore(self, meta: dict[str, Any]) -> None:
+        if self.keyring is not None and meta.get("replay_guard"):
+            self.guard = signing.ReplayGuard.from_state(meta["replay_guard"])

@@ -44,7 +44,7 @@ def load_local_data(config: EdgeConfig) -> LocalData:
 def build_edge(config_path: str | Path) -> EdgeService:
     config = load_edge_config(config_path)
     data = load_local_data(config)
-    security = EdgeSecurity()
+    security = EdgeSecurity.from_paths(config.file, config.security)
     topics = Topics(config.fleet, config.task)
     # the will is signed once at start-up; its content ("offline") does not go stale
     will = Will(topics.status(config.device),

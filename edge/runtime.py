@@ -136,7 +136,7 @@ class EdgeService:
             if parsed.kind is TopicKind.MODEL:
                 env = self.security.open_from_aggregator(msg.payload, Kind.MODEL)
                 model = codec.decode_body(env, GlobalModel)
-                self._apply(self.machine.handle(pm.ModelReceived(now, self.security.check_model(model))))
+                self._apply(self.machine.handle(pm.ModelReceived(now, model)))
             elif parsed.kind is TopicKind.ROUND:
                 env = self.security.open_from_aggregator(msg.payload, Kind.ROUND)
                 ann = codec.decode_body(env, RoundAnnouncement)
