@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="differential privacy: each gateway's (epsilon, 1e-5) budget over the run")
     p.add_argument("--clip-norm", type=float, default=0.0,
                    help="L2 clip of each update (default 1.0 when --dp-epsilon is set)")
+    p.add_argument("--secure", action="store_true",
+                   help="provision a fleet and run over mTLS with the generated ACL and signed "
+                   "messages (needs Mosquitto)")
     p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     p.add_argument("--unit-column", default="", help="csv: the column naming each gateway's unit")
     p.add_argument("--target", default="", help="csv: the column to predict")
@@ -59,6 +62,7 @@ def _run(args: argparse.Namespace) -> int:
         compression=tuple(c for c in args.compress.split(",") if c),
         dp_epsilon=args.dp_epsilon,
         clip_norm=args.clip_norm,
+        secure=args.secure,
         unit_column=args.unit_column,
         target=args.target,
         features=tuple(f for f in args.features.split(",") if f),

@@ -41,10 +41,25 @@ from fedcore.protocol import codec
 from fedcore.protocol.messages import GlobalModel, ModelSpec, RoundSummary, TrainConfig
 from fedcore.protocol.tensors import decode_tensors
 from fedcore.protocol.topics import Topics
-from fedcore.transport.base import MessageReceived
+from fedcore.transport.base import MessageReceived, TlsSettings
 from fedcore.transport.paho import PahoTransport
-from fedgate.broker import RunningBroker, start_broker
-from fedgate.demo_configs import DemoOptions, write_configs
+from fedgate.broker import RunningBroker, free_port, start_broker
+from fedgate.demo_configs import DemoOptions, device_id, write_configs
+
+
+def start_secure_broker(fleet_dir: Path, fleet: str, devices: list[str]) -> RunningBroker:
+    """Provision a fleet (CA, aggregator, one identity per gateway) and run Mosquitto with
+    the generated mTLS listener and ACL on a free loopback port."""
+    from fedgate import provision
+
+    provision.init_ca(fleet_dir, fleet=fleet)
+    provision.provision_aggregator(fleet_dir)
+    for device in devices:
+        provision.provision_device(fleet_dir, device)
+    port = free_port()
+    conf = provision.provision_broker(fleet_dir, port=port, run_as_user="root")
+    log = fleet_dir / "broker" / "mosquitto.log"
+    return RunningBroker("mosquitto", port, ["mosquitto", "-c", str(conf)], log, 10.0).start()
 
 
 @dataclass
@@ -90,10 +105,16 @@ def baselines(dataset: FederatedDataset, spec: ModelSpec, train: TrainConfig, ro
 class Observer:
     """Subscribes to the metrics and model topics and pairs each summary with a test score."""
 
-    def __init__(self, url: str, topics: Topics) -> None:
+    def __init__(self, url: str, topics: Topics, fleet_dir: Path | None = None) -> None:
         self.topics = topics
         self.events: queue.Queue[Any] = queue.Queue()
-        self.transport = PahoTransport(url, f"demo-observer-{os.getpid()}", clean_start=True,
+        tls = None
+        client_id = f"demo-observer-{os.getpid()}"
+        if fleet_dir is not None:  # an operator's identity: the aggregator's bundle reads metrics
+            bundle = fleet_dir / "aggregator"
+            tls = TlsSettings(bundle / "ca.crt", bundle / "client.crt", bundle / "client.key")
+            client_id = "aggregator-observer"
+        self.transport = PahoTransport(url, client_id, clean_start=True, tls=tls,
                                        rng=random.Random(0))
 
     def start(self) -> None:
@@ -152,15 +173,22 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     observer: Observer | None = None
     rows: list[RoundRow] = []
     try:
-        if options.broker:
+        fleet_dir = None
+        if options.secure:
+            fleet_dir = workdir / "fleet"
+            broker = start_secure_broker(fleet_dir, options.fleet, [device_id(u) for u in dataset.units])
+            url = broker.url.replace("mqtt://", "mqtts://")
+            say(f"fleet provisioned in {fleet_dir}: mTLS broker (Mosquitto, generated ACL) on {url}, "
+                "signed messages")
+        elif options.broker:
             url = options.broker
         else:
             broker = start_broker(data_dir=workdir / "broker")
             url = broker.url
             say(f"broker: {broker.kind} on {url}")
         topics = Topics(options.fleet, options.task)
-        files = write_configs(workdir, url, options, dataset, spec, train)
-        observer = Observer(url, topics)
+        files = write_configs(workdir, url, options, dataset, spec, train, fleet_dir)
+        observer = Observer(url, topics, fleet_dir)
         observer.start()
         procs.append(_spawn(["aggregator", "run", "-c", str(files.aggregator)], workdir / "aggregator.log"))
         for unit, path in files.edges.items():

@@ -34,6 +34,7 @@ class DemoOptions:
     target: str = ""
     features: tuple[str, ...] = ()
     csv_task: str = ""
+    secure: bool = False  # provision a fleet: mTLS + generated ACL + signed messages
     extra_aggregator_toml: str = ""
     extra_edge_toml: dict[str, str] = field(default_factory=dict)
 
@@ -70,8 +71,27 @@ def _table(name: str, values: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def device_id(unit: str) -> str:
+    return f"gw-{unit}".replace("/", "-")[:64]
+
+
+def _identity_tables(url: str, client_id: str, bundle: Path | None) -> str:
+    """The [broker] table, plus [security] when the identity has a provisioned bundle."""
+    if bundle is None:
+        return _table("broker", {"url": url, "client_id": client_id})
+    return _table("broker", {
+        "url": url, "client_id": client_id, "ca_file": str(bundle / "ca.crt"),
+        "cert_file": str(bundle / "client.crt"), "key_file": str(bundle / "client.key"),
+    }) + "\n" + _table("security", {
+        "keyring": str(bundle / "keyring.json"), "revocations": str(bundle / "revoked.json"),
+        "signing_key": str(bundle / "signing.key"),
+    })
+
+
 def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: FederatedDataset,
-                  spec: ModelSpec, train: TrainConfig) -> ConfigFiles:
+                  spec: ModelSpec, train: TrainConfig, fleet_dir: Path | None = None) -> ConfigFiles:
+    """Write aggregator.toml and one edge-*.toml per unit. With ``fleet_dir`` (a provisioned
+    fleet folder), every service connects with its mTLS certificate and signs its messages."""
     units = list(dataset.units)
     pipeline: dict[str, Any] = {"compression": list(options.compression)}
     if options.clip_norm > 0 or options.dp_epsilon > 0:
@@ -81,7 +101,7 @@ def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: Federa
     agg = "\n".join([
         "# written by fedgate demo",
         _table("task", {"fleet": options.fleet, "name": options.task}),
-        _table("broker", {"url": url, "client_id": "aggregator"}),
+        _identity_tables(url, "aggregator", fleet_dir / "aggregator" if fleet_dir else None),
         _table("model", {"kind": spec.kind, "layer_sizes": list(spec.layer_sizes),
                          "activation": spec.activation, "task": spec.task,
                          "features": list(spec.features), "target": spec.target}),
@@ -101,7 +121,7 @@ def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: Federa
     agg_path.write_text(agg)
     edges: dict[str, Path] = {}
     for i, unit in enumerate(units):
-        device = f"gw-{unit}".replace("/", "-")[:64]
+        device = device_id(unit)
         data: dict[str, Any] = {"source": "dataset", "dataset": options.dataset, "unit": unit}
         if options.gateways:
             data["gateways"] = options.gateways
@@ -115,7 +135,7 @@ def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: Federa
         text = "\n".join([
             "# written by fedgate demo",
             _table("device", {"id": device, "fleet": options.fleet, "task": options.task}),
-            _table("broker", {"url": url, "client_id": device}),
+            _identity_tables(url, device, fleet_dir / "devices" / device if fleet_dir else None),
             _table("data", data),
             _table("state", {"dir": str(workdir / f"edge-{device}"), "seed": options.seed + 1 + i}),
             options.extra_edge_toml.get(unit, ""),
