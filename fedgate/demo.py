@@ -159,9 +159,14 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     say: Callable[[str], None] = lambda line: print(line, file=out, flush=True)  # noqa: E731
     workdir = Path(options.workdir or tempfile.mkdtemp(prefix="fedgate-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    dataset = load_dataset(options.dataset, gateways=options.gateways or None,
-                           max_rows_per_unit=options.max_rows_per_unit or None,
-                           **options.csv_options())
+    if options.field_bus:  # field-bus mode: see fedgate/fieldbus_demo.py
+        from fedgate.fieldbus_demo import field_bus_dataset, fill_stores
+
+        dataset = field_bus_dataset(options)
+    else:
+        dataset = load_dataset(options.dataset, gateways=options.gateways or None,
+                               max_rows_per_unit=options.max_rows_per_unit or None,
+                               **options.csv_options())
     spec = default_spec(dataset)
     train = options.train or default_train_config(dataset)
     metric, higher_is_better = dataset.primary_metric
@@ -172,6 +177,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     procs: list[subprocess.Popen[bytes]] = []
     observer: Observer | None = None
     rows: list[RoundRow] = []
+    field_bus: dict[str, Any] | None = None
     try:
         fleet_dir = None
         if options.secure:
@@ -188,6 +194,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
             say(f"broker: {broker.kind} on {url}")
         topics = Topics(options.fleet, options.task)
         files = write_configs(workdir, url, options, dataset, spec, train, fleet_dir)
+        field_bus = fill_stores(workdir, options, dataset, say) if options.field_bus else None
         observer = Observer(url, topics, fleet_dir)
         observer.start()
         procs.append(_spawn(["aggregator", "run", "-c", str(files.aggregator)], workdir / "aggregator.log"))
@@ -225,6 +232,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         "local_only_per_gateway": per_unit,
         "final_metrics": rows[-1].extra,
         "config": options.describe(),
+        **({"field_bus": field_bus} if field_bus else {}),
     }
     if options.out:
         Path(options.out).write_text(json.dumps(record, indent=2))

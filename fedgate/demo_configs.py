@@ -35,6 +35,11 @@ class DemoOptions:
     features: tuple[str, ...] = ()
     csv_task: str = ""
     secure: bool = False  # provision a fleet: mTLS + generated ACL + signed messages
+    # Field bus (wind only): "" off; "modbus": rows cross simulated Modbus devices, bridges
+    # and stores before training; "direct": the same rows read from the data set (comparison).
+    field_bus: str = ""
+    field_bus_rows: int = 5040  # rows per turbine: 5 weeks = one train/test block cycle
+    field_bus_start: int = 0  # first row (record number) replayed
     extra_aggregator_toml: str = ""
     extra_edge_toml: dict[str, str] = field(default_factory=dict)
 
@@ -123,6 +128,9 @@ def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: Federa
     for i, unit in enumerate(units):
         device = device_id(unit)
         data: dict[str, Any] = {"source": "dataset", "dataset": options.dataset, "unit": unit}
+        scaler_table = ""
+        if options.field_bus:
+            data, scaler_table = _field_bus_data(workdir, options, dataset, unit)
         if options.gateways:
             data["gateways"] = options.gateways
         if options.max_rows_per_unit:
@@ -137,6 +145,7 @@ def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: Federa
             _table("device", {"id": device, "fleet": options.fleet, "task": options.task}),
             _identity_tables(url, device, fleet_dir / "devices" / device if fleet_dir else None),
             _table("data", data),
+            scaler_table,
             _table("state", {"dir": str(workdir / f"edge-{device}"), "seed": options.seed + 1 + i}),
             options.extra_edge_toml.get(unit, ""),
         ])
@@ -144,3 +153,29 @@ def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: Federa
         path.write_text(text)
         edges[unit] = path
     return ConfigFiles(agg_path, edges)
+
+
+def store_path(workdir: Path, unit: str) -> Path:
+    """The sample store the field-bus demo's bridge for ``unit`` fills."""
+    return workdir / f"store-{device_id(unit)}.db"
+
+
+def _field_bus_data(workdir: Path, options: DemoOptions, dataset: FederatedDataset,
+                    unit: str) -> tuple[dict[str, Any], str]:
+    """The ``[data]`` and ``[data.scaler]`` tables of a field-bus gateway.
+
+    The scaler is the fleet's (fitted on the pooled training rows) and travels in the
+    config, as an operator would ship it (docs/decisions.md); both modes read the same
+    records ``[field_bus_start, field_bus_start + field_bus_rows)``."""
+    rows = {"first_row": options.field_bus_start, "num_rows": options.field_bus_rows}
+    if options.field_bus == "modbus":
+        data: dict[str, Any] = {"source": "store", "store": str(store_path(workdir, unit)),
+                                "device": unit, "dataset": "wind", **rows}
+    else:  # the data set's own loader fits the same scaler itself
+        return {"source": "dataset", "dataset": "wind", "unit": unit, **rows}, ""
+    s = dataset.scaler
+    scaler = _table("data.scaler", {
+        "feature_mean": [float(v) for v in s.feature_mean],
+        "feature_std": [float(v) for v in s.feature_std],
+        "target_mean": float(s.target_mean), "target_std": float(s.target_std)})
+    return data, scaler

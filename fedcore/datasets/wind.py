@@ -29,6 +29,7 @@ training rows on either side of a test week is dropped (embargo).
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -82,15 +83,64 @@ def _valid_rows(v: np.ndarray) -> np.ndarray:
     return ok
 
 
-def load_wind(
-    *, gateways: int | None = None, max_rows_per_unit: int | None = None, seed: int = 0
-) -> FederatedDataset:
-    """Load the wind farm as 4 units (one per turbine) or 8 (turbine x year)."""
-    gateways = 4 if gateways is None else gateways
-    if gateways not in (4, 8):
-        raise DatasetError(
-            "wind", "gateways", gateways, "must be 4 (one per turbine) or 8 (turbine x year)"
+@dataclass(frozen=True, eq=False)
+class PlantContext:
+    """Plant-level facts for each row of one turbine, which its own registers do not carry:
+    the plant reported availability loss or curtailment at that time, and the fleet's
+    median power (to tell which turbine lost the energy)."""
+
+    availability_loss: np.ndarray  # bool (n,)
+    curtailed: np.ndarray  # bool (n,)
+    fleet_median: np.ndarray  # float64 (n,) kW, NaN where no turbine reported
+
+    def rows(self, index: np.ndarray | slice) -> PlantContext:
+        return PlantContext(
+            self.availability_loss[index], self.curtailed[index], self.fleet_median[index]
         )
+
+
+def wind_masks(
+    time: np.ndarray, values: np.ndarray, context: PlantContext | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, test, label) masks over one turbine's raw rows (``SCADA_COLUMNS`` order).
+
+    With ``context=None`` (a gateway that sees only its own turbine) the only anomaly label
+    is the turbine's own "stopped in wind" rule and no row counts as ambiguous; the test
+    split does not depend on the context at all."""
+    t = np.asarray(time)
+    v = np.asarray(values, dtype=np.float64)
+    p, ws = v[:, 1], v[:, 2]
+    with np.errstate(invalid="ignore"):
+        stopped = (p <= 0) & (ws > CUT_IN_MS)
+        if context is None:
+            label = stopped.astype(np.int8)
+            ambiguous = np.zeros(t.size, dtype=bool)
+        else:
+            median = context.fleet_median
+            underproducing = (median > 50) & (p < 0.5 * median)
+            label = (stopped | (context.availability_loss & underproducing)).astype(np.int8)
+            ambiguous = context.availability_loss | context.curtailed
+    train_all, test_all = block_split(t - EPOCH, WEEK, period=5, embargo=EMBARGO)
+    valid = _valid_rows(v)
+    train = train_all & valid & (label == 0) & ~ambiguous
+    return train, test_all & valid, label
+
+
+def wind_unit_from_rows(
+    time: np.ndarray, values: np.ndarray, context: PlantContext | None = None
+) -> RawUnit:
+    """One turbine's raw (unscaled) split from its SCADA rows, as :func:`load_wind` makes it.
+
+    ``time`` is Unix seconds, ``values`` ``(n, 7)`` in ``SCADA_COLUMNS`` order (what
+    ``edge.store.wind_rows`` returns). Scale with the fleet's scaler afterwards."""
+    v = np.asarray(values, dtype=np.float64)
+    train, test, label = wind_masks(time, v, context)
+    t = np.asarray(time).astype(np.float64)
+    return split_unit(scada_features(v), v[:, 1], t, train, test, label)
+
+
+def _read() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, PlantContext]]:
+    """Each turbine's times, raw values and plant context, from the packaged file."""
     with np.load(DATA_FILE) as npz:
         plant_time = npz["plant_time"]
         plant = npz["plant_values"].astype(np.float64)
@@ -101,25 +151,32 @@ def load_wind(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN timestamp gives NaN
         fleet_median = np.nanmedian(power, axis=0)
+    contexts: dict[str, PlantContext] = {}
+    for k in TURBINES:
+        t = times[k]
+        plant_row = np.clip(np.searchsorted(plant_time, t), 0, plant_time.size - 1)
+        if not np.array_equal(plant_time[plant_row], t):
+            raise AssertionError("turbine and plant timestamps do not line up")
+        contexts[k] = PlantContext(plant[plant_row, 1] > 0, plant[plant_row, 2] > 0, fleet_median)
+    return times, values, contexts
+
+
+def load_wind(
+    *, gateways: int | None = None, max_rows_per_unit: int | None = None, seed: int = 0
+) -> FederatedDataset:
+    """Load the wind farm as 4 units (one per turbine) or 8 (turbine x year)."""
+    gateways = 4 if gateways is None else gateways
+    if gateways not in (4, 8):
+        raise DatasetError(
+            "wind", "gateways", gateways, "must be 4 (one per turbine) or 8 (turbine x year)"
+        )
+    times, values, contexts = _read()
     rng = np.random.default_rng(seed)
     raw: dict[str, RawUnit] = {}
     for k in TURBINES:
         t, v = times[k], values[k]
-        plant_row = np.clip(np.searchsorted(plant_time, t), 0, plant_time.size - 1)
-        if not np.array_equal(plant_time[plant_row], t):
-            raise AssertionError("turbine and plant timestamps do not line up")
-        availability_loss = plant[plant_row, 1] > 0
-        curtailed = plant[plant_row, 2] > 0
-        p, ws = v[:, 1], v[:, 2]
-        with np.errstate(invalid="ignore"):
-            stopped = (p <= 0) & (ws > CUT_IN_MS)
-            underproducing = (fleet_median > 50) & (p < 0.5 * fleet_median)
-        label = (stopped | (availability_loss & underproducing)).astype(np.int8)
-        ambiguous = availability_loss | curtailed
-        train_all, test_all = block_split(t - EPOCH, WEEK, period=5, embargo=EMBARGO)
-        valid = _valid_rows(v)
-        train = train_all & valid & (label == 0) & ~ambiguous
-        test = test_all & valid
+        train, test, label = wind_masks(t, v, contexts[k])
+        p = v[:, 1]
         x = scada_features(v)
         if gateways == 8:
             parts = [(f"{k}-2014", t < YEAR_2015), (f"{k}-2015", t >= YEAR_2015)]
@@ -128,6 +185,34 @@ def load_wind(
         for unit, in_unit in parts:
             tr, te = _cap(train & in_unit, test & in_unit, max_rows_per_unit, rng)
             raw[unit] = split_unit(x, p, t.astype(np.float64), tr, te, label)
+    return _assemble(raw)
+
+
+def load_wind_rows(
+    first_row: int, num_rows: int, *, plant_context: bool = True
+) -> FederatedDataset:
+    """The 4 turbines restricted to rows ``[first_row, first_row + num_rows)`` of each series
+    (the record numbers the simulated turbines serve), with the same cleaning, split and
+    labels as :func:`load_wind` and a scaler fitted on these rows' training split.
+
+    ``plant_context=False`` applies only the rules a gateway can apply from its own turbine
+    (see :func:`wind_masks`)."""
+    if first_row < 0 or num_rows < 1:
+        raise DatasetError("wind", "rows", (first_row, num_rows), "need first_row >= 0, num_rows >= 1")
+    times, values, contexts = _read()
+    rows = slice(first_row, first_row + num_rows)
+    if first_row + num_rows > min(t.size for t in times.values()):
+        raise DatasetError("wind", "rows", (first_row, num_rows), "past the end of the series")
+    raw = {
+        k: wind_unit_from_rows(
+            times[k][rows], values[k][rows], contexts[k].rows(rows) if plant_context else None
+        )
+        for k in TURBINES
+    }
+    return _assemble(raw)
+
+
+def _assemble(raw: dict[str, RawUnit]) -> FederatedDataset:
     return assemble(
         "wind",
         "regression",
