@@ -38,6 +38,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features", default="", help="csv: comma-separated feature columns")
     p.add_argument("--task", default="", choices=("", "regression", "classification"),
                    help="csv: the learning task")
+    p.add_argument("--field-bus", nargs="?", const="modbus", default="", choices=("modbus", "direct"),
+                   help="wind: each gateway's rows cross a simulated Modbus turbine, a bridge and a "
+                   "sample store before training; 'direct' reads the same rows from the data set "
+                   "(for comparison)")
+    p.add_argument("--field-bus-rows", type=int, default=5040,
+                   help="rows per turbine replayed with --field-bus (default 5040 = 5 weeks: 4 of "
+                   "training, 1 of test)")
+    p.add_argument("--field-bus-start", type=int, default=0,
+                   help="first row (record number) replayed with --field-bus")
     p.set_defaults(func=_run)
 
 
@@ -67,6 +76,9 @@ def _run(args: argparse.Namespace) -> int:
         target=args.target,
         features=tuple(f for f in args.features.split(",") if f),
         csv_task=args.task,
+        field_bus=args.field_bus,
+        field_bus_rows=args.field_bus_rows,
+        field_bus_start=args.field_bus_start,
     )
     run_demo(options)
     return 0

@@ -37,7 +37,7 @@ import numpy as np
 
 from fedcore.datasets import FederatedDataset
 from fedcore.datasets.base import DatasetError
-from fedcore.datasets.wind import DATA_FILE, SCADA_COLUMNS, load_wind_rows
+from fedcore.datasets.wind import DATA_FILE, load_wind_rows
 from fedgate.demo_configs import DemoOptions, device_id, store_path
 
 MODES = ("modbus", "direct")
@@ -143,23 +143,12 @@ def _wait_for_rows(workdir: Path, bridges: dict[str, subprocess.Popen[bytes]], c
     return time.monotonic() - t0
 
 
-def store_records(path: Path, device: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(record numbers, row times, raw values (n, 7) float32) of one turbine in its store."""
-    from edge.store import SampleStore
-
-    store = SampleStore(path)
-    try:
-        rows = store.rows(device, (*SCADA_COLUMNS, "row_seq"), time_signal="row_time",
-                          seq_signal="row_seq")
-    finally:
-        store.close()
-    return rows.values[:, -1].astype(np.int64), rows.time.astype(np.int64), rows.values[:, :-1]
-
-
 def check_store(path: Path, unit: str, first: int, count: int) -> dict[str, int]:
     """How many of the records ``[first, first + count)`` the store holds, and how many of
     those equal the data set's row bit for bit (NaN included)."""
-    seq, t, values = store_records(path, unit)
+    from edge.main import store_rows
+
+    seq, t, values = store_rows(path, unit)
     window = (seq >= first) & (seq < first + count)
     with np.load(DATA_FILE) as npz:
         ref_t = npz[f"{unit}_time"][seq[window]]
