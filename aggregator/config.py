@@ -17,6 +17,7 @@ from fedcore.service_config import (
     train_config,
 )
 
+from aggregator.reputation import ReputationConfig
 from aggregator.rounds import RoundConfig
 from aggregator.server_optim import SERVER_OPTIMIZERS, ServerOptimizerConfig
 
@@ -79,6 +80,7 @@ def load_aggregator_config(path: str | Path) -> AggregatorConfig:
     if privacy.target_epsilon > 0 and pipeline.clip_norm <= 0:
         raise psec.error("target_epsilon", privacy.target_epsilon, "needs clip_norm > 0")
     psec.reject_unknown()
+    reputation = _reputation(root.section("reputation"))
     rounds = RoundConfig(
         rounds=rsec.int("rounds", 10, min=1),
         min_participants=rsec.int("min_participants", 1, min=1),
@@ -88,6 +90,7 @@ def load_aggregator_config(path: str | Path) -> AggregatorConfig:
         train=train_config(root.section("train")),
         pipeline=pipeline,
         server=server,
+        reputation=reputation,
     )
     rsec.reject_unknown()
     fsec = root.section("fusion")
@@ -115,6 +118,24 @@ def load_aggregator_config(path: str | Path) -> AggregatorConfig:
     root.reject_unknown()
     _check_fusion(fsec, fusion)
     return cfg
+
+
+def _reputation(sec: Section) -> ReputationConfig | None:
+    enabled = sec.bool("enabled", True)
+    cfg = ReputationConfig(
+        outlier_ratio=sec.float("outlier_ratio", 3.0),
+        window=sec.int("window", 5),
+        quarantine_after=sec.int("quarantine_after", 3),
+        smoothing=sec.float("smoothing", 0.3),
+        min_updates=sec.int("min_updates", 3),
+    )
+    try:
+        cfg.check()
+    except ValueError as exc:
+        field = str(exc).split()[1]  # "reputation NAME = VALUE must be ..."
+        raise sec.error(field, getattr(cfg, field, None), str(exc)) from None
+    sec.reject_unknown()
+    return cfg if enabled else None
 
 
 def _security(sec: Section) -> dict[str, Path]:

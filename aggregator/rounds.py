@@ -53,6 +53,9 @@ from fedcore.protocol.messages import (
 )
 from fedcore.protocol.tensors import decode_tensors, encode_tensors
 
+from aggregator import reputation as rep
+from aggregator import robust
+from aggregator.robust import outlier_distances
 from aggregator.server_optim import (
     ServerOptimizerConfig,
     ServerOptimizerState,
@@ -65,12 +68,7 @@ DecodeFn = Callable[[EncodedDelta, Shapes], Params]
 
 
 def fedavg(updates: list[Params], weights: list[float], _global: Params) -> Params:
-    total = float(sum(weights))
-    return [
-        sum((np.float32(w / total) * u[i] for u, w in zip(updates, weights, strict=True)),
-            np.zeros_like(updates[0][i]))
-        for i in range(len(updates[0]))
-    ]
+    return robust.fedavg(updates, weights)
 
 
 def decode_raw(encoded: EncodedDelta, shapes: Shapes) -> Params:
@@ -113,6 +111,7 @@ class RoundConfig:
     train: TrainConfig = TrainConfig()
     pipeline: PipelineConfig = PipelineConfig()
     server: ServerOptimizerConfig = ServerOptimizerConfig()
+    reputation: rep.ReputationConfig | None = rep.ReputationConfig()  # None = no quarantine
 
 
 # ---- events -------------------------------------------------------------------------------
@@ -197,6 +196,19 @@ class QuorumMissed:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewayQuarantined:
+    device: str
+    round: int
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayReleased:
+    device: str
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
 class RunFinished:
     round: int
     model_version: int
@@ -204,7 +216,7 @@ class RunFinished:
 
 Action = (
     PublishRound | PublishModel | PublishMetrics | SaveCheckpoint | UpdateRejected
-    | UpdateAccepted | QuorumMissed | RunFinished
+    | UpdateAccepted | QuorumMissed | GatewayQuarantined | GatewayReleased | RunFinished
 )
 
 
@@ -262,7 +274,8 @@ class RoundStateMachine:
         self.seen_ids: dict[str, int] = {}  # message id -> round, for duplicate detection
         self.rejected: dict[str, int] = {}
         self.history: list[dict[str, Any]] = []
-        self.excluded: set[str] = set()  # quarantined or out of privacy budget
+        self.excluded: set[str] = set()  # out of privacy budget
+        self.reputation = rep.ReputationState()
 
     # ---- public API --------------------------------------------------------------------
 
@@ -290,9 +303,15 @@ class RoundStateMachine:
     def next_deadline(self) -> float | None:
         return self.deadline if self.phase is Phase.COLLECTING else None
 
-    def exclude(self, devices: Sequence[str]) -> None:
-        """Devices whose updates are ignored from the next selection on (quarantine, budget)."""
-        self.excluded = set(devices)
+    def release(self, device: str) -> list[Action]:
+        """The operator's release of a quarantined gateway (takes effect at once)."""
+        self.reputation, events = rep.release(self.reputation, device, self.round)
+        return [GatewayReleased(e.device, e.round) for e in events]
+
+    @property
+    def ignored(self) -> set[str]:
+        """Gateways whose updates are not used: quarantined or out of privacy budget."""
+        return self.excluded | set(self.reputation.quarantined)
 
     # ---- checkpoints ---------------------------------------------------------------------
 
@@ -306,6 +325,7 @@ class RoundStateMachine:
             "history": self.history,
             "rejected": self.rejected,
             "excluded": sorted(self.excluded),
+            "reputation": self.reputation.to_dict(),
             "ledger": self.ledger.to_dict() if self.ledger is not None else None,
         }
         return Checkpoint([w.copy() for w in self.weights], meta, self.optimizer_state.to_arrays())
@@ -323,6 +343,8 @@ class RoundStateMachine:
         self.history = list(meta.get("history", []))
         self.rejected = dict(meta.get("rejected", {}))
         self.excluded = set(meta.get("excluded", []))
+        if meta.get("reputation"):
+            self.reputation = rep.ReputationState.from_dict(meta["reputation"])
         if meta.get("ledger") and self.ledger is not None:
             self.ledger = type(self.ledger).from_dict(meta["ledger"])  # type: ignore[attr-defined]
         self.optimizer_state = ServerOptimizerState.from_arrays(
@@ -358,7 +380,7 @@ class RoundStateMachine:
     def _select(self) -> tuple[str, ...]:
         if self.config.fraction >= 1.0:
             return ()  # open round: every online gateway that is not excluded
-        pool = sorted(self.online - self.excluded)
+        pool = sorted(self.online - self.ignored)
         k = max(self.config.min_participants, round(self.config.fraction * len(pool)))
         return tuple(sorted(self.rng.sample(pool, min(k, len(pool)))))
 
@@ -374,7 +396,7 @@ class RoundStateMachine:
 
     def _expected(self) -> set[str]:
         pool = set(self.selected) if self.selected else self.online
-        return pool - self.excluded
+        return pool - self.ignored
 
     def _on_tick(self, event: Tick) -> list[Action]:
         if event.now < self.deadline:
@@ -406,7 +428,9 @@ class RoundStateMachine:
         if device in self.received:
             return [self._reject(device, update.round, "duplicate_device", "already sent this round")]
         if device in self.excluded:
-            return [self._reject(device, update.round, "excluded", "quarantined or budget spent")]
+            return [self._reject(device, update.round, "budget_spent", "privacy budget spent")]
+        if device in self.reputation.quarantined:
+            return [self._reject(device, update.round, "quarantined", "released only by an operator")]
         if self.selected and device not in self.selected:
             return [self._reject(device, update.round, "not_selected")]
         if update.base_version != self.version:
@@ -473,6 +497,7 @@ class RoundStateMachine:
         deltas = [self.received[d].delta for d in devices]
         counts = [float(self.received[d].update.num_samples) for d in devices]
         fused = self.fuse(deltas, counts, self.weights)
+        judged = self._judge(devices, deltas, fused)
         self.weights = apply_server_update(
             self.config.server, self.optimizer_state, self.weights, fused
         )
@@ -487,12 +512,27 @@ class RoundStateMachine:
         self._forget_old_ids()
         if finished_round >= self.config.rounds:
             self.phase = Phase.FINISHED
-            return [SaveCheckpoint(self.checkpoint()), PublishModel(self.model),
+            return [*judged, SaveCheckpoint(self.checkpoint()), PublishModel(self.model),
                     PublishMetrics(summary), RunFinished(finished_round, self.version)]
         # One checkpoint covers the new model and the next round: a restart resumes there.
         self._start_collecting(now)
-        return [SaveCheckpoint(self.checkpoint()), PublishModel(self.model),
+        return [*judged, SaveCheckpoint(self.checkpoint()), PublishModel(self.model),
                 PublishMetrics(summary), PublishRound(self._announcement())]
+
+    def _judge(self, devices: list[str], deltas: list[Params], fused: Params) -> list[Action]:
+        """Update reputations from each update's distance to the fused one; quarantine."""
+        if self.config.reputation is None:
+            return []
+        distances = dict(zip(devices, outlier_distances(deltas, fused), strict=True))
+        self.reputation, events = rep.observe(self.reputation, self.config.reputation,
+                                              self.round, distances)
+        actions: list[Action] = []
+        for event in events:
+            if isinstance(event, rep.Quarantined):
+                self.alerts.append(f"{event.device} quarantined in round {event.round}: "
+                                   f"score {event.score:.2f}, {event.outlier_rounds} outlier rounds")
+                actions.append(GatewayQuarantined(event.device, event.round, event.score))
+        return actions
 
     def _forget_old_ids(self) -> None:
         self.seen_ids = {m: r for m, r in self.seen_ids.items() if r >= self.round - 2}

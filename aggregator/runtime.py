@@ -107,6 +107,7 @@ class AggregatorService:
                 self._on_message(item, now)  # subscriptions start after Started
             if started:
                 self._apply(self.machine.handle(sm.Tick(now)))
+                self._operator_commands()
             if self.finished and self.config.exit_when_done:
                 break
         self.transport.stop()
@@ -120,6 +121,19 @@ class AggregatorService:
             signal.signal(sig, lambda *_: self.stop())
 
     # ---- inbound ---------------------------------------------------------------------------
+
+    def _operator_commands(self) -> None:
+        """Commands dropped into ``state_dir/commands`` by `fedgate aggregator release`."""
+        folder = self.config.state_dir / "commands"
+        if not folder.is_dir():
+            return
+        for path in sorted(folder.glob("release-*")):
+            device = path.name.removeprefix("release-")
+            path.unlink(missing_ok=True)
+            actions = self.machine.release(device)
+            if not actions:
+                log.warning("release %s: it is not quarantined", device)
+            self._apply(actions)
 
     def _on_connected(self, event: Connected) -> None:
         self.connected.set()
@@ -203,6 +217,14 @@ class AggregatorService:
             elif isinstance(action, sm.QuorumMissed):
                 log.warning("round %d: quorum missed (%d of %d); deadline extended",
                             action.round, action.received, action.needed)
+            elif isinstance(action, sm.GatewayQuarantined):
+                log.warning("gateway %s quarantined in round %d (score %.2f)", action.device,
+                            action.round, action.score)
+                self.security.audit("quarantine", self.clock(), device=action.device,
+                                    round=action.round, score=action.score)
+            elif isinstance(action, sm.GatewayReleased):
+                log.warning("gateway %s released by the operator", action.device)
+                self.security.audit("release", self.clock(), device=action.device, round=action.round)
             elif isinstance(action, sm.RunFinished):
                 self.finished = True
                 log.info("run finished after round %d (model version %d)",

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from aggregator import rounds as agg
+from aggregator.fusion import make_fuse
 from edge import participant as edge
 from tests.pair import Federation, Gateway
 
@@ -158,3 +159,28 @@ def test_event_before_start_is_our_bug() -> None:
 
     with pytest.raises(LocalProtocolError):
         fed.server.handle(agg.Tick(0.0))
+
+
+def test_a_gateway_that_stays_an_outlier_is_quarantined_until_released() -> None:
+    gws = [Gateway("gw1", 1.0, 100), Gateway("gw2", 1.2, 100), Gateway("gw3", 0.8, 100),
+           Gateway("evil", -50.0, 100)]
+    fed = Federation(gws, agg.RoundConfig(rounds=20, min_participants=3))
+    fed.server.fuse = make_fuse("median", {})  # with a robust rule the attacker stands out
+    fed.start()
+    for _ in range(6):
+        fed.flush()
+    (quarantined,) = fed.of(agg.GatewayQuarantined)
+    assert quarantined.device == "evil" and quarantined.round == 3
+    summary = [a.summary for a in fed.of(agg.PublishMetrics) if a.summary.round == 3][0]
+    assert any("evil quarantined" in alert for alert in summary.alerts)
+    later = [a.summary for a in fed.of(agg.PublishMetrics) if a.summary.round > 3]
+    assert later and all("evil" not in s.participants for s in later)
+    # its later updates are dropped: "quarantined", or "late" when the round closed first
+    refused = [r for r in fed.of(agg.UpdateRejected) if r.device == "evil"]
+    assert refused and {r.reason for r in refused} <= {"quarantined", "late"}
+    assert "evil" in fed.server.checkpoint().meta["reputation"]["devices"]
+    # the operator releases it: its next update counts again
+    assert fed.server.release("evil") == [agg.GatewayReleased("evil", fed.server.round)]
+    fed.flush()
+    fed.flush()
+    assert "evil" in fed.of(agg.PublishMetrics)[-1].summary.participants

@@ -1,0 +1,67 @@
+"""The aggregator's config loader: errors name file, key and value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aggregator.config import load_aggregator_config
+from fedcore.errors import ConfigError
+
+GOOD = """
+[task]
+fleet = "plant1"
+name = "wind"
+[model]
+layer_sizes = [5, 32, 16, 1]
+[rounds]
+rounds = 3
+[fusion]
+rule = "trimmed_mean"
+trim_fraction = 0.2
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "aggregator.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_good_config_loads_into_frozen_objects(tmp_path: Path) -> None:
+    cfg = load_aggregator_config(write(tmp_path, GOOD))
+    assert cfg.fleet == "plant1" and cfg.rounds.rounds == 3
+    assert cfg.spec.layer_sizes == (5, 32, 16, 1)
+    assert cfg.fusion.rule == "trimmed_mean" and cfg.fusion.params == {"trim_fraction": 0.2}
+    assert cfg.state_dir == tmp_path / "aggregator-state"
+    with pytest.raises(AttributeError):
+        cfg.fleet = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "words"),
+    [
+        (("rounds = 3", "rounds = 0"), "rounds.rounds", "must be >= 1"),
+        (("rounds = 3", "roundz = 3"), "rounds.roundz", "unknown key"),
+        (('fleet = "plant1"', 'fleet = "plant/1"'), "task.fleet", "letters, digits"),
+        (('rule = "trimmed_mean"', 'rule = "mean-ish"'), "fusion.rule", "mean-ish"),
+        (("trim_fraction = 0.2", "trim_fraction = 0.7"), "fusion.rule", "trim_fraction"),
+        (("layer_sizes = [5, 32, 16, 1]", "layer_sizes = [5]"), "model.layer_sizes", "at least two"),
+        (("[rounds]", "[pipeline]\nnoise_multiplier = 1.0\n[rounds]"), "pipeline.noise_multiplier", "clip_norm"),
+        (("[rounds]", '[pipeline]\ncompression = ["gzip"]\n[rounds]'), "pipeline.compression", "gzip"),
+        (("[rounds]", "[reputation]\nwindow = 0\n[rounds]"), "reputation.window", ">= 1"),
+    ],
+)
+def test_bad_values_name_file_key_and_value(tmp_path: Path, change, key, words) -> None:
+    path = write(tmp_path, GOOD.replace(*change))
+    with pytest.raises(ConfigError) as err:
+        load_aggregator_config(path)
+    text = str(err.value)
+    assert str(path) in text and key in text and words in text
+
+
+def test_not_toml_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_aggregator_config(write(tmp_path, "[task\n"))
+    assert "not valid TOML" in str(err.value)
