@@ -66,6 +66,7 @@ class RoundRecord:
 
     round: int
     up_bytes: dict[str, int] = field(default_factory=dict)  # gateway -> update envelope
+    delta_bytes: dict[str, int] = field(default_factory=dict)  # the EncodedDelta alone
     down_bytes: dict[str, int] = field(default_factory=dict)  # gateway -> model + round
     metrics: dict[str, float] = field(default_factory=dict)  # of the model after this round
     pre_clip_norms: dict[str, float] = field(default_factory=dict)  # only when not noised
@@ -220,6 +221,8 @@ class InMemoryFederation:
             update = codec.decode_body(env, ModelUpdate)
             if update.round == self.current.round:
                 self.current.up_bytes[name] = len(data)
+                if "update_bytes" in update.stats:  # the pipeline's own count of its output
+                    self.current.delta_bytes[name] = int(update.stats["update_bytes"])
                 if "pre_clip_norm" in update.stats:
                     self.current.pre_clip_norms[name] = update.stats["pre_clip_norm"]
             self._feed(agg.UpdateReceived(self.now, name, env.message_id, update, len(data)))
