@@ -137,12 +137,37 @@ class Observer:
         self.transport.stop()
 
 
-def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         # own session: a Ctrl-C in the terminal reaches only this script, which then
         # stops the services itself in order
         return subprocess.Popen([sys.executable, "-m", "fedgate", *args], stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
+
+
+def mem_available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("inf")
+
+
+def stray_children(workdir: Path) -> list[int]:
+    """Our own children started for ``workdir`` that we hold no handle on (a Ctrl-C that
+    lands inside Popen leaves one): matched by parent pid and config path."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == os.getpid() and str(workdir) in cmdline:
+            found.append(int(entry.name))
+    return found
 
 
 def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -159,7 +184,8 @@ def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 def run_one(n: int, rounds: int, workdir: Path, concurrency: int, timeout_s: float,
-            say: Callable[[str], None]) -> Run:
+            say: Callable[[str], None], edge_env: dict[str, str] | None = None,
+            min_free_mb: float = 2048.0) -> Run:
     run = Run(n, rounds)
     dataset = load_dataset("synthetic", gateways=n)
     spec = default_spec(dataset)
@@ -200,10 +226,15 @@ def run_one(n: int, rounds: int, workdir: Path, concurrency: int, timeout_s: flo
                 if edge_procs[device].poll() is not None or now - since > 300:
                     run.never_online.append(device)  # exited or stuck: stop waiting for it
                     del starting[device]
+            if pending and mem_available_mb() < min_free_mb:
+                # the machine is shared: never push it into the OOM killer
+                run.error = (f"stopped starting gateways at {len(edge_procs)} of {n}: "
+                             f"MemAvailable {mem_available_mb():.0f} MB < {min_free_mb:.0f} MB")
+                break
             while pending and len(starting) < concurrency:
                 device = pending.pop(0)
                 edge_procs[device] = spawn(["edge", "run", "-c", str(devices[device])],
-                                           workdir / f"{device}.log")
+                                           workdir / f"{device}.log", edge_env)
                 procs.append(edge_procs[device])
                 starting[device] = time.monotonic()
             item = observer.poll(0.2)
@@ -238,6 +269,9 @@ def run_one(n: int, rounds: int, workdir: Path, concurrency: int, timeout_s: flo
                 run.wire[device] = ((u1 - u0) / (len(marks) - 1), (d1 - d0) / (len(marks) - 1))
     finally:
         stop_all(procs)
+        for pid in stray_children(workdir):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
         if observer is not None:
             observer.stop()
         if proxy is not None:
@@ -328,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", default=str(HERE / "RESULTS_rounds.md"))
     ap.add_argument("--json", default="", help="also write the raw figures here")
     ap.add_argument("--keep", action="store_true", help="keep the run folders (logs)")
+    ap.add_argument("--malloc-mmap-threshold", type=int, default=0,
+                    help="set MALLOC_MMAP_THRESHOLD_ for the gateway processes (glibc; "
+                         "0 = leave malloc alone)")
+    ap.add_argument("--min-free-mb", type=float, default=2048.0,
+                    help="stop starting gateways when MemAvailable falls below this")
     args = ap.parse_args(argv)
     if args.rounds < 2:
         ap.error("--rounds must be >= 2 (round 1 includes start-up and is excluded)")
@@ -348,7 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     before = results_path.read_text() if results_path.exists() else ""
     for n in args.gateways:
         say(f"N = {n}: starting the broker, the proxy, the aggregator and {n} gateways")
-        run = run_one(n, args.rounds, root / f"n{n}", args.start_concurrency, args.timeout, say)
+        edge_env = ({"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)}
+                    if args.malloc_mmap_threshold else None)
+        run = run_one(n, args.rounds, root / f"n{n}", args.start_concurrency, args.timeout, say,
+                      edge_env, args.min_free_mb)
         results.append(summarize(run))
         say(HEADER)
         say(table_row(results[-1]))
