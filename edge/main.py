@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,7 @@ def load_local_data(config: EdgeConfig) -> LocalData:
     from fedcore.errors import ConfigError
 
     d = config.data
-    options = {}
+    options: dict[str, Any] = {}
     if d.dataset.startswith("csv:"):
         options = dict(unit_column=d.unit_column or None, target=d.target or None,
                        features=list(d.features) or None, task=d.task or None)
@@ -110,7 +111,13 @@ def build_edge(config_path: str | Path) -> EdgeService:
     transport = transport_from_config(config.broker, will=will, seed=config.seed)
     # the pipeline's randomness (noise, stochastic rounding) is separate from training's
     encode = make_encoder(EdgePipelineState(), np.random.default_rng([config.seed, 1]))
-    return EdgeService(config, transport, data, security, encode=encode)
+    attack = None
+    if config.attack:  # attack experiments only: this gateway lies on purpose
+        from edge.attacks import make_attack
+
+        attack = make_attack(config.attack, np.random.default_rng([config.seed, 2]))
+        log.warning("EXPERIMENT: this gateway runs the %r attack", config.attack)
+    return EdgeService(config, transport, data, security, encode=encode, attack=attack)
 
 
 def run_edge(config_path: str | Path) -> int:
