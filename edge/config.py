@@ -55,6 +55,15 @@ class EdgeConfig:
     security: dict[str, Path] = field(default_factory=dict)
 
 
+def _attack(sec: Section) -> str:
+    from edge.attacks import ATTACKS
+
+    name = sec.str("attack", "")
+    if name and name not in ATTACKS:
+        raise sec.error("attack", name, f"unknown attack; known: {', '.join(sorted(ATTACKS))}")
+    return name
+
+
 def load_edge_config(path: str | Path) -> EdgeConfig:
     root = load_toml(path)
     dev = root.section("device", required=True)
@@ -110,7 +119,7 @@ def load_edge_config(path: str | Path) -> EdgeConfig:
         state_dir=state.path("dir", f"edge-state-{device}"),
         seed=state.int("seed", 0),
         inference=inference.bool("enabled", False),
-        attack=experiment.str("attack", ""),
+        attack=_attack(experiment),
         security=security,
     )
     state.reject_unknown()

@@ -32,6 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--secure", action="store_true",
                    help="provision a fleet and run over mTLS with the generated ACL and signed "
                    "messages (needs Mosquitto)")
+    p.add_argument("--attack", default="", choices=("", "sign_flip", "scale", "gaussian_noise",
+                                                   "label_flip", "little_is_enough"),
+                   help="attack experiments: what the malicious gateways do")
+    p.add_argument("--malicious", type=float, default=0.0,
+                   help="share of gateways that run --attack (e.g. 0.25)")
     p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     p.add_argument("--unit-column", default="", help="csv: the column naming each gateway's unit")
     p.add_argument("--target", default="", help="csv: the column to predict")
@@ -72,6 +77,8 @@ def _run(args: argparse.Namespace) -> int:
         dp_epsilon=args.dp_epsilon,
         clip_norm=args.clip_norm,
         secure=args.secure,
+        attack=args.attack,
+        malicious=args.malicious,
         unit_column=args.unit_column,
         target=args.target,
         features=tuple(f for f in args.features.split(",") if f),

@@ -44,7 +44,7 @@ from fedcore.protocol.topics import Topics
 from fedcore.transport.base import MessageReceived, TlsSettings
 from fedcore.transport.paho import PahoTransport
 from fedgate.broker import RunningBroker, free_port, start_broker
-from fedgate.demo_configs import DemoOptions, device_id, write_configs
+from fedgate.demo_configs import DemoOptions, device_id, malicious_units, write_configs
 
 
 def start_secure_broker(fleet_dir: Path, fleet: str, devices: list[str]) -> RunningBroker:
@@ -201,6 +201,9 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         for unit, path in files.edges.items():
             procs.append(_spawn(["edge", "run", "-c", str(path)], workdir / f"edge-{unit}.log"))
         say(f"started the aggregator and {len(files.edges)} gateway agents (logs in {workdir})")
+        if bad := malicious_units(list(dataset.units), options):
+            say(f"EXPERIMENT: {', '.join(bad)} run the {options.attack!r} attack; "
+                f"fusion rule {options.fusion!r}")
         say(f"{'round':>5} {'parts':>6} {metric:>12} {'bytes_up':>10} {'bytes_down':>10} {'wall_s':>7} {'epsilon':>8}")
         rows = _watch(observer, dataset, options, procs, say)
     except KeyboardInterrupt:
@@ -269,6 +272,8 @@ def _watch(observer: Observer, dataset: FederatedDataset, options: DemoOptions,
                            s.wall_s, eps, {k: v for k, v in score.items()})
             rows.append(row)
             say(_format_row(row, metric))
+            for alert in s.alerts:
+                say(f"      ALERT: {alert}")
     return rows
 
 

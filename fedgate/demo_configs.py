@@ -34,6 +34,8 @@ class DemoOptions:
     target: str = ""
     features: tuple[str, ...] = ()
     csv_task: str = ""
+    attack: str = ""  # attack experiments: what the malicious gateways do
+    malicious: float = 0.0  # share of gateways that are malicious
     secure: bool = False  # provision a fleet: mTLS + generated ACL + signed messages
     # Field bus (wind only): "" off; "modbus": rows cross simulated Modbus devices, bridges
     # and stores before training; "direct": the same rows read from the data set (comparison).
@@ -74,6 +76,14 @@ def _toml_value(v: Any) -> str:
 def _table(name: str, values: dict[str, Any]) -> str:
     lines = [f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
     return "\n".join(lines) + "\n"
+
+
+def malicious_units(units: list[str], options: DemoOptions) -> list[str]:
+    """The last round(share x N) units (at least one for a positive share) run the attack."""
+    if not options.attack or options.malicious <= 0:
+        return []
+    count = max(1, round(options.malicious * len(units)))
+    return units[len(units) - count:]
 
 
 def device_id(unit: str) -> str:
@@ -125,6 +135,7 @@ def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: Federa
     agg_path = workdir / "aggregator.toml"
     agg_path.write_text(agg)
     edges: dict[str, Path] = {}
+    malicious = malicious_units(units, options)
     for i, unit in enumerate(units):
         device = device_id(unit)
         data: dict[str, Any] = {"source": "dataset", "dataset": options.dataset, "unit": unit}
@@ -147,6 +158,7 @@ def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: Federa
             _table("data", data),
             scaler_table,
             _table("state", {"dir": str(workdir / f"edge-{device}"), "seed": options.seed + 1 + i}),
+            _table("experiment", {"attack": options.attack}) if unit in malicious else "",
             options.extra_edge_toml.get(unit, ""),
         ])
         path = workdir / f"edge-{device}.toml"
