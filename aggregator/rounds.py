@@ -21,7 +21,8 @@ Rules, in order of a round ``r`` on global model version ``v``:
    ``norm_too_large`` or the decoder's reason) - counted, never an exception.
 3. The round closes as soon as every expected gateway (selected and online) has sent, with
    at least ``min_participants`` updates; or at the deadline with at least
-   ``min_participants``. A deadline with fewer is *quorum missed*: the deadline is
+   ``min_participants`` (less the quarantined or budget-spent gateways, which can no longer
+   count). A deadline with fewer is *quorum missed*: the deadline is
    extended and the round re-announced (an event in the summary, not an error).
 4. Aggregate: fuse the deltas (the configured rule), apply the server optimizer, bump the
    version, chain the parent hash, checkpoint, publish the model (retained) and the round
@@ -265,6 +266,7 @@ class RoundStateMachine:
         self.parent_hash = b""
         self.model = self._make_model()
         self.online: set[str] = set()
+        self.known: set[str] = set()  # every gateway seen online since start
         self.selected: tuple[str, ...] = ()
         self.deadline = 0.0
         self.announced_at = 0.0
@@ -292,6 +294,7 @@ class RoundStateMachine:
             return self._on_tick(event)
         if isinstance(event, DeviceOnline):
             self.online.add(event.device)
+            self.known.add(event.device)
             return self._maybe_close(event.now)
         if isinstance(event, DeviceOffline):
             self.online.discard(event.device)
@@ -401,7 +404,7 @@ class RoundStateMachine:
     def _on_tick(self, event: Tick) -> list[Action]:
         if event.now < self.deadline:
             return []
-        if len(self.received) >= self.config.min_participants:
+        if len(self.received) >= self._quorum():
             return self._aggregate(event.now)
         # quorum missed: extend and re-announce; keep what arrived
         self.attempt += 1
@@ -409,7 +412,7 @@ class RoundStateMachine:
         if self.config.fraction < 1.0:
             self.selected = tuple(sorted(set(self.selected) | set(self._select())))
         return [
-            QuorumMissed(self.round, len(self.received), self.config.min_participants),
+            QuorumMissed(self.round, len(self.received), self._quorum()),
             PublishRound(self._announcement()),
         ]
 
@@ -482,11 +485,17 @@ class RoundStateMachine:
         self.ledger.record(device, z, q)
         return None
 
+    def _quorum(self) -> int:
+        """``min_participants``, less the gateways whose updates are no longer used: a
+        quarantined or budget-spent gateway must not block every later round."""
+        usable = len(self.known - self.ignored)
+        return max(1, min(self.config.min_participants, usable)) if self.ignored else self.config.min_participants
+
     def _maybe_close(self, now: float) -> list[Action]:
         if self.phase is not Phase.COLLECTING:
             return []
         got = len(self.received)
-        if got < self.config.min_participants:
+        if got < self._quorum():
             return []
         if self._expected() <= set(self.received) | self.refused:
             return self._aggregate(now)
