@@ -10,23 +10,28 @@ from collections.abc import Sequence
 
 from fedcore.errors import FedgateError
 
-# Modules that contribute subcommands through `register(subparsers)`.
-_AREAS = (
-    "fedgate.cli_services",
-    "fedgate.cli_demo",
-    "fedgate.cli_bridge",
-    "fedgate.cli_provision",
-    "fedgate.cli_config",
-)
+# Top-level command -> the module that registers it through `register(subparsers)`.
+_AREAS = {
+    "aggregator": "fedgate.cli_services",
+    "edge": "fedgate.cli_services",
+    "demo": "fedgate.cli_demo",
+    "bridge": "fedgate.cli_bridge",
+    "provision": "fedgate.cli_provision",
+    "config": "fedgate.cli_config",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; for a known command only its own area is imported, so a gateway's
+    `fedgate edge run` does not load the field-bus stack or the X.509 tooling (memory)."""
     parser = argparse.ArgumentParser(
         prog="fedgate", description="Federated learning for industrial IoT over MQTT."
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in _AREAS:
+    words = [a for a in (argv or []) if not a.startswith("-")]
+    wanted = [_AREAS[words[0]]] if words and words[0] in _AREAS else list(_AREAS.values())
+    for name in dict.fromkeys(wanted):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -38,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * args.verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -53,7 +53,7 @@ _body_decoders = {k: msgspec.msgpack.Decoder(t) for k, t in BODY_TYPES.items()}
 
 
 def new_message_id() -> str:
-    return os.urandom(12).hex()
+    return os.urandom(8).hex()  # unique per sender within the replay window
 
 
 def make_envelope(

@@ -2,6 +2,11 @@
 
 Each body kind has one Struct. The envelope's ``kind`` selects the body type, so a body is
 always decoded against a known schema (msgspec validates types; ``codec`` adds bounds).
+
+Every Struct travels as a msgpack *array* (``array_like``): field names are not repeated in
+every message, which keeps a round's fixed overhead to a few dozen bytes. Fields are
+therefore positional: a new field goes at the end, with a default, so older peers' messages
+still decode; anything else needs a new protocol version.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ class Kind(str, Enum):
     SECAGG = "secagg"
 
 
-class ModelSpec(msgspec.Struct, frozen=True):
+class ModelSpec(msgspec.Struct, frozen=True, array_like=True):
     """Enough to rebuild a model: architecture, task and the feature scaling it expects."""
 
     kind: str  # "mlp" | "autoencoder"
@@ -34,7 +39,7 @@ class ModelSpec(msgspec.Struct, frozen=True):
     target: str = ""
 
 
-class TrainConfig(msgspec.Struct, frozen=True):
+class TrainConfig(msgspec.Struct, frozen=True, array_like=True):
     local_epochs: int = 1
     batch_size: int = 32
     learning_rate: float = 0.01
@@ -42,7 +47,7 @@ class TrainConfig(msgspec.Struct, frozen=True):
     max_steps: int = 0  # 0 = no cap; caps local SGD steps per round
 
 
-class PipelineConfig(msgspec.Struct, frozen=True):
+class PipelineConfig(msgspec.Struct, frozen=True, array_like=True):
     """What the gateway does to its delta before sending (see fedcore.compression/privacy)."""
 
     clip_norm: float = 0.0  # 0 = no clipping
@@ -51,7 +56,7 @@ class PipelineConfig(msgspec.Struct, frozen=True):
     adaptive_clip_quantile: float = 0.0  # 0 = fixed clipping
 
 
-class RoundAnnouncement(msgspec.Struct, frozen=True):
+class RoundAnnouncement(msgspec.Struct, frozen=True, array_like=True):
     round: int
     model_version: int
     deadline: float  # unix time by which updates must arrive
@@ -60,7 +65,7 @@ class RoundAnnouncement(msgspec.Struct, frozen=True):
     selected: tuple[str, ...] = ()  # empty = every gateway may take part
 
 
-class EncodedDelta(msgspec.Struct, frozen=True):
+class EncodedDelta(msgspec.Struct, frozen=True, array_like=True):
     """A model delta after the gateway's pipeline; ``stages`` say how to undo it.
 
     ``stages == ()`` means raw: ``parts`` holds one float tensor per layer, in model order.
@@ -71,7 +76,7 @@ class EncodedDelta(msgspec.Struct, frozen=True):
     parts: tuple[Tensor, ...]
 
 
-class ModelUpdate(msgspec.Struct, frozen=True):
+class ModelUpdate(msgspec.Struct, frozen=True, array_like=True):
     round: int
     base_version: int
     num_samples: int
@@ -81,7 +86,7 @@ class ModelUpdate(msgspec.Struct, frozen=True):
     stats: dict[str, float] = {}
 
 
-class GlobalModel(msgspec.Struct, frozen=True):
+class GlobalModel(msgspec.Struct, frozen=True, array_like=True):
     version: int
     round: int
     parent_hash: bytes
@@ -91,7 +96,7 @@ class GlobalModel(msgspec.Struct, frozen=True):
     scales: tuple[float, ...] = ()  # per-tensor scales for int8 downlink
 
 
-class RoundSummary(msgspec.Struct, frozen=True):
+class RoundSummary(msgspec.Struct, frozen=True, array_like=True):
     round: int
     model_version: int
     participants: tuple[str, ...]
@@ -105,20 +110,20 @@ class RoundSummary(msgspec.Struct, frozen=True):
     alerts: tuple[str, ...] = ()
 
 
-class Status(msgspec.Struct, frozen=True):
+class Status(msgspec.Struct, frozen=True, array_like=True):
     state: str  # "online" | "offline"
     software: str = ""
     model_version: int = -1
     detail: dict[str, str] = {}
 
 
-class Telemetry(msgspec.Struct, frozen=True):
+class Telemetry(msgspec.Struct, frozen=True, array_like=True):
     model_version: int
     values: dict[str, float] = {}
     alerts: tuple[str, ...] = ()
 
 
-class SecAggMessage(msgspec.Struct, frozen=True):
+class SecAggMessage(msgspec.Struct, frozen=True, array_like=True):
     stage: str
     payload: bytes
 
