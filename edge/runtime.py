@@ -174,8 +174,40 @@ class EdgeService:
                               target_scale=self.data.target_scale)
             self.eval_stats = {f"eval_{k}": float(v) for k, v in scores.items()}
         log.info("installed model version %d %s", action.model.version, self.eval_stats)
+        if self.config.inference:
+            self._run_inference(action.model, action.weights)
         if self.on_install is not None:
             self.on_install(action.model, action.weights)
+
+    def _run_inference(self, model: GlobalModel, weights: list[np.ndarray]) -> None:
+        """Export the new model to int8 .tflite, run it with LiteRT on the latest local rows
+        and publish the anomaly scores on this gateway's telemetry topic."""
+        from edge.inference import InferenceEngine, anomaly_scores, telemetry
+        from fedcore.learning.tflite_export import export_int8
+
+        spec = model.spec
+        calibration = self.data.x_train[-512:]
+        tflite = export_int8(spec, weights, calibration_x=calibration)
+        folder = self.config.state_dir / "models"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"v{model.version}.tflite").write_bytes(tflite)
+        engine = InferenceEngine.from_bytes(tflite)
+        scale = self.data.target_scale
+        # alert threshold: the 99th percentile of the scores on this gateway's training rows
+        reference = anomaly_scores(spec, engine.predict(calibration), calibration,
+                                   self.data.y_train[-512:]) * scale
+        threshold = float(np.percentile(reference, 99)) if reference.size else None
+        recent_x, recent_y = self.data.x_test[-256:], self.data.y_test[-256:]
+        if len(recent_x) == 0:
+            return
+        scores = anomaly_scores(spec, engine.predict(recent_x), recent_x, recent_y) * scale
+        body = telemetry(model.version, scores, threshold)
+        env = codec.make_envelope(Kind.TELEMETRY, self.config.fleet, self.config.task,
+                                  model.round, self.config.device, body, self.clock())
+        self.transport.publish(self.topics.telemetry(self.config.device),
+                               codec.encode(self.security.sign(env)), qos=1)
+        log.info("model version %d running in LiteRT (int8, %d bytes): %s", model.version,
+                 len(tflite), {k: round(v, 3) for k, v in body.values.items()})
 
     def _train(self, action: pm.StartTraining) -> pm.TrainingFinished:
         spec = self.machine.model.spec if self.machine.model else None

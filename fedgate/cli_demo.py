@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="differential privacy: each gateway's (epsilon, 1e-5) budget over the run")
     p.add_argument("--clip-norm", type=float, default=0.0,
                    help="L2 clip of each update (default 1.0 when --dp-epsilon is set)")
+    p.add_argument("--inference", action="store_true",
+                   help="gateways export each new model to int8 .tflite, run it in LiteRT and "
+                   "publish anomaly scores on their telemetry topic")
     p.add_argument("--secure", action="store_true",
                    help="provision a fleet and run over mTLS with the generated ACL and signed "
                    "messages (needs Mosquitto)")
@@ -77,6 +80,7 @@ def _run(args: argparse.Namespace) -> int:
         dp_epsilon=args.dp_epsilon,
         clip_norm=args.clip_norm,
         secure=args.secure,
+        inference=args.inference,
         attack=args.attack,
         malicious=args.malicious,
         unit_column=args.unit_column,

@@ -36,6 +36,7 @@ class DemoOptions:
     csv_task: str = ""
     attack: str = ""  # attack experiments: what the malicious gateways do
     malicious: float = 0.0  # share of gateways that are malicious
+    inference: bool = False  # gateways run each new model as int8 .tflite in LiteRT
     secure: bool = False  # provision a fleet: mTLS + generated ACL + signed messages
     # Field bus (wind only): "" off; "modbus": rows cross simulated Modbus devices, bridges
     # and stores before training; "direct": the same rows read from the data set (comparison).
@@ -159,6 +160,7 @@ def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: Federa
             scaler_table,
             _table("state", {"dir": str(workdir / f"edge-{device}"), "seed": options.seed + 1 + i}),
             _table("experiment", {"attack": options.attack}) if unit in malicious else "",
+            _table("inference", {"enabled": True}) if options.inference else "",
             options.extra_edge_toml.get(unit, ""),
         ])
         path = workdir / f"edge-{device}.toml"

@@ -1,0 +1,87 @@
+"""The gateway agent's runtime on an in-memory broker: birth, training, update, LiteRT
+inference and telemetry, clean goodbye - the real EdgeService, no network."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from edge.config import DataConfig, EdgeConfig
+from edge.runtime import EdgeService, LocalData
+from edge.security import EdgeSecurity
+from fedcore.datasets import default_spec, default_train_config, load_dataset
+from fedcore.learning.models import init_params
+from fedcore.protocol import codec
+from fedcore.protocol.messages import (
+    GlobalModel,
+    Kind,
+    ModelUpdate,
+    RoundAnnouncement,
+    Status,
+    Telemetry,
+)
+from fedcore.protocol.tensors import encode_tensors
+from fedcore.protocol.topics import Topics
+from fedcore.service_config import BrokerConfig
+from fedcore.transport.base import MessageReceived
+from fedcore.transport.memory import MemoryBroker, MemoryTransport
+
+
+def test_gateway_trains_publishes_and_runs_the_model_in_litert(tmp_path: Path) -> None:
+    dataset = load_dataset("wind", max_rows_per_unit=1500)
+    unit = dataset.units["R80711"]
+    spec = default_spec(dataset)
+    data = LocalData(unit.x_train, unit.y_train, unit.x_test, unit.y_test,
+                     float(dataset.scaler.target_std))
+    config = EdgeConfig(file="edge.toml", device="gw1", fleet="f", task="t",
+                        broker=BrokerConfig("mqtt://memory", "gw1"), data=DataConfig(unit="R80711"),
+                        state_dir=tmp_path, inference=True)
+    broker = MemoryBroker()
+    topics = Topics("f", "t")
+    seen: queue.Queue[MessageReceived] = queue.Queue()
+    watcher = MemoryTransport(broker, "watcher")
+    watcher.start(lambda e: seen.put(e) if isinstance(e, MessageReceived) else None)
+    for topic in (topics.updates_filter(), topics.telemetry_filter(), topics.status_filter()):
+        watcher.subscribe(topic)
+
+    aggregator = MemoryTransport(broker, "aggregator")
+    aggregator.start(lambda e: None)
+    weights = init_params(spec, np.random.default_rng(0))
+    model = GlobalModel(0, 0, b"", spec, encode_tensors(weights))
+    train = default_train_config(dataset)
+    for kind, topic, body in ((Kind.MODEL, topics.model(), model),
+                              (Kind.ROUND, topics.round(),
+                               RoundAnnouncement(round=1, model_version=0, deadline=1e12, train=train))):
+        env = codec.make_envelope(kind, "f", "t", 0, "aggregator", body, 0.0)
+        aggregator.publish(topic, codec.encode(env), retain=True)
+
+    service = EdgeService(config, MemoryTransport(broker, "gw1"), data, EdgeSecurity())
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    got: dict[str, object] = {}
+    while not {"update", "telemetry", "online"} <= set(got):
+        msg = seen.get(timeout=60)
+        env = codec.decode(msg.payload)
+        if env.kind == "update":
+            got["update"] = codec.decode_body(env, ModelUpdate)
+        elif env.kind == "telemetry":
+            got["telemetry"] = codec.decode_body(env, Telemetry)
+        elif env.kind == "status":
+            got[codec.decode_body(env, Status).state] = True
+    service.stop()
+    thread.join(timeout=10)
+
+    update = got["update"]
+    assert isinstance(update, ModelUpdate)
+    assert update.round == 1 and update.base_version == 0 and update.num_samples == unit.num_train
+    assert "eval_rmse" in update.stats and update.stats["eval_rmse"] > 0
+    tele = got["telemetry"]
+    assert isinstance(tele, Telemetry) and tele.model_version == 0
+    assert tele.values["samples"] == min(256, unit.num_test) and tele.values["score_mean"] > 0
+    assert (tmp_path / "models" / "v0.tflite").stat().st_size > 1000
+    # clean goodbye: retained offline status
+    status = codec.decode_body(codec.decode(broker.retained[topics.status("gw1")][0]), Status)
+    assert status.state == "offline"
