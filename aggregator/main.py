@@ -8,6 +8,7 @@ from pathlib import Path
 
 import msgspec
 
+from fedcore.systemd import SystemdNotifier
 from fedcore.transport.factory import transport_from_config
 
 from aggregator.config import AggregatorConfig, load_aggregator_config
@@ -46,7 +47,8 @@ def build_aggregator(config_path: str | Path) -> AggregatorService:
     config = with_calibrated_noise(load_aggregator_config(config_path))
     transport = transport_from_config(config.broker, seed=config.seed)
     security = AggregatorSecurity.from_paths(config.file, config.security, config.state_dir / "audit.jsonl")
-    return AggregatorService(config, transport, security, ledger=make_ledger(config))
+    return AggregatorService(config, transport, security, ledger=make_ledger(config),
+                             notifier=SystemdNotifier.from_environment())
 
 
 def run_aggregator(config_path: str | Path) -> int:

@@ -25,6 +25,7 @@ from fedcore.learning.models import init_params
 from fedcore.protocol import codec
 from fedcore.protocol.messages import Kind, ModelUpdate, Status
 from fedcore.protocol.topics import TopicKind, Topics, parse_topic
+from fedcore.systemd import SystemdNotifier
 from fedcore.transport.base import Connected, Disconnected, MessageReceived, Transport
 
 from aggregator import checkpoint as checkpoints
@@ -52,11 +53,13 @@ class AggregatorService:
         security: AggregatorSecurity,
         ledger: sm.Ledger | None = None,
         clock: Callable[[], float] = time.time,
+        notifier: SystemdNotifier | None = None,
     ) -> None:
         self.config = config
         self.transport = transport
         self.security = security
         self.clock = clock
+        self.notifier = notifier or SystemdNotifier(None)
         self.topics = Topics(config.fleet, config.task)
         self.events: queue.Queue[object] = queue.Queue()
         self.counters = Counters()
@@ -90,6 +93,7 @@ class AggregatorService:
         self.transport.start(self.events.put)
         started = False
         while not self.stopping.is_set():
+            self.notifier.watchdog()
             try:
                 item = self.events.get(timeout=TICK_S)
             except queue.Empty:
@@ -110,6 +114,7 @@ class AggregatorService:
                 self._operator_commands()
             if self.finished and self.config.exit_when_done:
                 break
+        self.notifier.notify("STOPPING=1")
         self.transport.stop()
         return 0
 
@@ -140,6 +145,8 @@ class AggregatorService:
         for topic in (self.topics.updates_filter(), self.topics.status_filter()):
             self.transport.subscribe(topic, qos=1)
         log.info("connected to broker (session present: %s)", event.session_present)
+        self.notifier.notify(f"READY=1\nSTATUS=round {self.machine.round}, model version "
+                             f"{self.machine.version}")
 
     def _on_message(self, msg: MessageReceived, now: float) -> None:
         try:

@@ -11,6 +11,7 @@ import numpy as np
 
 from fedcore.pipeline import EdgePipelineState, make_encoder
 from fedcore.protocol.topics import Topics
+from fedcore.systemd import SystemdNotifier
 from fedcore.transport.base import Will
 from fedcore.transport.factory import transport_from_config
 
@@ -117,7 +118,8 @@ def build_edge(config_path: str | Path) -> EdgeService:
 
         attack = make_attack(config.attack, np.random.default_rng([config.seed, 2]))
         log.warning("EXPERIMENT: this gateway runs the %r attack", config.attack)
-    return EdgeService(config, transport, data, security, encode=encode, attack=attack)
+    return EdgeService(config, transport, data, security, encode=encode, attack=attack,
+                       notifier=SystemdNotifier.from_environment())
 
 
 def run_edge(config_path: str | Path) -> int:

@@ -25,6 +25,7 @@ from fedcore.learning.training import evaluate, train_local
 from fedcore.protocol import codec
 from fedcore.protocol.messages import GlobalModel, Kind, ModelSpec, RoundAnnouncement, Status
 from fedcore.protocol.topics import TopicKind, Topics, parse_topic
+from fedcore.systemd import SystemdNotifier
 from fedcore.transport.base import Connected, Disconnected, MessageReceived, Transport
 
 from edge import participant as pm
@@ -71,12 +72,14 @@ class EdgeService:
         encode: pm.EncodeFn = pm.encode_raw,
         attack: Attack | None = None,
         clock: Callable[[], float] = time.time,
+        notifier: SystemdNotifier | None = None,
     ) -> None:
         self.config = config
         self.transport = transport
         self.data = data
         self.security = security
         self.clock = clock
+        self.notifier = notifier or SystemdNotifier(None)
         self.topics = Topics(config.fleet, config.task)
         self.rng = np.random.default_rng(config.seed)
         self.attack = attack
@@ -94,6 +97,7 @@ class EdgeService:
     def run(self) -> int:
         self.transport.start(self.events.put)
         while not self.stopping.is_set():
+            self.notifier.watchdog()
             try:
                 item = self.events.get(timeout=0.2)
             except queue.Empty:
@@ -104,6 +108,7 @@ class EdgeService:
                 log.warning("broker connection lost: %s", item.reason)
             elif isinstance(item, MessageReceived):
                 self._on_message(item)
+        self.notifier.notify("STOPPING=1")
         self._goodbye()
         return 0
 
@@ -128,6 +133,7 @@ class EdgeService:
         self.transport.publish(self.topics.status(self.config.device),
                                self.status_message("online"), qos=1, retain=True)
         log.info("connected (session present: %s)", event.session_present)
+        self.notifier.notify(f"READY=1\nSTATUS=connected, model version {self.machine.version}")
 
     def _on_message(self, msg: MessageReceived) -> None:
         now = self.clock()

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from fedcore.systemd import SystemdNotifier
 from fedcore.samples import EvictionResult, Sample, SampleWriter
 from firmware_bridge.config import BridgeConfig, DeviceSpec, LineLink, StoreSpec
 from firmware_bridge.modbus import DeviceHealth, ModbusPoller, PymodbusLink
@@ -77,24 +78,6 @@ class NullSink:
 
     def close(self) -> None:
         pass
-
-
-class SystemdNotifier:
-    """sd_notify(3) in a dozen lines: one datagram per state to ``$NOTIFY_SOCKET``."""
-
-    def __init__(self, address: str | None) -> None:
-        self.address = address
-
-    def notify(self, state: str) -> None:
-        if not self.address:
-            return
-        addr = "\0" + self.address[1:] if self.address.startswith("@") else self.address
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                sock.connect(addr)
-                sock.sendall(state.encode())
-        except OSError as exc:  # systemd gone: nothing to tell, keep working
-            log.debug("sd_notify failed: %s", exc)
 
 
 Poller = ModbusPoller | LinePoller
