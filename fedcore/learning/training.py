@@ -12,11 +12,19 @@ The caller's parameters are never modified; the new parameters are returned with
 last (possibly partial) epoch, each measured before that batch's step, and whose
 ``num_samples`` is the size of the local data set (the FedAvg weight).
 
+With ``config.dp_clip > 0`` training is DP-SGD instead (record-level DP,
+:mod:`fedcore.privacy.dpsgd`): Poisson-sampled batches (each record taken with probability
+``batch_size / n`` at each step), :func:`~fedcore.privacy.dpsgd.dp_steps` steps, per-example
+gradients clipped to ``dp_clip`` and Gaussian noise of std ``dp_noise * dp_clip`` on each
+summed batch gradient. With both DP fields at 0 the original path runs unchanged, drawing
+the same random numbers.
+
 :func:`evaluate` scores a model on held-out data with the metrics that fit its task.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +41,7 @@ from fedcore.learning.models import (
 )
 from fedcore.learning.optim import make_optimizer
 from fedcore.learning.params import Params
+from fedcore.privacy.dpsgd import check_dp_config, dp_steps, noisy_gradient, sampling_rate
 from fedcore.protocol.messages import ModelSpec, TrainConfig
 
 
@@ -54,6 +63,7 @@ def check_train_config(config: TrainConfig) -> None:
     if config.max_steps < 0:
         raise ValueError(f"max_steps must be >= 0, got {config.max_steps}")
     make_optimizer(config.optimizer, config.learning_rate)
+    check_dp_config(config)
 
 
 def train_local(
@@ -80,6 +90,8 @@ def train_local(
             y = y.astype(np.float32, copy=False)
     optimizer = make_optimizer(config.optimizer, config.learning_rate)
     weights: Params = [np.asarray(p, dtype=np.float32) for p in params]
+    if config.dp_clip > 0:
+        return _train_dp(spec, weights, x, y, config, rng)
     state = optimizer.init(weights)
     steps = 0
     epoch_loss = float("nan")
@@ -101,6 +113,35 @@ def train_local(
         if config.max_steps and steps >= config.max_steps:
             break
     return weights, TrainResult(loss=float(epoch_loss), steps=steps, num_samples=n)
+
+
+def _train_dp(
+    spec: ModelSpec,
+    weights: Params,
+    x: np.ndarray,
+    y: np.ndarray | None,
+    config: TrainConfig,
+    rng: np.random.Generator,
+) -> tuple[Params, TrainResult]:
+    """DP-SGD with Poisson sampling; the step count is ``dp_steps`` (what is accounted)."""
+    n = int(x.shape[0])
+    optimizer = make_optimizer(config.optimizer, config.learning_rate)
+    state = optimizer.init(weights)
+    q = sampling_rate(n, config)
+    total_steps = dp_steps(n, config)
+    per_epoch = math.ceil(n / config.batch_size)
+    expected = q * n
+    total, seen = 0.0, 0
+    for step in range(total_steps):
+        index = np.flatnonzero(rng.random(n) < q) if q < 1.0 else np.arange(n)
+        loss, grads = noisy_gradient(spec, weights, x[index], None if y is None else y[index],
+                                     config.dp_clip, config.dp_noise, expected, rng)
+        weights, state = optimizer.step(weights, grads, state)
+        if step >= total_steps - per_epoch and index.size:
+            total += loss * index.size  # the last notional epoch, as in the plain path
+            seen += index.size
+    epoch_loss = total / seen if seen else float("nan")
+    return weights, TrainResult(loss=float(epoch_loss), steps=total_steps, num_samples=n)
 
 
 def evaluate(

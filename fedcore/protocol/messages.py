@@ -45,6 +45,9 @@ class TrainConfig(msgspec.Struct, frozen=True, array_like=True):
     learning_rate: float = 0.01
     optimizer: str = "sgd"  # "sgd" | "adam"
     max_steps: int = 0  # 0 = no cap; caps local SGD steps per round
+    # record-level DP (DP-SGD, fedcore/privacy/dpsgd.py); appended last: array_like is positional
+    dp_clip: float = 0.0  # per-example gradient clip norm; 0 = off
+    dp_noise: float = 0.0  # noise multiplier sigma: N(0, (sigma*dp_clip)^2) on each summed batch gradient
 
 
 class PipelineConfig(msgspec.Struct, frozen=True, array_like=True):
