@@ -27,6 +27,10 @@ Rules, in order of a round ``r`` on global model version ``v``:
 4. Aggregate: fuse the deltas (the configured rule), apply the server optimizer, bump the
    version, chain the parent hash, checkpoint, publish the model (retained) and the round
    summary, then announce ``r + 1`` or finish after ``rounds`` rounds.
+5. Downlink (``RoundConfig.downlink``): the model travels as fp32, int8 or an int8 delta
+   on the previous version; ``aggregator.downlink`` keeps what gateways hold (the fused
+   delta is relative to it) and re-sends the current version in full when a gateway comes
+   online while the retained model is a delta.
 """
 
 from __future__ import annotations
@@ -52,9 +56,10 @@ from fedcore.protocol.messages import (
     RoundSummary,
     TrainConfig,
 )
-from fedcore.protocol.tensors import decode_tensors, encode_tensors
+from fedcore.protocol.tensors import decode_tensors
 
 from aggregator import reputation as rep
+from aggregator.downlink import Downlink
 from aggregator import robust
 from aggregator.robust import outlier_distances
 from aggregator.server_optim import (
@@ -113,6 +118,8 @@ class RoundConfig:
     pipeline: PipelineConfig = PipelineConfig()
     server: ServerOptimizerConfig = ServerOptimizerConfig()
     reputation: rep.ReputationConfig | None = rep.ReputationConfig()  # None = no quarantine
+    downlink: str = "fp32"  # how the model travels: fp32 | int8 | delta (aggregator.downlink)
+    downlink_full_every: int = 10  # delta: a full model every N versions (0 = only on re-sync)
 
 
 # ---- events -------------------------------------------------------------------------------
@@ -264,8 +271,9 @@ class RoundStateMachine:
         self.round = 1
         self.version = 0
         self.parent_hash = b""
-        self.model = self._make_model()
         self.online: set[str] = set()
+        self.downlink = Downlink(config.downlink, config.downlink_full_every)
+        self.model = self._make_model()
         self.known: set[str] = set()  # every gateway seen online since start
         self.selected: tuple[str, ...] = ()
         self.deadline = 0.0
@@ -295,9 +303,10 @@ class RoundStateMachine:
         if isinstance(event, DeviceOnline):
             self.online.add(event.device)
             self.known.add(event.device)
-            return self._maybe_close(event.now)
+            return self._resync(event.device) + self._maybe_close(event.now)
         if isinstance(event, DeviceOffline):
             self.online.discard(event.device)
+            self.downlink.went_offline(event.device)
             return self._maybe_close(event.now)
         if isinstance(event, UpdateReceived):
             return self._on_update(event)
@@ -331,7 +340,8 @@ class RoundStateMachine:
             "reputation": self.reputation.to_dict(),
             "ledger": self.ledger.to_dict() if self.ledger is not None else None,
         }
-        return Checkpoint([w.copy() for w in self.weights], meta, self.optimizer_state.to_arrays())
+        arrays = {**self.optimizer_state.to_arrays(), **self.downlink.to_arrays()}
+        return Checkpoint([w.copy() for w in self.weights], meta, arrays)
 
     def restore(self, checkpoint: Checkpoint) -> None:
         if self.phase is not Phase.IDLE:
@@ -353,7 +363,11 @@ class RoundStateMachine:
         self.optimizer_state = ServerOptimizerState.from_arrays(
             checkpoint.arrays, int(meta.get("optimizer_steps", 0))
         )
-        self.model = self._make_model()
+        if self.downlink.mode == "delta" and self.downlink.restore_held(checkpoint.arrays, self.shapes):
+            # the delta reference is not a function of the master: re-send it in full
+            self.model = self.downlink.resync(self.version, self.parent_hash, self.spec)
+        else:
+            self.model = self._make_model()
         if meta.get("phase") == Phase.FINISHED.value:
             self.phase = Phase.FINISHED
 
@@ -505,7 +519,9 @@ class RoundStateMachine:
         devices = sorted(self.received)
         deltas = [self.received[d].delta for d in devices]
         counts = [float(self.received[d].update.num_samples) for d in devices]
-        fused = self.fuse(deltas, counts, self.weights)
+        # Deltas are relative to what the gateways hold (== the master in fp32 mode); the
+        # server step applies them to the float master (docs/decisions.md, downlink).
+        fused = self.fuse(deltas, counts, self.downlink.held)
         judged = self._judge(devices, deltas, fused)
         self.weights = apply_server_update(
             self.config.server, self.optimizer_state, self.weights, fused
@@ -575,13 +591,17 @@ class RoundStateMachine:
         )
 
     def _make_model(self) -> GlobalModel:
-        return GlobalModel(
-            version=self.version,
-            round=self.version,  # one committed round per version
-            parent_hash=self.parent_hash,
-            spec=self.spec,
-            tensors=encode_tensors(self.weights),
-        )
+        # one committed round per version (GlobalModel.round == version)
+        return self.downlink.message(self.weights, self.version, self.parent_hash, self.spec,
+                                     self.online)
+
+    def _resync(self, device: str) -> list[Action]:
+        """A gateway came online while the retained model is a delta it may not be able to
+        apply: re-send the current version in full (same version and parent)."""
+        if not self.downlink.came_online(device, self.online):
+            return []
+        self.model = self.downlink.resync(self.version, self.parent_hash, self.spec)
+        return [PublishModel(self.model)]
 
     def replace_config(self, **changes: Any) -> None:
         """Operator changes between rounds (e.g. new pipeline); takes effect at next announce."""

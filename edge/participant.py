@@ -8,7 +8,10 @@ result back as ``TrainingFinished``.
 
 - ``ModelReceived``: a newer global model is installed (an older or equal version is
   ignored; a successor whose parent hash does not match the installed model is refused).
-  Installing may unblock a round that was announced for that version.
+  Installing may unblock a round that was announced for that version. A model may travel
+  as fp32, int8 or an int8 delta on the previous version (``receive_model``); a delta on a
+  version not held here is refused (``missing_base``) until a full model arrives, and a full
+  re-send of the held version with bitwise-equal weights becomes the parent-hash chain head.
 - ``RoundAnnounced`` for round ``r`` on version ``v``: if this gateway is not selected it
   sits out. If it already sent round ``r`` on ``v`` (the aggregator restarted, or the
   announcement was re-sent after a missed quorum) it re-publishes the cached update with
@@ -30,6 +33,8 @@ from enum import Enum
 
 import numpy as np
 
+from fedcore.compression.downlink import decode_model
+from fedcore.errors import RemoteProtocolError
 from fedcore.learning.params import Params, subtract
 from fedcore.protocol.codec import body_hash, new_message_id
 from fedcore.protocol.messages import (
@@ -40,7 +45,7 @@ from fedcore.protocol.messages import (
     RoundAnnouncement,
     TrainConfig,
 )
-from fedcore.protocol.tensors import decode_tensors, encode_tensors
+from fedcore.protocol.tensors import encode_tensors
 
 # (delta, pipeline config) -> (encoded delta, extra stats such as the pre-clip norm)
 EncodeFn = Callable[[Params, PipelineConfig], tuple[EncodedDelta, dict[str, float]]]
@@ -49,6 +54,23 @@ EncodeFn = Callable[[Params, PipelineConfig], tuple[EncodedDelta, dict[str, floa
 def encode_raw(delta: Params, _config: PipelineConfig) -> tuple[EncodedDelta, dict[str, float]]:
     shapes = tuple(tuple(int(d) for d in a.shape) for a in delta)
     return EncodedDelta((), shapes, encode_tensors([np.asarray(a, np.float32) for a in delta])), {}
+
+
+def receive_model(model: GlobalModel, held_version: int, held: Params | None) -> Params | None:
+    """The weights a model message stands for, given the version and weights held here.
+
+    fp32 and int8 models decode on their own; a delta (``encoding == "delta"``) applies only
+    on top of version ``model.version - 1``: otherwise None (wait for a full model). Raises
+    RemoteProtocolError for a malformed message. Every receiver of the model topic (the
+    gateway, the demo's observer) decodes with this function, so all hold the same weights.
+    """
+    if model.encoding == "delta":
+        if held is None or model.version != held_version + 1:
+            return None
+        shapes = tuple(tuple(int(d) for d in a.shape) for a in held)
+        return decode_model(model.encoding, model.tensors, model.scales, shapes, held)
+    shapes = tuple(tuple(int(d) for d in t.shape) for t in model.tensors)
+    return decode_model(model.encoding, model.tensors, model.scales, shapes)
 
 
 class ParticipantPhase(Enum):
@@ -154,12 +176,22 @@ class Participant:
         raise TypeError(f"unknown event {event!r}")
 
     def _on_model(self, model: GlobalModel) -> list[Action]:
+        if model.version == self.version and self.model is not None:
+            self._adopt_resync(model)
+            return []
         if model.version <= self.version:
             return []  # retained redelivery or an older model: nothing to do
         if (self.model is not None and model.version == self.version + 1
                 and model.parent_hash != self.model_hash):
             return [ModelRefused(model.version, "bad_parent")]
-        weights = [np.array(a) for a in decode_tensors(model.tensors)]
+        try:
+            weights = receive_model(model, self.version, self.weights)
+        except RemoteProtocolError as exc:
+            return [ModelRefused(model.version, exc.reason)]
+        if weights is None:
+            # a delta on a version this gateway does not hold: the aggregator re-sends the
+            # version in full when it sees this gateway come online (aggregator.downlink)
+            return [ModelRefused(model.version, "missing_base")]
         self.model = model
         self.model_hash = body_hash(model)
         self.weights = weights
@@ -170,6 +202,20 @@ class Participant:
             pending, self.pending = self.pending, None
             actions += self._on_round(pending)
         return actions
+
+    def _adopt_resync(self, model: GlobalModel) -> None:
+        """A full re-send of the version held here becomes the chain head if it decodes to
+        exactly the held weights (the next version names it as parent)."""
+        if model.encoding == "delta" or body_hash(model) == self.model_hash or self.weights is None:
+            return
+        try:
+            weights = receive_model(model, self.version, self.weights)
+        except RemoteProtocolError:
+            return
+        if weights is not None and len(weights) == len(self.weights) and all(
+                a.shape == b.shape and np.array_equal(a, b) for a, b in zip(weights, self.weights, strict=True)):
+            self.model = model
+            self.model_hash = body_hash(model)
 
     def _on_round(self, ann: RoundAnnouncement) -> list[Action]:
         if ann.selected and self.device not in ann.selected:
