@@ -14,6 +14,16 @@ amplification by sampling does not hold against it, and updates never sent cost 
 releases (Poisson-sampled at ``sampling_rate``, 1.0 for the local guarantee above) under a
 target epsilon, by bisection on the accountant. ``epsilon_spent`` is the accountant itself.
 
+Record level (DP-SGD on the gateway, ``fedcore/privacy/dpsgd.py``): the unit of privacy is
+one sensor record of a gateway. Every local optimizer step is a Gaussian mechanism with
+noise multiplier sigma, Poisson-sampled at ``q = batch_size / n`` (n = the gateway's local
+records), so a round is ``dp_steps(n, train)`` such events and the ledger charges exactly
+that per accepted update. Amplification by sampling holds here even against the aggregator:
+which records went into which batch is secret to the gateway.
+``record_noise_multiplier_for`` calibrates sigma before round 1, when n is not known yet,
+with a configured lower bound ``min_records`` (smaller n means a larger q; see
+docs/privacy.md for why that bound is the conservative side).
+
 Budget policy when a gateway's next update would exceed the target: ``"stop"`` excludes it
 (the aggregator stops selecting it and drops its updates), ``"warn"`` keeps it and raises an
 alert each round. The ledger is a plain object, persisted as a JSON-able dict by the
@@ -33,11 +43,14 @@ import dp_accounting
 from dp_accounting import rdp
 
 from fedcore.errors import LocalProtocolError
+from fedcore.privacy.dpsgd import dp_steps, sampling_rate
+from fedcore.protocol.messages import TrainConfig
 
 # dp_accounting logs harmless "failed to converge" warnings for low RDP orders via absl
 logging.getLogger("absl").setLevel(logging.ERROR)
 
 POLICIES = ("stop", "warn")
+LEVELS = ("update", "record")
 LEDGER_VERSION = 1
 MAX_NOISE_MULTIPLIER = 1e4
 
@@ -94,6 +107,28 @@ def noise_multiplier_for(
     return high
 
 
+def record_charge(train: TrainConfig, num_samples: int) -> tuple[float, int]:
+    """(sampling rate, steps) of one DP-SGD round on ``num_samples`` records: what to charge."""
+    return sampling_rate(num_samples, train), dp_steps(num_samples, train)
+
+
+def record_epsilon(train: TrainConfig, num_samples: int, rounds: int, delta: float) -> float:
+    """Record-level epsilon of ``rounds`` DP-SGD rounds at ``train.dp_noise`` on n records."""
+    q, steps = record_charge(train, num_samples)
+    return epsilon_spent(train.dp_noise, q, steps * rounds, delta)
+
+
+def record_noise_multiplier_for(
+    target_epsilon: float, delta: float, train: TrainConfig, rounds: int, min_records: int
+) -> float:
+    """The smallest DP-SGD sigma keeping ``rounds`` rounds on ``min_records`` records within
+    ``target_epsilon`` (q = batch_size / min_records, ``rounds * dp_steps`` steps)."""
+    if min_records < 1 or rounds < 1:
+        raise ValueError("min_records and rounds must be >= 1")
+    q, steps = record_charge(train, min_records)
+    return noise_multiplier_for(target_epsilon, delta, steps * rounds, q)
+
+
 @dataclass(frozen=True, slots=True)
 class BudgetDecision:
     """Whether a gateway may contribute once more, and what the ledger has to say about it."""
@@ -107,9 +142,14 @@ class BudgetDecision:
 class PrivacyLedger:
     """Per-gateway epsilon spent, as the list of Gaussian releases charged to it."""
 
-    def __init__(self, target_epsilon: float, delta: float, policy: str = "stop") -> None:
+    def __init__(self, target_epsilon: float, delta: float, policy: str = "stop",
+                 level: str = "update") -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}")
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}")
+        # what one unit of privacy is: a gateway's whole data ("update") or one record ("record")
+        self.level = level
         if not target_epsilon > 0 or not 0 < delta < 1:
             raise ValueError("target_epsilon must be > 0 and 0 < delta < 1")
         self.target_epsilon = float(target_epsilon)
@@ -118,10 +158,11 @@ class PrivacyLedger:
         # device -> {(noise multiplier, sampling rate): releases}
         self._events: dict[str, dict[tuple[float, float], int]] = {}
 
-    def _key(self, device: str, extra: tuple[float, float] | None = None) -> tuple[tuple[float, float, int], ...]:
+    def _key(self, device: str, extra: tuple[float, float] | None = None,
+             steps: int = 1) -> tuple[tuple[float, float, int], ...]:
         counts = dict(self._events.get(device, {}))
         if extra is not None:
-            counts[extra] = counts.get(extra, 0) + 1
+            counts[extra] = counts.get(extra, 0) + steps
         return tuple(sorted((z, q, n) for (z, q), n in counts.items()))
 
     def epsilon(self, device: str) -> float:
@@ -134,10 +175,13 @@ class PrivacyLedger:
         """Epsilon per gateway, for ``RoundSummary.epsilon``."""
         return {device: self.epsilon(device) for device in sorted(self._events)}
 
-    def check(self, device: str, noise_multiplier: float, sampling_rate: float = 1.0) -> BudgetDecision:
-        """Would one more update at this noise keep ``device`` within the target?"""
+    def check(self, device: str, noise_multiplier: float, sampling_rate: float = 1.0,
+              steps: int = 1) -> BudgetDecision:
+        """Would one more update (``steps`` releases at this noise) keep ``device`` within
+        the target? Record level: ``steps`` = the DP-SGD steps of that update."""
         now = self.epsilon(device)
-        after = _epsilon_of(self._key(device, (float(noise_multiplier), float(sampling_rate))), self.delta)
+        extra = (float(noise_multiplier), float(sampling_rate))
+        after = _epsilon_of(self._key(device, extra, steps), self.delta)
         if after <= self.target_epsilon:
             return BudgetDecision(True, now, after)
         text = f"{device}: privacy budget epsilon={self.target_epsilon:g} would be exceeded ({after:.3g})"
@@ -164,6 +208,7 @@ class PrivacyLedger:
             "target_epsilon": self.target_epsilon,
             "delta": self.delta,
             "policy": self.policy,
+            "level": self.level,
             "devices": {
                 device: [[z, q, n] for (z, q), n in sorted(counts.items())]
                 for device, counts in sorted(self._events.items())
@@ -176,7 +221,8 @@ class PrivacyLedger:
         try:
             if data["version"] != LEDGER_VERSION:
                 raise ValueError(f"ledger version {data['version']!r}")
-            ledger = cls(float(data["target_epsilon"]), float(data["delta"]), str(data["policy"]))
+            ledger = cls(float(data["target_epsilon"]), float(data["delta"]), str(data["policy"]),
+                         str(data.get("level", "update")))
             for device, rows in dict(data["devices"]).items():
                 for z, q, n in rows:
                     if int(n) != n or n < 1:
