@@ -45,6 +45,7 @@ import numpy as np
 
 from fedcore.errors import LocalProtocolError, RemoteProtocolError
 from fedcore.learning.params import Params, Shapes, l2_norm, shapes_of
+from fedcore.privacy.dpsgd import dp_steps, sampling_rate
 from fedcore.protocol.codec import body_hash
 from fedcore.protocol.messages import (
     EncodedDelta,
@@ -91,7 +92,8 @@ def decode_raw(encoded: EncodedDelta, shapes: Shapes) -> Params:
 class Ledger(Protocol):
     """Per-gateway privacy accounting (``aggregator.privacy.PrivacyLedger``)."""
 
-    def check(self, device: str, noise_multiplier: float, sampling_rate: float = 1.0) -> Any: ...
+    def check(self, device: str, noise_multiplier: float, sampling_rate: float = 1.0,
+              steps: int = 1) -> Any: ...
 
     def record(self, device: str, noise_multiplier: float, sampling_rate: float = 1.0,
                steps: int = 1) -> float: ...
@@ -459,7 +461,7 @@ class RoundStateMachine:
             self.refused.add(device)
             return [problem, *self._maybe_close(event.now)]
         delta = problem
-        budget = self._charge_privacy(device, update.round)
+        budget = self._charge_privacy(device, update.round, update.num_samples)
         if budget is not None:
             return [budget, *self._maybe_close(event.now)]
         self.seen_ids[event.message_id] = update.round
@@ -483,20 +485,29 @@ class RoundStateMachine:
             return self._reject(device, round_, "norm_too_large", f"{norm:.3g} > {bound:.3g}")
         return delta
 
-    def _charge_privacy(self, device: str, round_: int) -> UpdateRejected | None:
-        """Charge a noised update to the gateway's budget, or refuse it (policy "stop")."""
-        z = self.config.pipeline.noise_multiplier
+    def _charge_privacy(self, device: str, round_: int, num_samples: int) -> UpdateRejected | None:
+        """Charge a noised update to the gateway's budget, or refuse it (policy "stop").
+
+        Record level (``train.dp_noise > 0``, DP-SGD on the gateway): the update is
+        ``dp_steps`` Gaussian steps Poisson-sampled at ``batch_size / num_samples``, both
+        recomputed from the clear ``num_samples`` exactly as the gateway's training does.
+        Update level: one release of the whole delta at the selection fraction.
+        """
+        train = self.config.train
+        if train.dp_noise > 0:
+            z, q, steps = train.dp_noise, sampling_rate(num_samples, train), dp_steps(num_samples, train)
+        else:
+            z, q, steps = self.config.pipeline.noise_multiplier, min(1.0, self.config.fraction), 1
         if self.ledger is None or z <= 0:
             return None
-        q = min(1.0, self.config.fraction)
-        decision = self.ledger.check(device, z, q)
+        decision = self.ledger.check(device, z, q, steps)
         if decision.alert:
             self.alerts.append(decision.alert)
         if not decision.allowed:
             self.excluded.add(device)
             self.refused.add(device)
             return self._reject(device, round_, "budget_spent", decision.alert)
-        self.ledger.record(device, z, q)
+        self.ledger.record(device, z, q, steps)
         return None
 
     def _quorum(self) -> int:
