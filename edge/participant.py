@@ -252,7 +252,7 @@ class Participant:
         self.phase = ParticipantPhase.READY
         delta = subtract(event.weights, self.weights)
         encoded, info = self.encode(delta, ann.pipeline)
-        private = ann.pipeline.noise_multiplier > 0
+        private = ann.pipeline.noise_multiplier > 0 or ann.train.dp_noise > 0
         update = ModelUpdate(
             round=event.round,
             base_version=event.base_version,
