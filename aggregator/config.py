@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedcore.compression.downlink import MODES as DOWNLINK_MODES
 from fedcore.config import Section, load_toml
 from fedcore.protocol.messages import ModelSpec
 from fedcore.service_config import (
@@ -91,6 +92,8 @@ def load_aggregator_config(path: str | Path) -> AggregatorConfig:
         pipeline=pipeline,
         server=server,
         reputation=reputation,
+        downlink=rsec.str("downlink", "fp32", choices=DOWNLINK_MODES),
+        downlink_full_every=rsec.int("downlink_full_every", 10, min=0),
     )
     rsec.reject_unknown()
     fsec = root.section("fusion")

@@ -38,15 +38,18 @@ class Gateway:
 
 
 class Federation:
-    def __init__(self, gateways: list[Gateway], config: agg.RoundConfig, now: float = 1000.0):
+    def __init__(self, gateways: list[Gateway], config: agg.RoundConfig, now: float = 1000.0,
+                 weights: list[np.ndarray] | None = None, spec: ModelSpec = SPEC):
         self.now = now
-        weights = [np.zeros((2, 1), np.float32), np.zeros((1,), np.float32)]
-        self.server = agg.RoundStateMachine(config, SPEC, weights, random.Random(0))
+        if weights is None:
+            weights = [np.zeros((2, 1), np.float32), np.zeros((1,), np.float32)]
+        self.server = agg.RoundStateMachine(config, spec, weights, random.Random(0))
         self.gateways = {g.name: g for g in gateways}
         self.retained_round: RoundAnnouncement | None = None
         self.retained_model: GlobalModel | None = None
         self.actions: list = []
         self.outbox: list[tuple[str, edge.PublishUpdate]] = []
+        self.model_bytes: list[int] = []  # encoded size of each published model envelope
 
     def start(self) -> None:
         self.feed(agg.Started(self.now))
@@ -57,6 +60,8 @@ class Federation:
         for action in self.server.handle(event):
             self.actions.append(action)
             if isinstance(action, agg.PublishModel):
+                env = codec.make_envelope(Kind.MODEL, "fleet", "task", 0, "x", action.model, timestamp=0.0)
+                self.model_bytes.append(len(codec.encode(env)))
                 self.retained_model = codec.decode_body(wire(Kind.MODEL, action.model), GlobalModel)
                 for g in self.online():
                     self.deliver(g, edge.ModelReceived(self.now, self.retained_model))
