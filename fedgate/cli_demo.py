@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server-optimizer", default="fedavg", choices=("fedavg", "fedavgm", "fedadam"))
     p.add_argument("--compress", default="",
                    help="gateway update compression, e.g. topk:0.01,int8,zstd")
+    p.add_argument("--downlink", default="fp32", choices=("fp32", "int8", "delta"),
+                   help="how the global model travels to gateways: fp32, int8 (float master kept "
+                   "on the aggregator) or delta (int8 delta on the previous version)")
     p.add_argument("--dp-epsilon", type=float, default=0.0,
                    help="differential privacy: each gateway's (epsilon, 1e-5) budget over the run")
     p.add_argument("--clip-norm", type=float, default=0.0,
@@ -78,6 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         compression=tuple(c for c in args.compress.split(",") if c),
         dp_epsilon=args.dp_epsilon,
+        downlink=args.downlink,
         clip_norm=args.clip_norm,
         secure=args.secure,
         inference=args.inference,

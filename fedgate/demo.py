@@ -28,6 +28,7 @@ from typing import Any, TextIO
 import msgspec
 import numpy as np
 
+from edge.participant import receive_model
 from fedcore.datasets import (
     FederatedDataset,
     default_spec,
@@ -39,7 +40,6 @@ from fedcore.learning.models import init_params
 from fedcore.learning.training import train_local
 from fedcore.protocol import codec
 from fedcore.protocol.messages import GlobalModel, ModelSpec, RoundSummary, TrainConfig
-from fedcore.protocol.tensors import decode_tensors
 from fedcore.protocol.topics import Topics
 from fedcore.transport.base import MessageReceived, TlsSettings
 from fedcore.transport.paho import PahoTransport
@@ -249,6 +249,7 @@ def _watch(observer: Observer, dataset: FederatedDataset, options: DemoOptions,
     scores: dict[int, dict[str, float]] = {}
     summaries: dict[int, RoundSummary] = {}
     rows: list[RoundRow] = []
+    held_version, held = -1, None  # the model as the gateways hold it
     deadline = time.monotonic() + options.timeout_s
     while len(rows) < options.rounds:
         if time.monotonic() > deadline:
@@ -258,9 +259,13 @@ def _watch(observer: Observer, dataset: FederatedDataset, options: DemoOptions,
             say(f"the aggregator exited with code {procs[0].returncode}")
             break
         item = observer.next(timeout=0.5)
-        if isinstance(item, GlobalModel) and item.version > 0:
-            weights = [np.array(a) for a in decode_tensors(item.tensors)]
-            scores[item.version] = evaluate_dataset(dataset, item.spec, weights)
+        if isinstance(item, GlobalModel):
+            # decoded as a gateway decodes it (int8, or a delta on the previous version)
+            weights = receive_model(item, held_version, held)
+            if weights is not None and item.version != held_version:
+                held_version, held = item.version, weights
+                if item.version > 0:
+                    scores[item.version] = evaluate_dataset(dataset, item.spec, weights)
         elif isinstance(item, RoundSummary):
             summaries[item.model_version] = item
         for version in sorted(set(scores) & set(summaries)):

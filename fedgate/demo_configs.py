@@ -30,6 +30,7 @@ class DemoOptions:
     compression: tuple[str, ...] = ()
     clip_norm: float = 0.0
     dp_epsilon: float = 0.0
+    downlink: str = "fp32"  # how the global model travels: fp32 | int8 | delta
     unit_column: str = ""
     target: str = ""
     features: tuple[str, ...] = ()
@@ -122,7 +123,8 @@ def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: Federa
                          "activation": spec.activation, "task": spec.task,
                          "features": list(spec.features), "target": spec.target}),
         _table("rounds", {"rounds": options.rounds, "min_participants": len(units),
-                          "round_timeout_s": options.round_timeout_s}),
+                          "round_timeout_s": options.round_timeout_s,
+                          "downlink": options.downlink}),
         _table("train", {"local_epochs": train.local_epochs, "batch_size": train.batch_size,
                          "learning_rate": train.learning_rate, "optimizer": train.optimizer,
                          "max_steps": train.max_steps}),
