@@ -34,6 +34,11 @@ class PrivacyTarget:
     target_epsilon: float = 0.0  # 0 = no DP calibration
     delta: float = 1e-5
     policy: str = "stop"  # what happens when a gateway's budget is spent: stop | warn
+    # "update": clip + noise the whole delta (unit: a gateway's data); "record": DP-SGD on the
+    # gateway (unit: one record), target_epsilon then calibrates train.dp_noise (docs/privacy.md)
+    level: str = "update"
+    min_records: int = 1000  # lower bound on a gateway's records, for calibrating before round 1
+    record_clip: float = 1.0  # per-example gradient clip norm at level "record"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +82,19 @@ def load_aggregator_config(path: str | Path) -> AggregatorConfig:
         target_epsilon=psec.float("target_epsilon", 0.0, min=0.0),
         delta=psec.float("delta", 1e-5, min=0.0, max=0.1),
         policy=psec.str("budget_policy", "stop", choices=("stop", "warn")),
+        level=psec.str("dp_level", "update", choices=("update", "record")),
+        min_records=psec.int("min_records", 1000, min=1),
+        record_clip=psec.float("record_clip", 1.0, min=0.0),
     )
-    if privacy.target_epsilon > 0 and pipeline.clip_norm <= 0:
+    if privacy.level == "record":
+        if privacy.target_epsilon <= 0:
+            raise psec.error("dp_level", "record", "needs target_epsilon > 0 (it calibrates the DP-SGD noise)")
+        if privacy.record_clip <= 0:
+            raise psec.error("record_clip", privacy.record_clip, "must be > 0")
+        if pipeline.noise_multiplier > 0:
+            raise psec.error("noise_multiplier", pipeline.noise_multiplier,
+                             "is update-level noise; with dp_level = \"record\" leave it 0")
+    elif privacy.target_epsilon > 0 and pipeline.clip_norm <= 0:
         raise psec.error("target_epsilon", privacy.target_epsilon, "needs clip_norm > 0")
     psec.reject_unknown()
     reputation = _reputation(root.section("reputation"))

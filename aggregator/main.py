@@ -24,6 +24,8 @@ def with_calibrated_noise(config: AggregatorConfig) -> AggregatorConfig:
     target = config.privacy
     if target.target_epsilon <= 0:
         return config
+    if target.level == "record":
+        return _with_record_noise(config)
     from aggregator.privacy import noise_multiplier_for
 
     q = min(1.0, config.rounds.fraction)
@@ -34,13 +36,31 @@ def with_calibrated_noise(config: AggregatorConfig) -> AggregatorConfig:
     return replace(config, rounds=replace(config.rounds, pipeline=pipeline))
 
 
+def _with_record_noise(config: AggregatorConfig) -> AggregatorConfig:
+    """Record level: DP-SGD on the gateways; sigma for the target over every local step of
+    the run, with ``min_records`` standing in for the gateways' unknown data sizes."""
+    from aggregator.privacy import record_noise_multiplier_for
+
+    target = config.privacy
+    train = msgspec.structs.replace(config.rounds.train, dp_clip=target.record_clip)
+    z = record_noise_multiplier_for(target.target_epsilon, target.delta, train,
+                                    config.rounds.rounds, target.min_records)
+    log.info("DP (record level): DP-SGD sigma %.3f, clip %.3g for epsilon %.3g, delta %.3g over "
+             "%d rounds, calibrated for >= %d records per gateway", z, target.record_clip,
+             target.target_epsilon, target.delta, config.rounds.rounds, target.min_records)
+    train = msgspec.structs.replace(train, dp_noise=z)
+    return replace(config, rounds=replace(config.rounds, train=train))
+
+
 def make_ledger(config: AggregatorConfig) -> Ledger | None:
-    if config.rounds.pipeline.noise_multiplier <= 0:
+    record = config.rounds.train.dp_noise > 0
+    if config.rounds.pipeline.noise_multiplier <= 0 and not record:
         return None
     from aggregator.privacy import PrivacyLedger
 
     eps = config.privacy.target_epsilon or float("inf")
-    return PrivacyLedger(eps, config.privacy.delta, config.privacy.policy)
+    return PrivacyLedger(eps, config.privacy.delta, config.privacy.policy,
+                         level="record" if record else "update")
 
 
 def build_aggregator(config_path: str | Path) -> AggregatorService:

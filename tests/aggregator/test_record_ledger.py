@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import msgspec
 import numpy as np
 import pytest
 
+from aggregator.config import load_aggregator_config
+from aggregator.main import make_ledger, with_calibrated_noise
 from aggregator.privacy import (
     PrivacyLedger,
     epsilon_spent,
@@ -24,6 +27,7 @@ from aggregator.rounds import (
     UpdateReceived,
     UpdateRejected,
 )
+from fedcore.errors import ConfigError
 from fedcore.learning.models import init_params
 from fedcore.protocol.messages import EncodedDelta, ModelSpec, ModelUpdate, PipelineConfig, TrainConfig
 from fedcore.protocol.tensors import encode_tensors
@@ -149,3 +153,58 @@ def test_update_level_charging_is_unchanged_without_record_noise() -> None:
     machine.handle(UpdateReceived(1.0, "a", "id-a", _update(2000)))
     assert ledger.releases("a") == 1
     assert ledger.epsilon("a") == pytest.approx(epsilon_spent(2.0, 1.0, 1, DELTA))
+
+
+RECORD_CONFIG = """
+[task]
+fleet = "plant1"
+name = "wind"
+[model]
+layer_sizes = [5, 32, 16, 1]
+[rounds]
+rounds = 20
+[train]
+batch_size = 64
+max_steps = 500
+[pipeline]
+target_epsilon = 2.0
+dp_level = "record"
+min_records = 5000
+record_clip = 0.5
+"""
+
+
+def test_record_level_config_calibrates_train_dp_noise(tmp_path: Path) -> None:
+    path = tmp_path / "aggregator.toml"
+    path.write_text(RECORD_CONFIG)
+    config = with_calibrated_noise(load_aggregator_config(path))
+    train = config.rounds.train
+    assert train.dp_clip == 0.5 and train.dp_noise > 0
+    assert config.rounds.pipeline.noise_multiplier == 0  # no update-level noise on top
+    assert record_epsilon(train, 5000, 20, 1e-5) == pytest.approx(2.0, rel=0.02)
+    ledger = make_ledger(config)
+    assert isinstance(ledger, PrivacyLedger) and ledger.level == "record"
+
+
+@pytest.mark.parametrize("change, key", [
+    (('target_epsilon = 2.0\n', ''), "dp_level"),
+    (('record_clip = 0.5', 'record_clip = 0.0'), "record_clip"),
+    (('dp_level = "record"', 'dp_level = "record"\nclip_norm = 1.0\nnoise_multiplier = 1.0'),
+     "noise_multiplier"),
+    (('dp_level = "record"', 'dp_level = "sample"'), "dp_level"),
+])
+def test_bad_record_level_config_names_the_key(tmp_path: Path, change: tuple[str, str], key: str) -> None:
+    path = tmp_path / "aggregator.toml"
+    path.write_text(RECORD_CONFIG.replace(*change))
+    with pytest.raises(ConfigError, match=key):
+        load_aggregator_config(path)
+
+
+def test_update_level_stays_the_default(tmp_path: Path) -> None:
+    path = tmp_path / "aggregator.toml"
+    path.write_text(RECORD_CONFIG.replace('dp_level = "record"\n', 'clip_norm = 0.3\n'))
+    config = with_calibrated_noise(load_aggregator_config(path))
+    assert config.privacy.level == "update" and config.rounds.train.dp_noise == 0
+    assert config.rounds.pipeline.noise_multiplier > 0
+    ledger = make_ledger(config)
+    assert isinstance(ledger, PrivacyLedger) and ledger.level == "update"
