@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "on the aggregator) or delta (int8 delta on the previous version)")
     p.add_argument("--dp-epsilon", type=float, default=0.0,
                    help="differential privacy: each gateway's (epsilon, 1e-5) budget over the run")
+    p.add_argument("--dp-level", default="update", choices=("update", "record"),
+                   help="what --dp-epsilon protects: a gateway's whole update (update) or each "
+                   "of its sensor records, by DP-SGD in local training (record)")
     p.add_argument("--clip-norm", type=float, default=0.0,
                    help="L2 clip of each update (default 1.0 when --dp-epsilon is set)")
     p.add_argument("--inference", action="store_true",
@@ -81,6 +84,7 @@ def _run(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         compression=tuple(c for c in args.compress.split(",") if c),
         dp_epsilon=args.dp_epsilon,
+        dp_level=args.dp_level,
         downlink=args.downlink,
         clip_norm=args.clip_norm,
         secure=args.secure,

@@ -30,6 +30,7 @@ class DemoOptions:
     compression: tuple[str, ...] = ()
     clip_norm: float = 0.0
     dp_epsilon: float = 0.0
+    dp_level: str = "update"  # "update": noise each gateway's delta; "record": DP-SGD per record
     downlink: str = "fp32"  # how the global model travels: fp32 | int8 | delta
     unit_column: str = ""
     target: str = ""
@@ -111,10 +112,14 @@ def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: Federa
     fleet folder), every service connects with its mTLS certificate and signs its messages."""
     units = list(dataset.units)
     pipeline: dict[str, Any] = {"compression": list(options.compression)}
-    if options.clip_norm > 0 or options.dp_epsilon > 0:
+    record = options.dp_level == "record" and options.dp_epsilon > 0
+    if options.clip_norm > 0 or (options.dp_epsilon > 0 and not record):
         pipeline["clip_norm"] = options.clip_norm or 1.0
     if options.dp_epsilon > 0:
         pipeline["target_epsilon"] = options.dp_epsilon
+    if record:
+        # the demo knows every gateway's row count: the tightest valid calibration bound
+        pipeline.update(dp_level="record", min_records=min(u.num_train for u in dataset.units.values()))
     agg = "\n".join([
         "# written by fedgate demo",
         _table("task", {"fleet": options.fleet, "name": options.task}),
