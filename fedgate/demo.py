@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -131,8 +131,8 @@ class Observer:
             event = self.events.get(timeout=timeout)
         except queue.Empty:
             return None
-        if not isinstance(event, MessageReceived) or not event.payload:
-            return None
+        if not isinstance(event, MessageReceived) or not event.payload or event.retained:
+            return None  # subscribed before the run started: everything of ours arrives live
         env = codec.decode(event.payload)
         if event.topic == self.topics.metrics():
             return codec.decode_body(env, RoundSummary)
@@ -157,6 +157,10 @@ def _format_row(row: RoundRow, metric: str) -> str:
 def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     """Run the demo; returns (and writes to ``options.out``) the run record."""
     say: Callable[[str], None] = lambda line: print(line, file=out, flush=True)  # noqa: E731
+    if not options.task:
+        # A task name of its own per run: retained models and rounds of an earlier run on the
+        # same broker would otherwise look newer than this run's (gateways refuse rollbacks).
+        options = replace(options, task=time.strftime("run-%Y%m%d-%H%M%S-") + os.urandom(2).hex())
     workdir = Path(options.workdir or tempfile.mkdtemp(prefix="fedgate-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     if options.field_bus:  # field-bus mode: see fedgate/fieldbus_demo.py

@@ -20,7 +20,7 @@ class DemoOptions:
     workdir: str | None = None
     seed: int = 0
     fleet: str = "demo"
-    task: str = "task"
+    task: str = ""  # "" = a fresh name per run (see run_demo)
     max_rows_per_unit: int = 0
     round_timeout_s: float = 120.0
     timeout_s: float = 900.0
