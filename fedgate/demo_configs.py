@@ -122,7 +122,7 @@ def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: Federa
         pipeline.update(dp_level="record", min_records=min(u.num_train for u in dataset.units.values()))
     agg = "\n".join([
         "# written by fedgate demo",
-        _table("task", {"fleet": options.fleet, "name": options.task}),
+        _table("task", {"fleet": options.fleet, "name": options.task or "task"}),
         _identity_tables(url, "aggregator", fleet_dir / "aggregator" if fleet_dir else None),
         _table("model", {"kind": spec.kind, "layer_sizes": list(spec.layer_sizes),
                          "activation": spec.activation, "task": spec.task,
@@ -161,7 +161,7 @@ def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: Federa
                                            ("task", options.csv_task)) if v})
         text = "\n".join([
             "# written by fedgate demo",
-            _table("device", {"id": device, "fleet": options.fleet, "task": options.task}),
+            _table("device", {"id": device, "fleet": options.fleet, "task": options.task or "task"}),
             _identity_tables(url, device, fleet_dir / "devices" / device if fleet_dir else None),
             _table("data", data),
             scaler_table,
