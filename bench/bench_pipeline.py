@@ -168,7 +168,9 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, object]]:
     rows.append(base)
     norms = [n for r in base_result.records for n in r.pre_clip_norms.values()]
     clip = float(np.median(norms))
-    for name, stages in (("int8", ("int8",)), ("topk:0.1 +EF", ("topk:0.1",)),
+    for name, stages in (("int8", ("int8",)), ("int8+zstd", ("int8", "zstd")),
+                         ("topk:0.1 +EF", ("topk:0.1",)),
+                         ("topk:0.1+int8+zstd +EF", ("topk:0.1", "int8", "zstd")),
                          ("topk:0.01+int8+zstd +EF", COMPRESSED)):
         rows.append(bench.federated(name, PipelineConfig(compression=stages))[0])
     rows.append(bench.federated("none (fp32), seed +1", PipelineConfig(), seed_offset=1)[0])
