@@ -72,13 +72,13 @@ class DownlinkFederation(InMemoryFederation):
             self._deliver(g, edge.ModelReceived(self.now, received))
 
 
-def run_mode(mode: str, args: argparse.Namespace) -> dict[str, object]:
+def run_mode(mode: str, full_every: int, args: argparse.Namespace) -> dict[str, object]:
     dataset = load_dataset("wind", gateways=args.gateways, max_rows_per_unit=args.max_rows, seed=args.seed)
     spec = default_spec(dataset)
     train = default_train_config(dataset)
     start: Params = init_params(spec, np.random.default_rng(args.seed))
     config = RoundConfig(rounds=args.rounds, min_participants=len(dataset.units), train=train,
-                         downlink=mode, downlink_full_every=args.full_every)
+                         downlink=mode, downlink_full_every=full_every)
     t0 = time.perf_counter()
     fed = DownlinkFederation(dataset, spec, config, start, seed=args.seed,
                              evaluate=lambda p: evaluate_dataset(dataset, spec, p))
@@ -88,7 +88,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, object]:
     # messages that started a round (the last one is the final model, counted apart)
     sizes, zsizes = fed.model_sizes[:-1], fed.zstd_sizes[:-1]
     return {
-        "mode": mode,
+        "mode": mode if mode != "delta" else f"delta (full every {full_every or 'never'})",
         "params": num_parameters(start),
         "rmse_held": result.records[-1].metrics["rmse"],
         "rmse_master": evaluate_dataset(dataset, spec, master)["rmse"],
@@ -110,8 +110,7 @@ def render(rows: list[dict[str, object]], args: argparse.Namespace, command: str
         f"Command: `{command}`",
         "",
         f"Wind data, {args.gateways} gateways, max {args.max_rows} rows per turbine, "
-        f"{args.rounds} rounds, seed {args.seed}, FedAvg, delta full model every "
-        f"{args.full_every} versions. {rows[0]['params']} parameters. Bytes are per gateway per "
+        f"{args.rounds} rounds, seed {args.seed}, FedAvg. {rows[0]['params']} parameters. Bytes are per gateway per "
         "round, unsigned envelopes (a signature adds 64).",
         "",
         "| mode | RMSE held (kW) | RMSE master (kW) | max abs(master - held) | model env. B | x smaller | "
@@ -139,8 +138,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     rows = []
-    for mode in ("fp32", "int8", "delta"):
-        rows.append(run_mode(mode, args))
+    for mode, every in (("fp32", 0), ("int8", 0), ("delta", args.full_every), ("delta", 0)):
+        rows.append(run_mode(mode, every, args))
         print(rows[-1], flush=True)
     text = render(rows, args, "python " + " ".join(sys.argv))
     print(text)
