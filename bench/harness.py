@@ -42,6 +42,7 @@ import numpy as np
 from aggregator import rounds as agg
 from aggregator.rounds import Ledger, RoundConfig
 from edge import participant as edge
+from edge.participant import receive_model
 from fedcore.datasets import FederatedDataset
 from fedcore.learning.params import Params
 from fedcore.learning.training import train_local
@@ -54,7 +55,6 @@ from fedcore.protocol.messages import (
     ModelUpdate,
     RoundAnnouncement,
 )
-from fedcore.protocol.tensors import decode_tensors
 
 FLEET, TASK, AGGREGATOR = "bench", "pipeline", "aggregator"
 EvaluateFn = Callable[[Params], dict[str, float]]
@@ -144,6 +144,7 @@ class InMemoryFederation:
         self.current = RoundRecord(round=1)
         self.final_model_bytes = 0
         self.final_weights: Params = [np.array(w) for w in initial_weights]
+        self._held_version = -1
         self.finished = False
         self._pending_model_bytes = 0
 
@@ -179,7 +180,10 @@ class InMemoryFederation:
         self._pending_model_bytes = len(data)
         received = _unwrap(data, GlobalModel)
         assert isinstance(received, GlobalModel)
-        self.final_weights = [np.array(a) for a in decode_tensors(received.tensors)]
+        # what the gateways hold (int8 / delta downlinks decode to the same weights)
+        held = receive_model(received, self._held_version, self.final_weights)
+        if held is not None:
+            self.final_weights, self._held_version = held, received.version
         for g in self.gateways.values():
             self._deliver(g, edge.ModelReceived(self.now, received))
 
