@@ -29,7 +29,13 @@ from aggregator.rounds import (
 )
 from fedcore.errors import ConfigError
 from fedcore.learning.models import init_params
-from fedcore.protocol.messages import EncodedDelta, ModelSpec, ModelUpdate, PipelineConfig, TrainConfig
+from fedcore.protocol.messages import (
+    EncodedDelta,
+    ModelSpec,
+    ModelUpdate,
+    PipelineConfig,
+    TrainConfig,
+)
 from fedcore.protocol.tensors import encode_tensors
 
 DELTA = 1e-5
