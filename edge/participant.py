@@ -105,7 +105,16 @@ class TrainingFinished:
     stats: dict[str, float]
 
 
-Event = ModelReceived | RoundAnnounced | TrainingFinished
+@dataclass(frozen=True, slots=True)
+class TrainingFailed:
+    """Local training produced no usable model (diverged, no data): sit this round out."""
+
+    now: float
+    round: int
+    reason: str
+
+
+Event = ModelReceived | RoundAnnounced | TrainingFinished | TrainingFailed
 
 # ---- actions ------------------------------------------------------------------------------
 
@@ -173,6 +182,13 @@ class Participant:
             return self._on_round(event.announcement)
         if isinstance(event, TrainingFinished):
             return self._on_trained(event)
+        if isinstance(event, TrainingFailed):
+            self.phase = ParticipantPhase.READY
+            actions: list[Action] = [SatOut(event.round, event.reason)]
+            if self.pending is not None and self.pending.round != event.round:
+                return actions + self._restart_if_pending()
+            self.pending, self.training_round = None, -1
+            return actions
         raise TypeError(f"unknown event {event!r}")
 
     def _on_model(self, model: GlobalModel) -> list[Action]:

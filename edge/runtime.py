@@ -170,7 +170,7 @@ class EdgeService:
                 self.rejected[action.reason] += 1
                 log.warning("model version %d refused: %s", action.version, action.reason)
             elif isinstance(action, pm.SatOut):
-                log.info("round %d: sitting out (%s)", action.round, action.reason)
+                log.warning("round %d: sitting out (%s)", action.round, action.reason)
 
     def _install(self, action: pm.InstallModel) -> None:
         spec = action.model.spec
@@ -215,14 +215,22 @@ class EdgeService:
         log.info("model version %d running in LiteRT (int8, %d bytes): %s", model.version,
                  len(tflite), {k: round(v, 3) for k, v in body.values.items()})
 
-    def _train(self, action: pm.StartTraining) -> pm.TrainingFinished:
+    def _train(self, action: pm.StartTraining) -> pm.TrainingFinished | pm.TrainingFailed:
         spec = self.machine.model.spec if self.machine.model else None
         assert spec is not None
         x, y = self.data.x_train, self.data.y_train
         if self.attack is not None:
             x, y = self.attack.poison_data(spec, x, y)
         started = time.perf_counter()
-        weights, result = train_local(spec, action.weights, x, y, action.train, self.rng)
+        try:
+            weights, result = train_local(spec, action.weights, x, y, action.train, self.rng)
+        except ValueError as exc:  # e.g. no training rows yet, or a config it cannot run
+            log.error("round %d: local training failed: %s", action.round, exc)
+            return pm.TrainingFailed(self.clock(), action.round, f"training failed: {exc}")
+        if not np.isfinite(result.loss) or not all(np.isfinite(w).all() for w in weights):
+            log.error("round %d: local training diverged (loss %s); sitting this round out",
+                      action.round, result.loss)
+            return pm.TrainingFailed(self.clock(), action.round, "training diverged")
         if self.attack is not None:
             weights = self.attack.poison_weights(action.weights, weights)
         stats = dict(self.eval_stats)

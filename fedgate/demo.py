@@ -39,7 +39,7 @@ from fedcore.datasets import (
 from fedcore.learning.models import init_params
 from fedcore.learning.training import train_local
 from fedcore.protocol import codec
-from fedcore.protocol.messages import GlobalModel, ModelSpec, RoundSummary, TrainConfig
+from fedcore.protocol.messages import GlobalModel, ModelSpec, RoundSummary, Status, TrainConfig
 from fedcore.protocol.topics import Topics
 from fedcore.transport.base import MessageReceived, TlsSettings
 from fedcore.transport.paho import PahoTransport
@@ -108,6 +108,7 @@ class Observer:
     def __init__(self, url: str, topics: Topics, fleet_dir: Path | None = None) -> None:
         self.topics = topics
         self.events: queue.Queue[Any] = queue.Queue()
+        self.online: set[str] = set()
         tls = None
         client_id = f"demo-observer-{os.getpid()}"
         if fleet_dir is not None:  # an operator's identity: the aggregator's bundle reads metrics
@@ -123,6 +124,7 @@ class Observer:
             if type(event).__name__ == "Connected":
                 self.transport.subscribe(self.topics.metrics())
                 self.transport.subscribe(self.topics.model())
+                self.transport.subscribe(self.topics.status_filter())
 
         self.transport.start(on_event)
 
@@ -136,7 +138,18 @@ class Observer:
         env = codec.decode(event.payload)
         if event.topic == self.topics.metrics():
             return codec.decode_body(env, RoundSummary)
-        return codec.decode_body(env, GlobalModel)
+        if event.topic == self.topics.model():
+            return codec.decode_body(env, GlobalModel)
+        if codec.decode_body(env, Status).state == "online":
+            self.online.add(env.sender)
+        return None
+
+    def wait_online(self, count: int, timeout: float) -> int:
+        """Wait until ``count`` gateways announced themselves online; how many did."""
+        deadline = time.monotonic() + timeout
+        while len(self.online) < count and time.monotonic() < deadline:
+            self.next(timeout=0.2)
+        return len(self.online)
 
     def stop(self) -> None:
         self.transport.stop()
@@ -201,10 +214,14 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         field_bus = fill_stores(workdir, options, dataset, say) if options.field_bus else None
         observer = Observer(url, topics, fleet_dir)
         observer.start()
-        procs.append(_spawn(["aggregator", "run", "-c", str(files.aggregator)], workdir / "aggregator.log"))
         for unit, path in files.edges.items():
             procs.append(_spawn(["edge", "run", "-c", str(path)], workdir / f"edge-{unit}.log"))
-        say(f"started the aggregator and {len(files.edges)} gateway agents (logs in {workdir})")
+        # the gateways first, so that round 1 starts with the whole fleet online
+        online = observer.wait_online(len(files.edges), timeout=120)
+        procs.insert(0, _spawn(["aggregator", "run", "-c", str(files.aggregator)],
+                               workdir / "aggregator.log"))
+        say(f"started {len(files.edges)} gateway agents ({online} online) and the aggregator "
+            f"(logs in {workdir})")
         if bad := malicious_units(list(dataset.units), options):
             say(f"EXPERIMENT: {', '.join(bad)} run the {options.attack!r} attack; "
                 f"fusion rule {options.fusion!r}")

@@ -113,8 +113,9 @@ def default_train_config(dataset: FederatedDataset) -> TrainConfig:
     if dataset.name == "batteries":
         # Cells have 11..136 training cycles: several passes per round, small batches. Plain
         # SGD averaged better than Adam here (Adam's fresh per-round state moves every
-        # weight by ~lr per step on a 2-step client, whatever its gradient says).
-        return TrainConfig(local_epochs=5, batch_size=8, learning_rate=0.05, optimizer="sgd")
+        # weight by ~lr per step on a 2-step client, whatever its gradient says). lr 0.05
+        # diverged on cell B0042 for 9 of 40 shuffling seeds; 0.02 for none.
+        return TrainConfig(local_epochs=5, batch_size=8, learning_rate=0.02, optimizer="sgd")
     if dataset.name == "synthetic":
         return TrainConfig(local_epochs=1, batch_size=32, learning_rate=0.005, optimizer="adam")
     return TrainConfig(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import random
 import signal
 import subprocess
@@ -42,10 +43,10 @@ class Run:
         dataset = load_dataset("synthetic", gateways=gateways, max_rows_per_unit=ROWS)
         self.files = write_configs(tmp, url, self.options, dataset, default_spec(dataset),
                                    default_train_config(dataset))
-        if min_participants is not None:
-            text = self.files.aggregator.read_text().replace(
-                f"min_participants = {gateways}", f"min_participants = {min_participants}")
-            self.files.aggregator.write_text(text)
+        quorum = gateways if min_participants is None else min_participants
+        text = re.sub(r"min_participants = \d+", f"min_participants = {quorum}",
+                      self.files.aggregator.read_text())
+        self.files.aggregator.write_text(text)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.topics = Topics("test", task)
         self.summaries: queue.Queue[RoundSummary] = queue.Queue()

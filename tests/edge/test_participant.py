@@ -80,3 +80,14 @@ def test_training_result_for_a_superseded_round_is_discarded() -> None:
     actions = p.handle(trained(start1))
     assert [type(a) for a in actions] == [edge.StartTraining]
     assert actions[0].round == 2 and actions[0].base_version == 1
+
+
+def test_failed_training_sits_the_round_out_and_the_next_round_trains() -> None:
+    p = edge.Participant("gw1")
+    p.handle(edge.ModelReceived(0.0, model(0)))
+    (start,) = p.handle(edge.RoundAnnounced(0.0, ann(1, 0)))
+    (out,) = p.handle(edge.TrainingFailed(0.0, start.round, "training diverged"))
+    assert isinstance(out, edge.SatOut) and out.reason == "training diverged"
+    assert p.phase is edge.ParticipantPhase.READY
+    (again,) = p.handle(edge.RoundAnnounced(1.0, ann(2, 0)))
+    assert isinstance(again, edge.StartTraining) and again.round == 2
