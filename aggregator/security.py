@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fedcore.errors import ConfigError, RemoteProtocolError
+from fedcore.errors import RemoteProtocolError
 from fedcore.learning.params import Params, Shapes
 from fedcore.pipeline import decode_update
 from fedcore.protocol import codec, signing
@@ -43,18 +43,7 @@ class AggregatorSecurity:
 
     @classmethod
     def from_paths(cls, file: str, paths: dict[str, Path], audit_path: Path | None) -> AggregatorSecurity:
-        keyring = key = None
-        if "keyring" in paths:
-            keyring = signing.load_keyring(paths["keyring"], paths.get("revocations"))
-        if "signing_key" in paths:
-            try:
-                key = signing.SigningKey.from_pem(paths["signing_key"].read_bytes())
-            except (OSError, ValueError) as exc:
-                raise ConfigError(file, "security.signing_key", str(paths["signing_key"]),
-                                  f"cannot load the Ed25519 key: {exc}") from None
-        if (keyring is None) != (key is None):
-            raise ConfigError(file, "security", sorted(paths),
-                              "keyring and signing_key go together (verify theirs, sign ours)")
+        keyring, key = signing.load_credentials(file, paths)
         audit = None
         if audit_path is not None:
             audit_path.parent.mkdir(parents=True, exist_ok=True)

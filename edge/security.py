@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedcore.errors import ConfigError, RemoteProtocolError
+from fedcore.errors import RemoteProtocolError
 from fedcore.protocol import codec, signing
 from fedcore.protocol.messages import Kind
 
@@ -33,18 +33,7 @@ class EdgeSecurity:
 
     @classmethod
     def from_paths(cls, file: str, paths: dict[str, Path]) -> EdgeSecurity:
-        keyring = key = None
-        if "keyring" in paths:
-            keyring = signing.load_keyring(paths["keyring"], paths.get("revocations"))
-        if "signing_key" in paths:
-            try:
-                key = signing.SigningKey.from_pem(paths["signing_key"].read_bytes())
-            except (OSError, ValueError) as exc:
-                raise ConfigError(file, "security.signing_key", str(paths["signing_key"]),
-                                  f"cannot load the Ed25519 key: {exc}") from None
-        if (keyring is None) != (key is None):
-            raise ConfigError(file, "security", sorted(paths),
-                              "keyring and signing_key go together (verify theirs, sign ours)")
+        keyring, key = signing.load_credentials(file, paths)
         return cls(keyring=keyring, signing_key=key)
 
     def open_from_aggregator(self, payload: bytes, kind: Kind) -> codec.Envelope:

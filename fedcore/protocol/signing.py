@@ -206,6 +206,27 @@ def load_keyring(keyring_path: str | Path, revocations_path: str | Path | None =
         raise ConfigError(str(kp), "<file>", str(kp), f"bad keyring or revocation list: {exc}") from exc
 
 
+def load_credentials(
+    config_file: str, paths: Mapping[str, Path]
+) -> tuple[Keyring | None, SigningKey | None]:
+    """A service's ``[security]`` table: the fleet keyring (``keyring``, ``revocations``) and
+    its own signing key (``signing_key``). Both or neither: a service that verifies others
+    but does not sign (or the reverse) would be half-secured without saying so."""
+    keyring = key = None
+    if "keyring" in paths:
+        keyring = load_keyring(paths["keyring"], paths.get("revocations"))
+    if "signing_key" in paths:
+        try:
+            key = SigningKey.from_pem(Path(paths["signing_key"]).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(config_file, "security.signing_key", str(paths["signing_key"]),
+                              f"cannot load the Ed25519 key: {exc}") from None
+    if (keyring is None) != (key is None):
+        raise ConfigError(config_file, "security", sorted(paths),
+                          "keyring and signing_key go together (verify theirs, sign ours)")
+    return keyring, key
+
+
 def verify_sender(envelope: codec.Envelope, topic_device: str | None) -> None:
     """The signed sender must be the device whose topic the message arrived on."""
     if topic_device is not None and envelope.sender != topic_device:

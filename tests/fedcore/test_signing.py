@@ -167,3 +167,19 @@ def test_model_chain() -> None:
     v5 = GlobalModel(5, 5, b"\x00" * 32, spec, ())  # gateway missed versions 2-4
     assert signing.check_model_successor(v5, 1, v1_hash)
     assert reason(signing.check_model_successor, v5, 1, v1_hash, None, False) == "bad_parent"
+
+
+def test_credentials_come_in_pairs(tmp_path) -> None:
+    from fedcore.protocol.signing import load_credentials
+
+    pem = tmp_path / "signing.key"
+    pem.write_text(signing.SigningKey.from_seed(b"\x01" * 32).to_pem())
+    with pytest.raises(ConfigError) as err:
+        load_credentials("edge.toml", {"signing_key": pem})
+    assert "keyring and signing_key go together" in str(err.value) and "edge.toml" in str(err.value)
+    bad = tmp_path / "bad.key"
+    bad.write_text("not a key")
+    with pytest.raises(ConfigError) as err:
+        load_credentials("edge.toml", {"signing_key": bad})
+    assert "security.signing_key" in str(err.value)
+    assert load_credentials("edge.toml", {}) == (None, None)
