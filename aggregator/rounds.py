@@ -119,7 +119,7 @@ class RoundConfig:
     train: TrainConfig = TrainConfig()
     pipeline: PipelineConfig = PipelineConfig()
     server: ServerOptimizerConfig = ServerOptimizerConfig()
-    reputation: rep.ReputationConfig | None = rep.ReputationConfig()  # None = no quarantine
+    reputation: rep.ReputationConfig | None = None  # None = no reputation, no quarantine
     downlink: str = "fp32"  # how the model travels: fp32 | int8 | delta (aggregator.downlink)
     downlink_full_every: int = 10  # delta: a full model every N versions (0 = only on re-sync)
 

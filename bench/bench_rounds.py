@@ -36,6 +36,7 @@ Usage: python bench/bench_rounds.py --gateways 10 50 200 --rounds 5
 from __future__ import annotations
 
 import argparse
+import re
 import datetime as dt
 import json
 import os
@@ -203,6 +204,8 @@ def run_one(n: int, rounds: int, workdir: Path, concurrency: int, timeout_s: flo
         files = write_configs(workdir, proxy.url, options, dataset, spec, TRAIN)
         # the aggregator talks to the broker directly: only gateway traffic is counted
         agg_toml = files.aggregator.read_text().replace(proxy.url, broker.url)
+        # every round waits for all N gateways (the demo's default quorum tolerates 1 in 10)
+        agg_toml = re.sub(r"min_participants = \d+", f"min_participants = {n}", agg_toml)
         files.aggregator.write_text(agg_toml)
         observer = Observer(broker.url, topics)
         observer.start()

@@ -137,6 +137,8 @@ def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: Federa
                          "max_steps": train.max_steps}),
         _table("pipeline", pipeline),
         _table("fusion", {"rule": options.fusion}),
+        # attack experiments watch reputations and quarantine persistent outliers
+        _table("reputation", {"enabled": True}) if options.attack else "",
         _table("server", {"optimizer": options.server_optimizer}),
         _table("state", {"dir": str(workdir / "aggregator-state"), "seed": options.seed,
                          "exit_when_done": False}),

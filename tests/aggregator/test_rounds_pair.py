@@ -7,6 +7,7 @@ import pytest
 
 from aggregator import rounds as agg
 from aggregator.fusion import make_fuse
+from aggregator.reputation import ReputationConfig
 from edge import participant as edge
 from tests.pair import Federation, Gateway
 
@@ -165,7 +166,8 @@ def test_a_gateway_that_stays_an_outlier_is_quarantined_until_released() -> None
     gws = [Gateway("gw1", 1.0, 100), Gateway("gw2", 1.2, 100), Gateway("gw3", 0.8, 100),
            Gateway("evil", -50.0, 100)]
     # a quorum of all four: once "evil" is quarantined, three must be enough
-    fed = Federation(gws, agg.RoundConfig(rounds=20, min_participants=4))
+    fed = Federation(gws, agg.RoundConfig(rounds=20, min_participants=4,
+                                          reputation=ReputationConfig()))
     fed.server.fuse = make_fuse("median", {})  # with a robust rule the attacker stands out
     fed.start()
     for _ in range(6):
