@@ -27,6 +27,7 @@ from aggregator.server_optim import SERVER_OPTIMIZERS, ServerOptimizerConfig
 class FusionConfig:
     rule: str = "fedavg"
     params: dict[str, Any] = field(default_factory=dict)
+    root_data: Path | None = None  # FLTrust: the aggregator's small trusted data set (.npz x, y)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +116,8 @@ def load_aggregator_config(path: str | Path) -> AggregatorConfig:
     fsec = root.section("fusion")
     fusion = FusionConfig(
         rule=fsec.str("rule", "fedavg"),
-        params={k: v for k, v in fsec.data.items() if k != "rule"},
+        params={k: v for k, v in fsec.data.items() if k not in ("rule", "root_data")},
+        root_data=fsec.path("root_data") if fsec.has("root_data") else None,
     )
     state = root.section("state")
     cfg = AggregatorConfig(
@@ -167,9 +169,12 @@ def _security(sec: Section) -> dict[str, Path]:
 
 def _check_fusion(sec: Section, fusion: FusionConfig) -> None:
     """Ask the fusion registry whether the rule and its parameters exist."""
-    from aggregator.fusion import check_rule
+    from aggregator.fusion import check_rule, needs_root_data
 
     try:
         check_rule(fusion.rule, fusion.params)
     except ValueError as exc:
         raise sec.error("rule", fusion.rule, str(exc)) from None
+    if needs_root_data(fusion.rule) and fusion.root_data is None:
+        raise sec.error("root_data", None, f"rule {fusion.rule!r} needs the aggregator's trusted "
+                        "root data set: an .npz file with arrays x and y, scaled like the gateways'")

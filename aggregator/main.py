@@ -7,11 +7,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import msgspec
+import numpy as np
 
 from fedcore.systemd import SystemdNotifier
 from fedcore.transport.factory import transport_from_config
 
 from aggregator.config import AggregatorConfig, load_aggregator_config
+from aggregator.fusion import ServerUpdateFn
 from aggregator.rounds import Ledger
 from aggregator.runtime import AggregatorService
 from aggregator.security import AggregatorSecurity
@@ -63,11 +65,37 @@ def make_ledger(config: AggregatorConfig) -> Ledger | None:
                          level="record" if record else "update")
 
 
+def root_update(config: AggregatorConfig) -> ServerUpdateFn | None:
+    """FLTrust's reference: one round of local training on the aggregator's root data."""
+    path = config.fusion.root_data
+    if path is None:
+        return None
+    from fedcore.errors import ConfigError
+    from fedcore.learning.params import subtract
+    from fedcore.learning.training import train_local
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            x, y = np.asarray(data["x"], np.float32), np.asarray(data["y"])
+    except (OSError, KeyError, ValueError) as exc:
+        raise ConfigError(config.file, "fusion.root_data", str(path),
+                          f"cannot read arrays x and y: {exc}") from None
+    rng = np.random.default_rng([config.seed, 3])
+
+    def update(held: list[np.ndarray]) -> list[np.ndarray]:
+        trained, _ = train_local(config.spec, held, x, y, config.rounds.train, rng)
+        return subtract(trained, held)
+
+    log.info("FLTrust: %d root rows from %s", len(x), path)
+    return update
+
+
 def build_aggregator(config_path: str | Path) -> AggregatorService:
     config = with_calibrated_noise(load_aggregator_config(config_path))
     transport = transport_from_config(config.broker, seed=config.seed)
     security = AggregatorSecurity.from_paths(config.file, config.security, config.state_dir / "audit.jsonl")
     return AggregatorService(config, transport, security, ledger=make_ledger(config),
+                             server_update=root_update(config),
                              notifier=SystemdNotifier.from_environment())
 
 

@@ -31,7 +31,7 @@ from fedcore.transport.base import Connected, Disconnected, MessageReceived, Tra
 from aggregator import checkpoint as checkpoints
 from aggregator import rounds as sm
 from aggregator.config import AggregatorConfig
-from aggregator.fusion import make_fuse
+from aggregator.fusion import ServerUpdateFn, make_fuse
 from aggregator.security import AggregatorSecurity
 
 log = logging.getLogger("fedgate.aggregator")
@@ -52,6 +52,7 @@ class AggregatorService:
         transport: Transport,
         security: AggregatorSecurity,
         ledger: sm.Ledger | None = None,
+        server_update: ServerUpdateFn | None = None,
         clock: Callable[[], float] = time.time,
         notifier: SystemdNotifier | None = None,
     ) -> None:
@@ -74,7 +75,7 @@ class AggregatorService:
             config.spec,
             weights,
             random.Random(config.seed),
-            fuse=make_fuse(config.fusion.rule, config.fusion.params),
+            fuse=make_fuse(config.fusion.rule, config.fusion.params, server_update),
             decode=security.decode_delta,
             ledger=ledger,
         )

@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from aggregator.fusion import needs_root_data
 from fedcore.datasets import FederatedDataset
 from fedcore.protocol.messages import ModelSpec, TrainConfig
 
@@ -81,6 +84,18 @@ def _table(name: str, values: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_root_data(workdir: Path, dataset: FederatedDataset, seed: int, rows: int = 200) -> Path:
+    """FLTrust's trusted root set: a few rows the operator collected and checked, drawn here
+    from the pooled training rows (the demo simulates the whole plant)."""
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([u.x_train for u in dataset.units.values()])
+    y = np.concatenate([u.y_train for u in dataset.units.values()])
+    pick = rng.choice(len(x), size=min(rows, len(x)), replace=False)
+    path = workdir / "root-data.npz"
+    np.savez(path, x=x[pick], y=y[pick])
+    return path
+
+
 def malicious_units(units: list[str], options: DemoOptions) -> list[str]:
     """The last round(share x N) units (at least one for a positive share) run the attack."""
     if not options.attack or options.malicious <= 0:
@@ -136,7 +151,9 @@ def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: Federa
                          "learning_rate": train.learning_rate, "optimizer": train.optimizer,
                          "max_steps": train.max_steps}),
         _table("pipeline", pipeline),
-        _table("fusion", {"rule": options.fusion}),
+        _table("fusion", {"rule": options.fusion,
+                          **({"root_data": str(write_root_data(workdir, dataset, options.seed))}
+                             if needs_root_data(options.fusion) else {})}),
         # attack experiments watch reputations and quarantine persistent outliers
         _table("reputation", {"enabled": True}) if options.attack else "",
         _table("server", {"optimizer": options.server_optimizer}),

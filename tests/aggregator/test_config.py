@@ -51,6 +51,7 @@ def test_a_good_config_loads_into_frozen_objects(tmp_path: Path) -> None:
         (("[rounds]", "[pipeline]\nnoise_multiplier = 1.0\n[rounds]"), "pipeline.noise_multiplier", "clip_norm"),
         (("[rounds]", '[pipeline]\ncompression = ["gzip"]\n[rounds]'), "pipeline.compression", "gzip"),
         (("[rounds]", "[reputation]\nwindow = 0\n[rounds]"), "reputation.window", ">= 1"),
+        (('rule = "trimmed_mean"\ntrim_fraction = 0.2', 'rule = "fltrust"'), "fusion.root_data", "root data"),
     ],
 )
 def test_bad_values_name_file_key_and_value(tmp_path: Path, change, key, words) -> None:
