@@ -44,3 +44,40 @@ def test_demo_rejects_an_unknown_dataset(tmp_path: Path) -> None:
     )
     assert proc.returncode == 78
     assert "nope" in proc.stderr and "wind" in proc.stderr
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_ctrl_c_stops_every_service_cleanly(tmp_path: Path, mosquitto) -> None:
+    import signal
+    import time
+
+    work = tmp_path / "ctrlc"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedgate", "demo", "--rounds", "50", "--max-rows-per-unit", "3000",
+         "--broker", mosquitto.url, "--workdir", str(work)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:  # wait for the first round's row
+        if line.split()[:1] == ["1"]:
+            break
+    assert _processes_mentioning(str(work)), "the services should be running"
+    proc.send_signal(signal.SIGINT)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=60) == 130
+    assert "interrupted: stopping the services" in out
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(str(work)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_mentioning(str(work)) == []
