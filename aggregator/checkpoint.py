@@ -44,7 +44,7 @@ def _pack(checkpoint: Checkpoint) -> bytes:
     arrays.update(checkpoint.arrays)
     arrays["meta"] = np.frombuffer(json.dumps(checkpoint.meta).encode(), dtype=np.uint8)
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
     return buf.getvalue()
 
 
@@ -57,7 +57,7 @@ def save(directory: Path, checkpoint: Checkpoint) -> Path:
     version_file = models / f"v{checkpoint.meta['version']}.npz"
     if not version_file.exists():
         buf = io.BytesIO()
-        np.savez(buf, **{f"w_{i}": w for i, w in enumerate(checkpoint.weights)})
+        np.savez(buf, **{f"w_{i}": w for i, w in enumerate(checkpoint.weights)})  # type: ignore[arg-type]
         _atomic_write(version_file, buf.getvalue())
     return path
 

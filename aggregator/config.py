@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aggregator.reputation import ReputationConfig
+from aggregator.rounds import RoundConfig
+from aggregator.server_optim import SERVER_OPTIMIZERS, ServerOptimizerConfig
 from fedcore.compression.downlink import MODES as DOWNLINK_MODES
 from fedcore.config import Section, load_toml
 from fedcore.protocol.messages import ModelSpec
@@ -17,10 +20,6 @@ from fedcore.service_config import (
     pipeline_config,
     train_config,
 )
-
-from aggregator.reputation import ReputationConfig
-from aggregator.rounds import RoundConfig
-from aggregator.server_optim import SERVER_OPTIMIZERS, ServerOptimizerConfig
 
 
 @dataclass(frozen=True, slots=True)

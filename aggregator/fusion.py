@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fedcore.learning.params import Params
-
 from aggregator import robust
 from aggregator.rounds import FuseFn
+from fedcore.learning.params import Params
 
 # the aggregator's own update on its trusted root data, from the weights the gateways hold
 ServerUpdateFn = Callable[[Params], Params]

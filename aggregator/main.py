@@ -9,14 +9,13 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from fedcore.systemd import SystemdNotifier
-from fedcore.transport.factory import transport_from_config
-
 from aggregator.config import AggregatorConfig, load_aggregator_config
 from aggregator.fusion import ServerUpdateFn
 from aggregator.rounds import Ledger
 from aggregator.runtime import AggregatorService
 from aggregator.security import AggregatorSecurity
+from fedcore.systemd import SystemdNotifier
+from fedcore.transport.factory import transport_from_config
 
 log = logging.getLogger("fedgate.aggregator")
 

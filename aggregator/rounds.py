@@ -36,13 +36,22 @@ Rules, in order of a round ``r`` on global model version ``v``:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Protocol
 
 import numpy as np
 
+from aggregator import reputation as rep
+from aggregator import robust
+from aggregator.downlink import Downlink
+from aggregator.robust import outlier_distances
+from aggregator.server_optim import (
+    ServerOptimizerConfig,
+    ServerOptimizerState,
+    apply_server_update,
+)
 from fedcore.errors import LocalProtocolError, RemoteProtocolError
 from fedcore.learning.params import Params, Shapes, l2_norm, shapes_of
 from fedcore.privacy.dpsgd import dp_steps, sampling_rate
@@ -58,16 +67,6 @@ from fedcore.protocol.messages import (
     TrainConfig,
 )
 from fedcore.protocol.tensors import decode_tensors
-
-from aggregator import reputation as rep
-from aggregator.downlink import Downlink
-from aggregator import robust
-from aggregator.robust import outlier_distances
-from aggregator.server_optim import (
-    ServerOptimizerConfig,
-    ServerOptimizerState,
-    apply_server_update,
-)
 
 # (updates, sample counts, previous global weights) -> fused delta, per-client info
 FuseFn = Callable[[list[Params], list[float], Params], Params]

@@ -20,6 +20,11 @@ from dataclasses import dataclass, field
 import msgspec
 import numpy as np
 
+from aggregator import checkpoint as checkpoints
+from aggregator import rounds as sm
+from aggregator.config import AggregatorConfig
+from aggregator.fusion import ServerUpdateFn, make_fuse
+from aggregator.security import AggregatorSecurity
 from fedcore.errors import RemoteProtocolError
 from fedcore.learning.models import init_params
 from fedcore.protocol import codec
@@ -27,12 +32,6 @@ from fedcore.protocol.messages import Kind, ModelUpdate, Status
 from fedcore.protocol.topics import TopicKind, Topics, parse_topic
 from fedcore.systemd import SystemdNotifier
 from fedcore.transport.base import Connected, Disconnected, MessageReceived, Transport
-
-from aggregator import checkpoint as checkpoints
-from aggregator import rounds as sm
-from aggregator.config import AggregatorConfig
-from aggregator.fusion import ServerUpdateFn, make_fuse
-from aggregator.security import AggregatorSecurity
 
 log = logging.getLogger("fedgate.aggregator")
 TICK_S = 0.2

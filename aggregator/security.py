@@ -15,14 +15,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from aggregator.audit import AuditLog
+from aggregator.rounds import Checkpoint
 from fedcore.errors import RemoteProtocolError
 from fedcore.learning.params import Params, Shapes
 from fedcore.pipeline import decode_update
 from fedcore.protocol import codec, signing
 from fedcore.protocol.messages import EncodedDelta, Kind
-
-from aggregator.audit import AuditLog
-from aggregator.rounds import Checkpoint
 
 log = logging.getLogger("fedgate.aggregator")
 

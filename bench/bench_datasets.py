@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import msgspec
+import numpy as np
 
 from fedcore.datasets import default_spec, default_train_config, evaluate_dataset, load_dataset
 from fedcore.learning.models import init_params

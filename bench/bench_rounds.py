@@ -36,13 +36,13 @@ Usage: python bench/bench_rounds.py --gateways 10 50 200 --rounds 5
 from __future__ import annotations
 
 import argparse
-import re
 import datetime as dt
 import json
 import os
 import platform
 import queue
 import random
+import re
 import signal
 import statistics
 import subprocess

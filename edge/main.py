@@ -9,15 +9,14 @@ from typing import Any
 
 import numpy as np
 
+from edge.config import EdgeConfig, load_edge_config
+from edge.runtime import EdgeService, LocalData, status_payload
+from edge.security import EdgeSecurity
 from fedcore.pipeline import EdgePipelineState, make_encoder
 from fedcore.protocol.topics import Topics
 from fedcore.systemd import SystemdNotifier
 from fedcore.transport.base import Will
 from fedcore.transport.factory import transport_from_config
-
-from edge.config import EdgeConfig, load_edge_config
-from edge.runtime import EdgeService, LocalData, status_payload
-from edge.security import EdgeSecurity
 
 log = logging.getLogger("fedgate.edge")
 

@@ -20,6 +20,9 @@ from typing import Protocol
 
 import numpy as np
 
+from edge import participant as pm
+from edge.config import EdgeConfig
+from edge.security import EdgeSecurity
 from fedcore.errors import RemoteProtocolError
 from fedcore.learning.training import evaluate, train_local
 from fedcore.protocol import codec
@@ -27,10 +30,6 @@ from fedcore.protocol.messages import GlobalModel, Kind, ModelSpec, RoundAnnounc
 from fedcore.protocol.topics import TopicKind, Topics, parse_topic
 from fedcore.systemd import SystemdNotifier
 from fedcore.transport.base import Connected, Disconnected, MessageReceived, Transport
-
-from edge import participant as pm
-from edge.config import EdgeConfig
-from edge.security import EdgeSecurity
 
 
 class Attack(Protocol):

@@ -8,6 +8,7 @@ Unknown keys are errors too: a typo must not silently fall back to a default.
 
 from __future__ import annotations
 
+import builtins
 import tomllib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -36,22 +37,22 @@ def load_toml(path: str | Path) -> Section:
 class Section:
     """A table of a config file; typed getters record which keys were read."""
 
-    def __init__(self, file: str, prefix: str, data: dict[str, Any]) -> None:
+    def __init__(self, file: builtins.str, prefix: builtins.str, data: dict[builtins.str, Any]) -> None:
         self.file = file
         self.prefix = prefix
         self.data = data
-        self._read: set[str] = set()
+        self._read: set[builtins.str] = set()
 
-    def key(self, name: str) -> str:
+    def key(self, name: builtins.str) -> builtins.str:
         return f"{self.prefix}.{name}" if self.prefix else name
 
-    def error(self, name: str, value: Any, problem: str) -> ConfigError:
+    def error(self, name: builtins.str, value: Any, problem: builtins.str) -> ConfigError:
         return ConfigError(self.file, self.key(name), value, problem)
 
-    def has(self, name: str) -> bool:
+    def has(self, name: builtins.str) -> builtins.bool:
         return name in self.data
 
-    def _get(self, name: str, default: Any) -> Any:
+    def _get(self, name: builtins.str, default: Any) -> Any:
         self._read.add(name)
         if name in self.data:
             return self.data[name]
@@ -59,7 +60,7 @@ class Section:
             raise self.error(name, None, "required key is missing")
         return default
 
-    def section(self, name: str, required: bool = False) -> Section:
+    def section(self, name: builtins.str, required: builtins.bool = False) -> Section:
         self._read.add(name)
         value = self.data.get(name, _MISSING)
         if value is _MISSING:
@@ -70,7 +71,7 @@ class Section:
             raise self.error(name, value, "must be a table")
         return Section(self.file, self.key(name), value)
 
-    def sections(self, name: str) -> list[Section]:
+    def sections(self, name: builtins.str) -> list[Section]:
         """An array of tables (``[[name]]``)."""
         self._read.add(name)
         value = self.data.get(name, [])
@@ -78,7 +79,7 @@ class Section:
             raise self.error(name, value, "must be an array of tables ([[...]])")
         return [Section(self.file, f"{self.key(name)}[{i}]", v) for i, v in enumerate(value)]
 
-    def str(self, name: str, default: Any = _MISSING, choices: Iterable[str] | None = None) -> str:
+    def str(self, name: builtins.str, default: Any = _MISSING, choices: Iterable[builtins.str] | None = None) -> builtins.str:
         value = self._get(name, default)
         if not isinstance(value, str):
             raise self.error(name, value, "must be a string")
@@ -89,8 +90,8 @@ class Section:
         return value
 
     def int(
-        self, name: str, default: Any = _MISSING, min: int | None = None, max: int | None = None
-    ) -> int:
+        self, name: builtins.str, default: Any = _MISSING, min: builtins.int | None = None, max: builtins.int | None = None
+    ) -> builtins.int:
         value = self._get(name, default)
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(name, value, "must be an integer")
@@ -99,42 +100,42 @@ class Section:
 
     def float(
         self,
-        name: str,
+        name: builtins.str,
         default: Any = _MISSING,
-        min: float | None = None,
-        max: float | None = None,
-    ) -> float:
+        min: builtins.float | None = None,
+        max: builtins.float | None = None,
+    ) -> builtins.float:
         value = self._get(name, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.error(name, value, "must be a number")
         self._check_range(name, value, min, max)
         return float(value)
 
-    def bool(self, name: str, default: Any = _MISSING) -> bool:
+    def bool(self, name: builtins.str, default: Any = _MISSING) -> builtins.bool:
         value = self._get(name, default)
         if not isinstance(value, bool):
             raise self.error(name, value, "must be true or false")
         return value
 
-    def str_list(self, name: str, default: Any = _MISSING) -> tuple[str, ...]:
+    def str_list(self, name: builtins.str, default: Any = _MISSING) -> tuple[builtins.str, ...]:
         value = self._get(name, default)
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise self.error(name, value, "must be a list of strings")
         return tuple(value)
 
-    def path(self, name: str, default: Any = _MISSING) -> Path:
+    def path(self, name: builtins.str, default: Any = _MISSING) -> Path:
         """A path; relative paths are taken relative to the config file's folder."""
         value = self.str(name, default)
         p = Path(value)
         return p if p.is_absolute() else Path(self.file).parent / p
 
-    def _check_range(self, name: str, value: float, lo: float | None, hi: float | None) -> None:
+    def _check_range(self, name: builtins.str, value: builtins.float, lo: builtins.float | None, hi: builtins.float | None) -> None:
         if lo is not None and value < lo:
             raise self.error(name, value, f"must be >= {lo}")
         if hi is not None and value > hi:
             raise self.error(name, value, f"must be <= {hi}")
 
-    def reject_unknown(self, allowed: Sequence[str] | None = None) -> None:
+    def reject_unknown(self, allowed: Sequence[builtins.str] | None = None) -> None:
         """Raise for keys nobody read (call after building the frozen object)."""
         known = set(allowed) if allowed is not None else self._read
         for name in self.data:

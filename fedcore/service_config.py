@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedcore.config import Section
+from fedcore.errors import LocalProtocolError
 from fedcore.protocol.messages import ModelSpec, PipelineConfig, TrainConfig
 from fedcore.protocol.topics import check_name
-from fedcore.errors import LocalProtocolError
 
 
 @dataclass(frozen=True, slots=True)

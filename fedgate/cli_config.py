@@ -56,7 +56,7 @@ def detect_kind(data: dict[str, Any]) -> str | None:
 def _loader(kind: str) -> Callable[[str], Any] | None:
     module, func = _LOADERS[kind]
     try:
-        return getattr(importlib.import_module(module), func)  # type: ignore[no-any-return]
+        return getattr(importlib.import_module(module), func)
     except (ModuleNotFoundError, AttributeError):
         return None
 

@@ -145,10 +145,10 @@ class PymodbusLink:
         return list(reply.bits[:count]) if function.is_bit else list(reply.registers)
 
     def reset(self) -> None:
-        self.client.close()  # type: ignore[no-untyped-call]
+        self.client.close()
 
     def close(self) -> None:
-        self.client.close()  # type: ignore[no-untyped-call]
+        self.client.close()
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,15 +24,14 @@ import logging
 import os
 import queue
 import random
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from fedcore.systemd import SystemdNotifier
 from fedcore.samples import EvictionResult, Sample, SampleWriter
+from fedcore.systemd import SystemdNotifier
 from firmware_bridge.config import BridgeConfig, DeviceSpec, LineLink, StoreSpec
 from firmware_bridge.modbus import DeviceHealth, ModbusPoller, PymodbusLink
 from firmware_bridge.serial_reader import LinePoller

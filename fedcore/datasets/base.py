@@ -36,7 +36,7 @@ class DatasetError(ConfigError, ValueError):
 
 
 def _frozen(a: np.ndarray, dtype: type = np.float32) -> np.ndarray:
-    out = np.array(a, dtype=dtype)  # a private copy, so nobody else can mutate it
+    out: np.ndarray = np.array(a, dtype=dtype)  # a private copy, so nobody else can mutate it
     out.setflags(write=False)
     return out
 

@@ -11,14 +11,14 @@ still decode; anything else needs a new protocol version.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 import msgspec
 
 from fedcore.protocol.tensors import Tensor
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     ROUND = "round"
     UPDATE = "update"
     MODEL = "model"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import random
+import re
 import signal
 import subprocess
 import sys

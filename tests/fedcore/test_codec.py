@@ -20,7 +20,13 @@ from fedcore.protocol.messages import (
     RoundSummary,
     Status,
 )
-from fedcore.protocol.tensors import Tensor, decode_tensor, decode_tensors, encode_tensor, encode_tensors
+from fedcore.protocol.tensors import (
+    Tensor,
+    decode_tensor,
+    decode_tensors,
+    encode_tensor,
+    encode_tensors,
+)
 
 names = st.from_regex(r"[A-Za-z0-9_.\-]{1,20}", fullmatch=True)
 float_arrays = hnp.arrays(

@@ -234,6 +234,6 @@ def test_default_specs_fit_each_data_set(batteries):
     synth = load_dataset("synthetic", gateways=2, max_rows_per_unit=200)
     spec = default_spec(synth)
     assert spec.layer_sizes == (24, 32, 4) and spec.task == "classification"
-    assert sum(a * b + b for a, b in zip(spec.layer_sizes, spec.layer_sizes[1:])) == 932
+    assert sum(a * b + b for a, b in zip(spec.layer_sizes, spec.layer_sizes[1:], strict=False)) == 932
     assert default_spec(batteries).layer_sizes[0] == len(batteries.features)
     assert default_train_config(batteries).optimizer == "sgd"
