@@ -157,7 +157,15 @@ class UpdateReceived:
     wire_bytes: int = 0
 
 
-Event = Started | Tick | DeviceOnline | DeviceOffline | UpdateReceived
+@dataclass(frozen=True, slots=True)
+class BrokerSessionLost:
+    """The broker came back without our session (restarted without persistence): its
+    retained model and round may be gone, and so may updates that were in flight."""
+
+    now: float
+
+
+Event = Started | Tick | DeviceOnline | DeviceOffline | UpdateReceived | BrokerSessionLost
 
 # ---- actions ------------------------------------------------------------------------------
 
@@ -311,7 +319,20 @@ class RoundStateMachine:
             return self._maybe_close(event.now)
         if isinstance(event, UpdateReceived):
             return self._on_update(event)
+        if isinstance(event, BrokerSessionLost):
+            return self._republish()
         raise LocalProtocolError(f"unknown event {event!r}")
+
+    def _republish(self) -> list[Action]:
+        """Put the retained state back: the current model (in full, since nobody can be
+        assumed to hold a delta's base) and the round in progress. Gateways that had sent
+        their update resend the cached one on the re-announcement (same message id)."""
+        if self.model.encoding == "delta":
+            self.model = self.downlink.resync(self.version, self.parent_hash, self.spec)
+        actions: list[Action] = [PublishModel(self.model)]
+        if self.phase is Phase.COLLECTING:
+            actions.append(PublishRound(self._announcement()))
+        return actions
 
     def next_deadline(self) -> float | None:
         return self.deadline if self.phase is Phase.COLLECTING else None

@@ -104,6 +104,9 @@ class AggregatorService:
                 if not started:
                     started = True
                     self._apply(self.machine.handle(sm.Started(now)))
+                elif not item.session_present:
+                    log.warning("the broker lost our session: re-publishing model and round")
+                    self._apply(self.machine.handle(sm.BrokerSessionLost(now)))
             elif isinstance(item, Disconnected):
                 self.connected.clear()
                 log.warning("broker connection lost: %s", item.reason)

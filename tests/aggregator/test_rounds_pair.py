@@ -187,3 +187,18 @@ def test_a_gateway_that_stays_an_outlier_is_quarantined_until_released() -> None
     fed.flush()
     fed.flush()
     assert "evil" in fed.of(agg.PublishMetrics)[-1].summary.participants
+
+
+def test_broker_that_lost_its_state_gets_model_and_round_again() -> None:
+    fed = make(n_rounds=5)
+    fed.start()
+    fed.flush()
+    fed.outbox.clear()  # the broker restarted: round-2 updates in flight are gone
+    fed.retained_model = fed.retained_round = None
+    fed.actions.clear()
+    fed.feed(agg.BrokerSessionLost(fed.now))
+    kinds = [type(a) for a in fed.actions]
+    assert kinds == [agg.PublishModel, agg.PublishRound]
+    assert fed.retained_round is not None and fed.retained_round.round == 2
+    fed.flush()  # the gateways resent their cached round-2 updates
+    assert fed.server.round == 3
