@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, Protocol
 
@@ -47,6 +47,63 @@ from aggregator import reputation as rep
 from aggregator import robust
 from aggregator.downlink import Downlink
 from aggregator.robust import outlier_distances
+from aggregator.round_events import (
+    Action as Action,
+)
+from aggregator.round_events import (
+    BrokerSessionLost as BrokerSessionLost,
+)
+from aggregator.round_events import (
+    Checkpoint as Checkpoint,
+)
+from aggregator.round_events import (
+    DeviceOffline as DeviceOffline,
+)
+from aggregator.round_events import (
+    DeviceOnline as DeviceOnline,
+)
+from aggregator.round_events import (
+    Event as Event,
+)
+from aggregator.round_events import (
+    GatewayQuarantined as GatewayQuarantined,
+)
+from aggregator.round_events import (
+    GatewayReleased as GatewayReleased,
+)
+from aggregator.round_events import (
+    PublishMetrics as PublishMetrics,
+)
+from aggregator.round_events import (
+    PublishModel as PublishModel,
+)
+from aggregator.round_events import (
+    PublishRound as PublishRound,
+)
+from aggregator.round_events import (
+    QuorumMissed as QuorumMissed,
+)
+from aggregator.round_events import (
+    RunFinished as RunFinished,
+)
+from aggregator.round_events import (
+    SaveCheckpoint as SaveCheckpoint,
+)
+from aggregator.round_events import (  # re-exported: callers use rounds.Started etc.
+    Started as Started,
+)
+from aggregator.round_events import (
+    Tick as Tick,
+)
+from aggregator.round_events import (
+    UpdateAccepted as UpdateAccepted,
+)
+from aggregator.round_events import (
+    UpdateReceived as UpdateReceived,
+)
+from aggregator.round_events import (
+    UpdateRejected as UpdateRejected,
+)
 from aggregator.server_optim import (
     ServerOptimizerConfig,
     ServerOptimizerState,
@@ -121,129 +178,6 @@ class RoundConfig:
     reputation: rep.ReputationConfig | None = None  # None = no reputation, no quarantine
     downlink: str = "fp32"  # how the model travels: fp32 | int8 | delta (aggregator.downlink)
     downlink_full_every: int = 10  # delta: a full model every N versions (0 = only on re-sync)
-
-
-# ---- events -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Started:
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class Tick:
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceOnline:
-    now: float
-    device: str
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceOffline:
-    now: float
-    device: str
-
-
-@dataclass(frozen=True, slots=True)
-class UpdateReceived:
-    now: float
-    device: str
-    message_id: str
-    update: ModelUpdate
-    wire_bytes: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerSessionLost:
-    """The broker came back without our session (restarted without persistence): its
-    retained model and round may be gone, and so may updates that were in flight."""
-
-    now: float
-
-
-Event = Started | Tick | DeviceOnline | DeviceOffline | UpdateReceived | BrokerSessionLost
-
-# ---- actions ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PublishRound:
-    announcement: RoundAnnouncement
-
-
-@dataclass(frozen=True, slots=True)
-class PublishModel:
-    model: GlobalModel
-
-
-@dataclass(frozen=True, slots=True)
-class PublishMetrics:
-    summary: RoundSummary
-
-
-@dataclass(frozen=True, slots=True)
-class SaveCheckpoint:
-    checkpoint: Checkpoint
-
-
-@dataclass(frozen=True, slots=True)
-class UpdateRejected:
-    device: str
-    round: int
-    reason: str
-    detail: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class UpdateAccepted:
-    device: str
-    round: int
-    num_samples: int
-
-
-@dataclass(frozen=True, slots=True)
-class QuorumMissed:
-    round: int
-    received: int
-    needed: int
-
-
-@dataclass(frozen=True, slots=True)
-class GatewayQuarantined:
-    device: str
-    round: int
-    score: float
-
-
-@dataclass(frozen=True, slots=True)
-class GatewayReleased:
-    device: str
-    round: int
-
-
-@dataclass(frozen=True, slots=True)
-class RunFinished:
-    round: int
-    model_version: int
-
-
-Action = (
-    PublishRound | PublishModel | PublishMetrics | SaveCheckpoint | UpdateRejected
-    | UpdateAccepted | QuorumMissed | GatewayQuarantined | GatewayReleased | RunFinished
-)
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """Everything a restarted aggregator needs; ``weights`` plus JSON-able ``meta``."""
-
-    weights: Params
-    meta: dict[str, Any]
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
