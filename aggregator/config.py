@@ -55,6 +55,7 @@ class AggregatorConfig:
     seed: int = 0
     exit_when_done: bool = False
     metrics_port: int = 0  # Prometheus exporter; 0 = off
+    metrics_addr: str = "127.0.0.1"
     security: dict[str, Path] = field(default_factory=dict)
 
 
@@ -132,6 +133,7 @@ def load_aggregator_config(path: str | Path) -> AggregatorConfig:
         seed=state.int("seed", 0),
         exit_when_done=state.bool("exit_when_done", False),
         metrics_port=state.int("metrics_port", 0, min=0, max=65535),
+        metrics_addr=state.str("metrics_addr", "127.0.0.1"),
         security=_security(root.section("security")),
     )
     state.reject_unknown()

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
@@ -23,6 +24,9 @@ import numpy as np
 from aggregator import checkpoint as checkpoints
 from aggregator import rounds as sm
 from aggregator.config import AggregatorConfig
+
+if TYPE_CHECKING:
+    from aggregator.metrics import AggregatorMetrics
 from aggregator.fusion import ServerUpdateFn, make_fuse
 from aggregator.security import AggregatorSecurity
 from fedcore.errors import RemoteProtocolError
@@ -85,6 +89,11 @@ class AggregatorService:
             log.info("resumed from checkpoint: round %s, model version %s",
                      saved.meta["round"], saved.meta["version"])
         self.on_summary: Callable[[msgspec.Struct], None] | None = None
+        self.metrics: AggregatorMetrics | None = None
+        if config.metrics_port:
+            from aggregator.metrics import AggregatorMetrics
+
+            self.metrics = AggregatorMetrics(config.metrics_port, config.metrics_addr)
 
     # ---- loop ------------------------------------------------------------------------------
 
@@ -119,6 +128,8 @@ class AggregatorService:
                 break
         self.notifier.notify("STOPPING=1")
         self.transport.stop()
+        if self.metrics is not None:
+            self.metrics.close()
         return 0
 
     def stop(self) -> None:
@@ -166,7 +177,7 @@ class AggregatorService:
                 self._apply(self.machine.handle(
                     sm.UpdateReceived(now, env.sender, env.message_id, update, wire)))
         except RemoteProtocolError as exc:
-            self.counters.rejected[exc.reason] += 1
+            self._count_rejection(exc.reason)
             self.security.audit_rejection(msg.topic, exc.reason, exc.detail, now)
             log.warning("rejected message on %s: %s", msg.topic, exc)
 
@@ -181,6 +192,11 @@ class AggregatorService:
         status = codec.decode_body(env, Status)
         event = sm.DeviceOnline(now, device) if status.state == "online" else sm.DeviceOffline(now, device)
         self._apply(self.machine.handle(event))
+
+    def _count_rejection(self, reason: str) -> None:
+        self.counters.rejected[reason] += 1
+        if self.metrics is not None:
+            self.metrics.rejected.labels(reason=reason).inc()
 
     # ---- outbound --------------------------------------------------------------------------
 
@@ -217,17 +233,23 @@ class AggregatorService:
                          len(summary.participants), summary.metrics)
                 if self.on_summary is not None:
                     self.on_summary(summary)
+                if self.metrics is not None:
+                    self.metrics.on_summary(summary)
             elif isinstance(action, sm.UpdateRejected):
-                self.counters.rejected[action.reason] += 1
+                self._count_rejection(action.reason)
                 self.security.audit_rejection(action.device, action.reason, action.detail, self.clock())
                 log.warning("update from %s for round %d rejected: %s %s",
                             action.device, action.round, action.reason, action.detail)
             elif isinstance(action, sm.UpdateAccepted):
                 self.counters.accepted += 1
+                if self.metrics is not None:
+                    self.metrics.accepted.inc()
             elif isinstance(action, sm.QuorumMissed):
                 log.warning("round %d: quorum missed (%d of %d); deadline extended",
                             action.round, action.received, action.needed)
             elif isinstance(action, sm.GatewayQuarantined):
+                if self.metrics is not None:
+                    self.metrics.quarantined.inc()
                 log.warning("gateway %s quarantined in round %d (score %.2f)", action.device,
                             action.round, action.score)
                 self.security.audit("quarantine", self.clock(), device=action.device,
