@@ -66,8 +66,8 @@ from fedcore.protocol.messages import PipelineConfig, TrainConfig  # noqa: E402
 
 DELTA = 1e-5
 CLIPS = (0.3, 1.0, 3.0)
-BATCHES = (64, 256)
-ADAM_LRS = (0.003, 0.01)
+BATCHES = (64, 256, 1024)
+ADAM_LRS = (0.003, 0.01, 0.03)
 SGD_LRS = (0.03, 0.1, 0.3)
 EPOCHS = (2, 4)
 BEGIN, END = "<!-- tune: begin (bench/bench_dpsgd_tune.py) -->", "<!-- tune: end -->"
