@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -99,5 +100,12 @@ def _run(args: argparse.Namespace) -> int:
         field_bus_rows=args.field_bus_rows,
         field_bus_start=args.field_bus_start,
     )
+    # SIGTERM (systemd, `timeout`, CI) stops the demo like Ctrl-C: every service it started
+    # is stopped, none is left behind
+    signal.signal(signal.SIGTERM, _interrupt)
     run_demo(options)
     return 0
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt

@@ -58,7 +58,8 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def test_ctrl_c_stops_every_service_cleanly(tmp_path: Path, mosquitto) -> None:
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_every_service_cleanly(tmp_path: Path, mosquitto, how: str) -> None:
     import signal
     import time
 
@@ -73,7 +74,7 @@ def test_ctrl_c_stops_every_service_cleanly(tmp_path: Path, mosquitto) -> None:
         if line.split()[:1] == ["1"]:
             break
     assert _processes_mentioning(str(work)), "the services should be running"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, how))
     out = proc.stdout.read()
     assert proc.wait(timeout=60) == 130
     assert "interrupted: stopping the services" in out
