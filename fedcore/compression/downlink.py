@@ -86,8 +86,9 @@ def decode_model(
     if encoding != "fp32":
         if len(scales) != len(expected):
             raise RemoteProtocolError("bad_encoding", f"{len(scales)} scales for {len(expected)} tensors")
-        if not all(math.isfinite(s) and s >= 0 for s in scales):
-            raise RemoteProtocolError("bad_encoding", "scales must be finite and >= 0")
+        f32_max = float(np.finfo(np.float32).max)
+        if not all(math.isfinite(s) and 0 <= s <= f32_max for s in scales):
+            raise RemoteProtocolError("bad_encoding", "scales must be finite float32 values >= 0")
     if encoding == "delta":
         if reference is None or tuple(tuple(r.shape) for r in reference) != expected:
             raise RemoteProtocolError("no_reference", "delta model but no matching reference model here")

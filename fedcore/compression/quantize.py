@@ -54,10 +54,13 @@ def quantize_stochastic(
     return np.clip(q, -QMAX, QMAX).astype(np.int8), scales
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 def dequantize(codes: np.ndarray, scales: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """(int8 codes, scales) -> float32 values. Scales come from a peer: checked first."""
-    if not np.isfinite(scales).all() or (scales < 0).any():
-        raise RemoteProtocolError("bad_encoding", "int8 scales must be finite and >= 0")
+    if not np.isfinite(scales).all() or (scales < 0).any() or (scales > _F32_MAX).any():
+        raise RemoteProtocolError("bad_encoding", "int8 scales must be finite float32 values >= 0")
     if int(lengths.sum()) != codes.size:
         raise RemoteProtocolError("bad_encoding", "int8 segments do not cover the values")
     return codes.astype(np.float32) * np.repeat(scales.astype(np.float32), lengths)

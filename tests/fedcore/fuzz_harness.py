@@ -91,11 +91,31 @@ def seed_bodies() -> list[msgspec.Struct]:
         ModelUpdate(3, 2, 120, EncodedDelta((), ((4, 3), (3,)), tensors.encode_tensors(w)), 0.25, True, {"n": 1.0}),
         ModelUpdate(3, 2, 50, EncodedDelta(("int8",), ((4, 3),), (tensors.encode_tensor(np.arange(12, dtype=np.int8)),))),
         GlobalModel(2, 2, b"\x00" * 32, spec, tensors.encode_tensors(w)),
+        *downlink_models(spec, w),
         RoundSummary(3, 2, ("gw1", "gw2"), 170, {"mae": 0.1}, 100, 200, 0.5, {"replayed": 1}, {"gw1": 1.0}, ("x",)),
         Status("online", "0.1", 2, {"k": "v"}),
         Telemetry(2, {"score": 0.3}, ("alert",)),
         SecAggMessage("keys", b"\x05" * 40),
     ]
+
+
+def downlink_models(spec: ModelSpec, w: list[np.ndarray]) -> list[GlobalModel]:
+    """Global models as the aggregator's int8 and delta downlinks encode them."""
+    from fedcore.compression.downlink import encode_model
+
+    out = []
+    for mode in ("int8", "delta"):
+        m = encode_model(w, mode, [a * 0.9 for a in w] if mode == "delta" else None)
+        out.append(GlobalModel(3, 3, b"\x01" * 32, spec, m.tensors, m.encoding, m.scales))
+    return out
+
+
+def _receive_model(model: GlobalModel) -> Any:
+    """The gateway's model decoder, holding the previous version (so deltas apply)."""
+    from edge.participant import receive_model
+
+    held = [np.zeros((4, 3), np.float32), np.zeros((3,), np.float32)]
+    return receive_model(model, model.version - 1, held)
 
 
 def pipeline_updates() -> list[ModelUpdate]:
@@ -211,6 +231,8 @@ def check_body(stats: FuzzStats, payload: bytes, env: codec.Envelope) -> None:
         stats.run("decode_tensors", payload, tensors.decode_tensors, parts, LIMITS.max_elements)
     if DECODE_UPDATE is not None and isinstance(body, ModelUpdate):
         stats.run("pipeline.decode_update", payload, DECODE_UPDATE, body.delta)
+    if isinstance(body, GlobalModel):
+        stats.run("participant.receive_model", payload, _receive_model, body)
 
 
 def check_envelope_bytes(stats: FuzzStats, payload: bytes, guard: signing.ReplayGuard) -> None:
