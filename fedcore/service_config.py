@@ -55,6 +55,7 @@ def train_config(sec: Section) -> TrainConfig:
         learning_rate=sec.float("learning_rate", 0.01, min=0.0),
         optimizer=sec.str("optimizer", "sgd", choices=("sgd", "adam")),
         max_steps=sec.int("max_steps", 0, min=0),
+        qat=sec.bool("qat", False),
     )
     sec.reject_unknown()
     return cfg

@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "of its sensor records, by DP-SGD in local training (record)")
     p.add_argument("--clip-norm", type=float, default=0.0,
                    help="L2 clip of each update (default 1.0 when --dp-epsilon is set)")
+    p.add_argument("--qat", action="store_true",
+                   help="quantization-aware local training (int8 fake-quant)")
     p.add_argument("--inference", action="store_true",
                    help="gateways export each new model to int8 .tflite, run it in LiteRT and "
                    "publish anomaly scores on their telemetry topic")
@@ -90,6 +92,7 @@ def _run(args: argparse.Namespace) -> int:
         clip_norm=args.clip_norm,
         secure=args.secure,
         inference=args.inference,
+        qat=args.qat,
         attack=args.attack,
         malicious=args.malicious,
         unit_column=args.unit_column,

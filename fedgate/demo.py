@@ -186,6 +186,8 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
                                **options.csv_options())
     spec = default_spec(dataset)
     train = options.train or default_train_config(dataset)
+    if options.qat:
+        train = msgspec.structs.replace(train, qat=True)
     metric, higher_is_better = dataset.primary_metric
     say(f"data set {dataset.name}: {len(dataset.units)} gateways "
         f"({', '.join(dataset.units)}), {sum(len(u.y_train) for u in dataset.units.values())} "

@@ -41,6 +41,7 @@ class DemoOptions:
     csv_task: str = ""
     attack: str = ""  # attack experiments: what the malicious gateways do
     malicious: float = 0.0  # share of gateways that are malicious
+    qat: bool = False  # quantization-aware local training
     inference: bool = False  # gateways run each new model as int8 .tflite in LiteRT
     secure: bool = False  # provision a fleet: mTLS + generated ACL + signed messages
     # Field bus (wind only): "" off; "modbus": rows cross simulated Modbus devices, bridges
@@ -149,7 +150,7 @@ def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: Federa
                           "downlink": options.downlink}),
         _table("train", {"local_epochs": train.local_epochs, "batch_size": train.batch_size,
                          "learning_rate": train.learning_rate, "optimizer": train.optimizer,
-                         "max_steps": train.max_steps}),
+                         "max_steps": train.max_steps, **({"qat": True} if train.qat else {})}),
         _table("pipeline", pipeline),
         _table("fusion", {"rule": options.fusion,
                           **({"root_data": str(write_root_data(workdir, dataset, options.seed))}

@@ -12,6 +12,11 @@ The caller's parameters are never modified; the new parameters are returned with
 last (possibly partial) epoch, each measured before that batch's step, and whose
 ``num_samples`` is the size of the local data set (the FedAvg weight).
 
+With ``config.qat`` the forward pass runs through int8 fake-quant (per-channel weights,
+per-tensor activations whose ranges are recalibrated at the start of each epoch) and the
+gradients pass straight through (``fedcore.learning.quant``), so the int8 model the gateway
+exports loses less to quantization.
+
 With ``config.dp_clip > 0`` training is DP-SGD instead (record-level DP,
 :mod:`fedcore.privacy.dpsgd`): Poisson-sampled batches (each record taken with probability
 ``batch_size / n`` at each step), :func:`~fedcore.privacy.dpsgd.dp_steps` steps, per-example
@@ -24,13 +29,14 @@ the same random numbers.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from fedcore.learning import metrics
+from fedcore.learning import metrics, quant
 from fedcore.learning.models import (
     anomaly_scores,
     check_params,
@@ -64,6 +70,11 @@ def check_train_config(config: TrainConfig) -> None:
         raise ValueError(f"max_steps must be >= 0, got {config.max_steps}")
     make_optimizer(config.optimizer, config.learning_rate)
     check_dp_config(config)
+    if config.qat and config.dp_clip > 0:
+        raise ValueError("qat and record-level DP (dp_clip > 0) cannot be combined")
+
+
+QAT_CALIBRATION_ROWS = 512
 
 
 def train_local(
@@ -96,13 +107,18 @@ def train_local(
     steps = 0
     epoch_loss = float("nan")
     batch = min(config.batch_size, n)
+    gradient = loss_and_grads
     for _ in range(config.local_epochs):
         order = rng.permutation(n)
+        if config.qat:
+            # int8 activation ranges of the current weights, fixed for the epoch (QAT)
+            ranges = quant.calibrate_ranges(spec, weights, x[order[:QAT_CALIBRATION_ROWS]])
+            gradient = functools.partial(quant.qat_loss_and_grads, ranges=ranges)
         total = 0.0
         seen = 0
         for start in range(0, n, batch):
             index = order[start : start + batch]
-            loss, grads = loss_and_grads(spec, weights, x[index], None if y is None else y[index])
+            loss, grads = gradient(spec, weights, x[index], None if y is None else y[index])
             weights, state = optimizer.step(weights, grads, state)
             total += loss * index.size
             seen += index.size

@@ -48,6 +48,7 @@ class TrainConfig(msgspec.Struct, frozen=True, array_like=True):
     # record-level DP (DP-SGD, fedcore/privacy/dpsgd.py); appended last: array_like is positional
     dp_clip: float = 0.0  # per-example gradient clip norm; 0 = off
     dp_noise: float = 0.0  # noise multiplier sigma: N(0, (sigma*dp_clip)^2) on each summed batch gradient
+    qat: bool = False  # quantization-aware training: int8 fake-quant forward, STE gradients
 
 
 class PipelineConfig(msgspec.Struct, frozen=True, array_like=True):

@@ -7,7 +7,7 @@ import pytest
 
 from fedcore.learning.models import init_params, loss_and_grads, predict
 from fedcore.learning.optim import SGD, Adam, make_optimizer
-from fedcore.learning.training import evaluate, train_local
+from fedcore.learning.training import check_train_config, evaluate, train_local
 from fedcore.protocol.messages import ModelSpec, TrainConfig
 
 REG = ModelSpec(kind="mlp", layer_sizes=(3, 16, 1), activation="tanh", task="regression")
@@ -133,3 +133,33 @@ def test_evaluate_regression_rescales_and_scores_anomalies():
     assert report["mae"] == pytest.approx(10 * (5 * 3.0 + 45 * 0.1) / 50, rel=1e-4)
     assert report["rmse"] == pytest.approx(np.sqrt(report["mse"]))
     assert report["roc_auc"] == 1.0
+
+
+def test_quantization_aware_training_trains_through_fake_quant() -> None:
+    import msgspec
+
+    from fedcore.learning import quant
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 6)).astype(np.float32)
+    y = (x @ rng.normal(size=6) + 0.1 * rng.normal(size=400)).astype(np.float32)
+    spec = ModelSpec("mlp", (6, 16, 1))
+    start = init_params(spec, np.random.default_rng(1))
+    plain_cfg = TrainConfig(local_epochs=5, batch_size=32, learning_rate=0.01, optimizer="adam")
+    qat_cfg = msgspec.structs.replace(plain_cfg, qat=True)
+    plain, _ = train_local(spec, start, x, y, plain_cfg, np.random.default_rng(2))
+    again, _ = train_local(spec, start, x, y, plain_cfg, np.random.default_rng(2))
+    qat, result = train_local(spec, start, x, y, qat_cfg, np.random.default_rng(2))
+    assert all(np.array_equal(a, b) for a, b in zip(plain, again, strict=True))  # qat off: unchanged
+    assert np.isfinite(result.loss) and result.steps == 5 * 13
+    assert not all(np.array_equal(a, b) for a, b in zip(plain, qat, strict=True))
+    # the QAT weights fit under int8 fake-quant about as well as float training fits in float
+    ranges = quant.calibrate_ranges(spec, qat, x)
+    qat_loss, _ = quant.qat_loss_and_grads(spec, qat, x, y, ranges)
+    start_loss, _ = quant.qat_loss_and_grads(spec, start, x, y, quant.calibrate_ranges(spec, start, x))
+    assert qat_loss < 0.2 * start_loss
+
+
+def test_qat_and_record_level_dp_do_not_combine() -> None:
+    with pytest.raises(ValueError, match="qat"):
+        check_train_config(TrainConfig(qat=True, dp_clip=1.0, dp_noise=1.0))
