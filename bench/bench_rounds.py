@@ -186,13 +186,14 @@ def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
 
 def run_one(n: int, rounds: int, workdir: Path, concurrency: int, timeout_s: float,
             say: Callable[[str], None], edge_env: dict[str, str] | None = None,
-            min_free_mb: float = 2048.0) -> Run:
+            min_free_mb: float = 2048.0, downlink: str = "fp32") -> Run:
     run = Run(n, rounds)
     dataset = load_dataset("synthetic", gateways=n)
     spec = default_spec(dataset)
     topics = Topics(FLEET, TASK)
     options = DemoOptions(dataset="synthetic", gateways=n, rounds=rounds, fleet=FLEET,
-                          task=TASK, round_timeout_s=600.0, workdir=str(workdir))
+                          task=TASK, round_timeout_s=600.0, workdir=str(workdir),
+                          downlink=downlink)
     broker: RunningBroker | None = None
     proxy: CountingProxy | None = None
     observer: Observer | None = None
@@ -361,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gateways", type=int, nargs="+", default=[10, 50, 200])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--start-concurrency", type=int, default=4)
+    ap.add_argument("--downlink", default="fp32", choices=("fp32", "int8", "delta"),
+                    help="how the global model travels to the gateways")
     ap.add_argument("--timeout", type=float, default=3600.0, help="per N, seconds")
     ap.add_argument("--results", default=str(HERE / "RESULTS_rounds.md"))
     ap.add_argument("--json", default="", help="also write the raw figures here")
@@ -393,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         edge_env = ({"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)}
                     if args.malloc_mmap_threshold else None)
         run = run_one(n, args.rounds, root / f"n{n}", args.start_concurrency, args.timeout, say,
-                      edge_env, args.min_free_mb)
+                      edge_env, args.min_free_mb, args.downlink)
         results.append(summarize(run))
         say(HEADER)
         say(table_row(results[-1]))
