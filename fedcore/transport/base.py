@@ -294,6 +294,14 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
     return len(f_parts) == len(t_parts)
 
 
+def check_publish(topic: str, payload: bytes, qos: int, limit: int) -> None:
+    """What every transport checks before a PUBLISH leaves (our bugs, so raise)."""
+    check_qos(qos)
+    check_topic_name(topic)
+    if len(payload) > limit:
+        raise PayloadTooLargeError(topic, len(payload), limit)
+
+
 def check_topic_filter(topic_filter: str) -> None:
     """Reject filters the broker would refuse (our bug, so raise rather than send)."""
     parts = topic_filter.split("/")

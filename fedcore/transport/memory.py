@@ -50,14 +50,13 @@ from fedcore.transport.base import (
     Connected,
     Disconnected,
     MessageReceived,
-    PayloadTooLargeError,
     PublishResult,
     SubscriptionRefused,
     TransportEvent,
     Will,
+    check_publish,
     check_qos,
     check_topic_filter,
-    check_topic_name,
     payload_limit_for,
     publish_packet_size,
     topic_matches,
@@ -300,11 +299,7 @@ class MemoryTransport:
         retain: bool = False,
         wait: float | None = None,
     ) -> PublishResult:
-        check_qos(qos)
-        check_topic_name(topic)
-        limit = self.payload_limit(topic, qos)
-        if len(payload) > limit:
-            raise PayloadTooLargeError(topic, len(payload), limit)
+        check_publish(topic, payload, qos, self.payload_limit(topic, qos))
         if self._dead:
             raise LocalProtocolError(f"{self.client_id}: publish after kill()/stop()")
         if not self._connected:

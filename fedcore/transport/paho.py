@@ -50,15 +50,14 @@ from fedcore.transport.base import (
     Connected,
     Disconnected,
     MessageReceived,
-    PayloadTooLargeError,
     PublishResult,
     SubscriptionRefused,
     TlsSettings,
     TransportEvent,
     Will,
+    check_publish,
     check_qos,
     check_topic_filter,
-    check_topic_name,
     payload_limit_for,
 )
 
@@ -199,11 +198,7 @@ class PahoTransport:
         retain: bool = False,
         wait: float | None = None,
     ) -> PublishResult:
-        check_qos(qos)
-        check_topic_name(topic)
-        limit = self.payload_limit(topic, qos)
-        if len(payload) > limit:
-            raise PayloadTooLargeError(topic, len(payload), limit)
+        check_publish(topic, payload, qos, self.payload_limit(topic, qos))
         if wait is not None and threading.current_thread() is self._client._thread:
             raise LocalProtocolError("publish(wait=...) from the network thread would deadlock")
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
