@@ -24,9 +24,6 @@ import numpy as np
 from aggregator import checkpoint as checkpoints
 from aggregator import rounds as sm
 from aggregator.config import AggregatorConfig
-
-if TYPE_CHECKING:
-    from aggregator.metrics import AggregatorMetrics
 from aggregator.fusion import ServerUpdateFn, make_fuse
 from aggregator.security import AggregatorSecurity
 from fedcore.errors import RemoteProtocolError
@@ -36,6 +33,9 @@ from fedcore.protocol.messages import Kind, ModelUpdate, Status
 from fedcore.protocol.topics import TopicKind, Topics, parse_topic
 from fedcore.systemd import SystemdNotifier
 from fedcore.transport.base import Connected, Disconnected, MessageReceived, Transport
+
+if TYPE_CHECKING:
+    from aggregator.metrics import AggregatorMetrics
 
 log = logging.getLogger("fedgate.aggregator")
 TICK_S = 0.2
@@ -69,7 +69,6 @@ class AggregatorService:
         self.counters = Counters()
         self.stopping = threading.Event()
         self.finished = False
-        self.connected = threading.Event()
         self._last_down = (0, 0)  # sizes of the last published model and round messages
         rng = np.random.default_rng(config.seed)
         weights = init_params(config.spec, rng)
@@ -88,7 +87,6 @@ class AggregatorService:
             security.restore(saved.meta)
             log.info("resumed from checkpoint: round %s, model version %s",
                      saved.meta["round"], saved.meta["version"])
-        self.on_summary: Callable[[msgspec.Struct], None] | None = None
         self.metrics: AggregatorMetrics | None = None
         if config.metrics_port:
             from aggregator.metrics import AggregatorMetrics
@@ -117,7 +115,6 @@ class AggregatorService:
                     log.warning("the broker lost our session: re-publishing model and round")
                     self._apply(self.machine.handle(sm.BrokerSessionLost(now)))
             elif isinstance(item, Disconnected):
-                self.connected.clear()
                 log.warning("broker connection lost: %s", item.reason)
             elif isinstance(item, MessageReceived):
                 self._on_message(item, now)  # subscriptions start after Started
@@ -155,7 +152,6 @@ class AggregatorService:
             self._apply(actions)
 
     def _on_connected(self, event: Connected) -> None:
-        self.connected.set()
         for topic in (self.topics.updates_filter(), self.topics.status_filter()):
             self.transport.subscribe(topic, qos=1)
         log.info("connected to broker (session present: %s)", event.session_present)
@@ -231,8 +227,6 @@ class AggregatorService:
                 self.counters.rounds += 1
                 log.info("round %d committed: %d participants, %s", summary.round,
                          len(summary.participants), summary.metrics)
-                if self.on_summary is not None:
-                    self.on_summary(summary)
                 if self.metrics is not None:
                     self.metrics.on_summary(summary)
             elif isinstance(action, sm.UpdateRejected):

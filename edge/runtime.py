@@ -87,8 +87,6 @@ class EdgeService:
         self.stopping = threading.Event()
         self.rejected: Counter[str] = Counter()
         self.eval_stats: dict[str, float] = {}
-        self.rounds_sent = 0
-        self.on_install: Callable[[GlobalModel, list[np.ndarray]], None] | None = None
 
     def status_message(self, state: str) -> bytes:
         return status_payload(self.config, self.security, state, self.machine.version, self.clock())
@@ -162,7 +160,6 @@ class EdgeService:
                                           self.clock(), message_id=action.message_id)
                 payload = codec.encode(self.security.sign(env))
                 self.transport.publish(self.topics.update(self.config.device), payload, qos=1)
-                self.rounds_sent += 0 if action.resend else 1
                 log.info("round %d: update sent (%d bytes%s)", action.round, len(payload),
                          ", resend" if action.resend else "")
             elif isinstance(action, pm.ModelRefused):
@@ -181,8 +178,6 @@ class EdgeService:
         log.info("installed model version %d %s", action.model.version, self.eval_stats)
         if self.config.inference:
             self._run_inference(action.model, action.weights)
-        if self.on_install is not None:
-            self.on_install(action.model, action.weights)
 
     def _run_inference(self, model: GlobalModel, weights: list[np.ndarray]) -> None:
         """Export the new model to int8 .tflite, run it with LiteRT on the latest local rows
