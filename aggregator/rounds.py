@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
@@ -111,6 +111,7 @@ from aggregator.server_optim import (
 )
 from fedcore.errors import LocalProtocolError, RemoteProtocolError
 from fedcore.learning.params import Params, Shapes, l2_norm, shapes_of
+from fedcore.pipeline import decode_update
 from fedcore.privacy.dpsgd import dp_steps, sampling_rate
 from fedcore.protocol.codec import body_hash
 from fedcore.protocol.messages import (
@@ -123,7 +124,6 @@ from fedcore.protocol.messages import (
     RoundSummary,
     TrainConfig,
 )
-from fedcore.protocol.tensors import decode_tensors
 
 # (updates, sample counts, previous global weights) -> fused delta, per-client info
 FuseFn = Callable[[list[Params], list[float], Params], Params]
@@ -132,17 +132,6 @@ DecodeFn = Callable[[EncodedDelta, Shapes], Params]
 
 def fedavg(updates: list[Params], weights: list[float], _global: Params) -> Params:
     return robust.fedavg(updates, weights)
-
-
-def decode_raw(encoded: EncodedDelta, shapes: Shapes) -> Params:
-    """Decode an uncompressed delta (``stages == ()``): one float32 tensor per layer."""
-    if encoded.stages:
-        raise RemoteProtocolError("bad_encoding", f"unsupported stages {encoded.stages}")
-    budget = sum(int(np.prod(s)) for s in shapes)
-    arrays = decode_tensors(encoded.parts, max_elements=budget)
-    if tuple(a.shape for a in arrays) != shapes or any(a.dtype != np.float32 for a in arrays):
-        raise RemoteProtocolError("bad_shape", "delta does not match the model's shapes")
-    return [np.asarray(a) for a in arrays]
 
 
 class Ledger(Protocol):
@@ -197,7 +186,7 @@ class RoundStateMachine:
         initial_weights: Params,
         rng: random.Random,
         fuse: FuseFn = fedavg,
-        decode: DecodeFn = decode_raw,
+        decode: DecodeFn = decode_update,
         ledger: Ledger | None = None,
     ) -> None:
         self.config = config
@@ -267,9 +256,6 @@ class RoundStateMachine:
         if self.phase is Phase.COLLECTING:
             actions.append(PublishRound(self._announcement()))
         return actions
-
-    def next_deadline(self) -> float | None:
-        return self.deadline if self.phase is Phase.COLLECTING else None
 
     def release(self, device: str) -> list[Action]:
         """The operator's release of a quarantined gateway (takes effect at once)."""
@@ -567,7 +553,3 @@ class RoundStateMachine:
             return []
         self.model = self.downlink.resync(self.version, self.parent_hash, self.spec)
         return [PublishModel(self.model)]
-
-    def replace_config(self, **changes: Any) -> None:
-        """Operator changes between rounds (e.g. new pipeline); takes effect at next announce."""
-        self.config = replace(self.config, **changes)

@@ -15,7 +15,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -41,13 +40,6 @@ log = logging.getLogger("fedgate.aggregator")
 TICK_S = 0.2
 
 
-@dataclass
-class Counters:
-    rejected: Counter[str] = field(default_factory=Counter)
-    accepted: int = 0
-    rounds: int = 0
-
-
 class AggregatorService:
     def __init__(
         self,
@@ -66,7 +58,7 @@ class AggregatorService:
         self.notifier = notifier or SystemdNotifier(None)
         self.topics = Topics(config.fleet, config.task)
         self.events: queue.Queue[object] = queue.Queue()
-        self.counters = Counters()
+        self.rejected: Counter[str] = Counter()  # message-level and update rejections
         self.stopping = threading.Event()
         self.finished = False
         self._last_down = (0, 0)  # sizes of the last published model and round messages
@@ -190,7 +182,7 @@ class AggregatorService:
         self._apply(self.machine.handle(event))
 
     def _count_rejection(self, reason: str) -> None:
-        self.counters.rejected[reason] += 1
+        self.rejected[reason] += 1
         if self.metrics is not None:
             self.metrics.rejected.labels(reason=reason).inc()
 
@@ -224,7 +216,6 @@ class AggregatorService:
                 down = sum(self._last_down) * len(summary.participants)
                 summary = msgspec.structs.replace(summary, bytes_down=down)
                 self._publish(Kind.METRICS, self.topics.metrics(), summary, summary.round)
-                self.counters.rounds += 1
                 log.info("round %d committed: %d participants, %s", summary.round,
                          len(summary.participants), summary.metrics)
                 if self.metrics is not None:
@@ -235,7 +226,6 @@ class AggregatorService:
                 log.warning("update from %s for round %d rejected: %s %s",
                             action.device, action.round, action.reason, action.detail)
             elif isinstance(action, sm.UpdateAccepted):
-                self.counters.accepted += 1
                 if self.metrics is not None:
                     self.metrics.accepted.inc()
             elif isinstance(action, sm.QuorumMissed):
