@@ -26,6 +26,11 @@ class Kind(StrEnum):
     STATUS = "status"
     TELEMETRY = "telemetry"
     SECAGG = "secagg"
+    STATS = "stats"  # gateway -> aggregator: the federated statistics step of a lineage
+    CANARY = "canary"  # gateway -> aggregator: a canary's evaluation of a candidate model
+    DEPLOYMENT = "deployment"  # aggregator -> gateways: which version runs for inference
+    DEPLOYED = "deployed"  # aggregator -> plant systems: the deployed model as .tflite
+    STATE = "state"  # aggregator -> operators: the task's state (status, dashboard)
 
 
 class ModelSpec(msgspec.Struct, frozen=True, array_like=True):
@@ -37,6 +42,16 @@ class ModelSpec(msgspec.Struct, frozen=True, array_like=True):
     task: str = "regression"  # "regression" | "classification" | "anomaly"
     features: tuple[str, ...] = ()
     target: str = ""
+    # The fleet scaler (federated statistics step, docs/decisions.md): gateways standardise
+    # raw rows with it; empty when the rows arrive already scaled (the demo's data sets).
+    feature_mean: tuple[float, ...] = ()
+    feature_std: tuple[float, ...] = ()
+    target_mean: float = 0.0
+    target_std: float = 1.0
+
+    @property
+    def has_scaler(self) -> bool:
+        return bool(self.feature_mean)
 
 
 class TrainConfig(msgspec.Struct, frozen=True, array_like=True):
@@ -67,6 +82,9 @@ class RoundAnnouncement(msgspec.Struct, frozen=True, array_like=True):
     train: TrainConfig = TrainConfig()
     pipeline: PipelineConfig = PipelineConfig()
     selected: tuple[str, ...] = ()  # empty = every gateway may take part
+    lineage: str = ""  # the model lineage this round belongs to (fedcore.protocol.lineage)
+    # "train": send a ModelUpdate; "statistics": send DataStats (the lineage's first step)
+    purpose: str = "train"
 
 
 class EncodedDelta(msgspec.Struct, frozen=True, array_like=True):
@@ -98,6 +116,7 @@ class GlobalModel(msgspec.Struct, frozen=True, array_like=True):
     tensors: tuple[Tensor, ...]
     encoding: str = "fp32"  # "fp32" | "int8" (downlink quantization)
     scales: tuple[float, ...] = ()  # per-tensor scales for int8 downlink
+    lineage: str = ""
 
 
 class RoundSummary(msgspec.Struct, frozen=True, array_like=True):
@@ -112,13 +131,33 @@ class RoundSummary(msgspec.Struct, frozen=True, array_like=True):
     rejected: dict[str, int] = {}
     epsilon: dict[str, float] = {}
     alerts: tuple[str, ...] = ()
+    lineage: str = ""
+    # each participant's own evaluation of the model it trained from: device -> metrics
+    per_gateway: dict[str, dict[str, float]] = {}
 
 
 class Status(msgspec.Struct, frozen=True, array_like=True):
+    """A gateway's retained status (birth, last will, and refreshed on every change)."""
+
     state: str  # "online" | "offline"
     software: str = ""
-    model_version: int = -1
+    model_version: int = -1  # the version its inference runs (the deployed one)
     detail: dict[str, str] = {}
+    lineage: str = ""
+    trained_version: int = -1  # the global model it trains from
+    since: float = 0.0  # unix time the connection state began
+    # "waiting_for_data" | "ready" | "training" | "sitting_out" | "incompatible" | ""
+    activity: str = ""
+    activity_detail: str = ""  # e.g. "62 of 500 rows"
+    rows: int = 0  # rows held for training now (training + holdout)
+    rows_new: int = 0  # of those, rows no round has trained on yet
+    rows_needed: int = 0  # training rows needed before it takes part
+    last_round: int = -1  # last round it sent an update for
+    last_rows: int = 0  # training rows of that update
+    last_eval: dict[str, float] = {}  # its holdout evaluation of its training model
+    epsilon: float = 0.0  # privacy budget spent, by its own count
+    deployment: int = -1  # sequence of the deployment record it follows
+    rejected: dict[str, int] = {}  # messages it refused, by reason
 
 
 class Telemetry(msgspec.Struct, frozen=True, array_like=True):
@@ -132,6 +171,98 @@ class SecAggMessage(msgspec.Struct, frozen=True, array_like=True):
     payload: bytes
 
 
+class DataStats(msgspec.Struct, frozen=True, array_like=True):
+    """A gateway's answer to a statistics round: count, sums and sums of squares of its raw
+    training rows per column (the features, then the regression target). No row leaves."""
+
+    lineage: str
+    columns: tuple[str, ...]
+    count: int
+    sums: tuple[float, ...]
+    sums_sq: tuple[float, ...]
+
+
+class CanaryReport(msgspec.Struct, frozen=True, array_like=True):
+    """A canary gateway's evaluation of a candidate and of the incumbent on the same holdout."""
+
+    sequence: int  # the deployment record that asked for it
+    candidate: int
+    incumbent: int
+    candidate_metrics: dict[str, float] = {}
+    incumbent_metrics: dict[str, float] = {}
+    num_rows: int = 0
+
+
+class Deployment(msgspec.Struct, frozen=True, array_like=True):
+    """Which model version the gateways run for inference (retained, signed).
+
+    ``mode``: "latest" - run the newest global model of the lineage; "version" - run
+    ``version`` (its weights travel in ``tensors``); "canary" - run ``version`` except the
+    gateways in ``canary``, which run ``candidate`` and report a :class:`CanaryReport`.
+    ``sequence`` grows by one with every record, so a replayed old record is refused."""
+
+    sequence: int
+    lineage: str
+    mode: str
+    version: int
+    tensors: tuple[Tensor, ...] = ()
+    candidate: int = -1
+    candidate_tensors: tuple[Tensor, ...] = ()
+    canary: tuple[str, ...] = ()
+    reason: str = ""
+    timestamp: float = 0.0
+
+
+class DeployedModel(msgspec.Struct, frozen=True, array_like=True):
+    """The deployed model for other plant systems (retained on ``.../deployed``, signed).
+
+    ``tflite``: a float32 .tflite that takes the raw feature values in ``spec.features``
+    order and returns the target in its own unit (the fleet scaler is folded into the first
+    and last layers). docs/protocol.md shows how to decode and verify it without fedgate."""
+
+    sequence: int
+    lineage: str
+    version: int
+    spec: ModelSpec
+    tflite: bytes
+    sha256: bytes = b""  # of ``tflite``
+
+
+class RoundPoint(msgspec.Struct, frozen=True, array_like=True):
+    round: int
+    model_version: int
+    participants: int
+    rows: int
+    metric: float  # the fleet metric (sample-weighted gateway evaluations); NaN if none
+    wall_s: float
+    time: float
+
+
+class TaskState(msgspec.Struct, frozen=True, array_like=True):
+    """The aggregator's view of one task (retained on ``.../state``, for operators)."""
+
+    lineage: str
+    phase: str  # "statistics" | "collecting" | "waiting" | "finished"
+    round: int
+    model_version: int
+    rounds_planned: int = 0  # 0 = runs until stopped
+    waiting_for: str = ""  # why no round runs now (schedule, new rows, quorum)
+    next_round_at: float = 0.0
+    online: tuple[str, ...] = ()
+    quarantined: tuple[str, ...] = ()
+    budget_spent: tuple[str, ...] = ()
+    deployed_version: int = -1
+    deployment_mode: str = ""
+    candidate: int = -1
+    canary: tuple[str, ...] = ()
+    rejected: dict[str, int] = {}
+    epsilon: dict[str, float] = {}
+    metric: str = ""  # name of the fleet metric in history
+    metric_higher_is_better: bool = False
+    history: tuple[RoundPoint, ...] = ()
+    updated_at: float = 0.0
+
+
 BODY_TYPES: dict[Kind, type[msgspec.Struct]] = {
     Kind.ROUND: RoundAnnouncement,
     Kind.UPDATE: ModelUpdate,
@@ -140,4 +271,9 @@ BODY_TYPES: dict[Kind, type[msgspec.Struct]] = {
     Kind.STATUS: Status,
     Kind.TELEMETRY: Telemetry,
     Kind.SECAGG: SecAggMessage,
+    Kind.STATS: DataStats,
+    Kind.CANARY: CanaryReport,
+    Kind.DEPLOYMENT: Deployment,
+    Kind.DEPLOYED: DeployedModel,
+    Kind.STATE: TaskState,
 }

@@ -46,7 +46,10 @@ KEYRING_FORMAT = "fedgate-keyring/1"
 REVOCATIONS_FORMAT = "fedgate-revocations/1"
 SIGNATURE_BYTES = 64
 # Kinds only the aggregator identity may send (mirrors the ACL: aggregator-only writes).
-AGGREGATOR_KINDS = frozenset({Kind.ROUND.value, Kind.MODEL.value, Kind.METRICS.value})
+AGGREGATOR_KINDS = frozenset({
+    Kind.ROUND.value, Kind.MODEL.value, Kind.METRICS.value, Kind.DEPLOYMENT.value,
+    Kind.DEPLOYED.value, Kind.STATE.value,
+})
 
 
 class VerifyKey:

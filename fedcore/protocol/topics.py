@@ -3,14 +3,18 @@
 ```
 fg/{fleet}/{task}/round                 retained  aggregator -> edges: round announcement
 fg/{fleet}/{task}/model                 retained  aggregator -> edges: signed global model
-fg/{fleet}/{task}/update/{device}       QoS 1     edge -> aggregator: one update per round
+fg/{fleet}/{task}/deployment            retained  aggregator -> edges: version to run (inference)
+fg/{fleet}/{task}/deployed              retained  aggregator -> plant systems: deployed .tflite
+fg/{fleet}/{task}/state                 retained  aggregator -> operators: the task's state
+fg/{fleet}/{task}/update/{device}       QoS 1     edge -> aggregator: updates, statistics, canary reports
 fg/{fleet}/{task}/secagg/{stage}/{device}         secure-aggregation stages
 fg/{fleet}/{task}/metrics               retained  round summaries
-fg/{fleet}/status/{device}              retained  birth / last will
+fg/{fleet}/status/{device}              retained  birth / last will / gateway status
 fg/{fleet}/telemetry/{device}                     inference outputs, alerts
 ```
 The broker ACL is generated from :data:`ACL_RULES` (see ``broker_config``); a test proves the
-two agree. Names are restricted to ``[A-Za-z0-9_.-]`` so that no id can smuggle ``/``, ``+``
+two agree. Operators (``fedgate provision operator``: status, dashboard, plant systems that
+subscribe to the deployed model) read what ``operator_read`` grants and write nothing. Names are restricted to ``[A-Za-z0-9_.-]`` so that no id can smuggle ``/``, ``+``
 or ``#`` into a topic.
 """
 
@@ -23,12 +27,16 @@ from enum import Enum
 from fedcore.errors import LocalProtocolError, RemoteProtocolError
 
 ROOT = "fg"
+_TASK_LEAVES = ("round", "model", "metrics", "deployment", "deployed", "state")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
 class TopicKind(Enum):
     ROUND = "round"
     MODEL = "model"
+    DEPLOYMENT = "deployment"
+    DEPLOYED = "deployed"
+    STATE = "state"
     UPDATE = "update"
     SECAGG = "secagg"
     METRICS = "metrics"
@@ -46,16 +54,20 @@ class AclRule:
     device_read: bool
     aggregator_write: bool
     aggregator_read: bool
+    operator_read: bool = False
 
 
 ACL_RULES: tuple[AclRule, ...] = (
-    AclRule(TopicKind.ROUND, "fg/{fleet}/{task}/round", False, True, True, True),
-    AclRule(TopicKind.MODEL, "fg/{fleet}/{task}/model", False, True, True, True),
+    AclRule(TopicKind.ROUND, "fg/{fleet}/{task}/round", False, True, True, True, True),
+    AclRule(TopicKind.MODEL, "fg/{fleet}/{task}/model", False, True, True, True, True),
+    AclRule(TopicKind.DEPLOYMENT, "fg/{fleet}/{task}/deployment", False, True, True, True, True),
+    AclRule(TopicKind.DEPLOYED, "fg/{fleet}/{task}/deployed", False, False, True, True, True),
+    AclRule(TopicKind.STATE, "fg/{fleet}/{task}/state", False, False, True, True, True),
     AclRule(TopicKind.UPDATE, "fg/{fleet}/{task}/update/{device}", True, False, False, True),
     AclRule(TopicKind.SECAGG, "fg/{fleet}/{task}/secagg/{stage}/{device}", True, True, True, True),
-    AclRule(TopicKind.METRICS, "fg/{fleet}/{task}/metrics", False, True, True, True),
-    AclRule(TopicKind.STATUS, "fg/{fleet}/status/{device}", True, False, True, True),
-    AclRule(TopicKind.TELEMETRY, "fg/{fleet}/telemetry/{device}", True, False, False, True),
+    AclRule(TopicKind.METRICS, "fg/{fleet}/{task}/metrics", False, True, True, True, True),
+    AclRule(TopicKind.STATUS, "fg/{fleet}/status/{device}", True, False, True, True, True),
+    AclRule(TopicKind.TELEMETRY, "fg/{fleet}/telemetry/{device}", True, False, False, True, True),
 )
 
 
@@ -99,6 +111,21 @@ class Topics:
     def metrics(self) -> str:
         return f"{self._base}/metrics"
 
+    def deployment(self) -> str:
+        return f"{self._base}/deployment"
+
+    def deployed(self) -> str:
+        return f"{self._base}/deployed"
+
+    def state(self) -> str:
+        return f"{self._base}/state"
+
+    def task_filter(self, leaf: str) -> str:
+        """``fg/{fleet}/+/{leaf}``: one retained topic of every task of the fleet."""
+        if leaf not in _TASK_LEAVES:
+            raise LocalProtocolError(f"{leaf!r} is not a per-task topic ({', '.join(_TASK_LEAVES)})")
+        return f"{ROOT}/{self.fleet}/+/{leaf}"
+
     def update(self, device: str) -> str:
         return f"{self._base}/update/{check_name(device, 'device')}"
 
@@ -132,7 +159,7 @@ def parse_topic(topic: str) -> ParsedTopic:
     fleet = parts[1]
     if len(parts) == 4 and parts[2] in ("status", "telemetry"):
         return ParsedTopic(TopicKind(parts[2]), fleet, None, parts[3])
-    if len(parts) == 4 and parts[3] in ("round", "model", "metrics"):
+    if len(parts) == 4 and parts[3] in _TASK_LEAVES:
         return ParsedTopic(TopicKind(parts[3]), fleet, parts[2], None)
     if len(parts) == 5 and parts[3] == "update":
         return ParsedTopic(TopicKind.UPDATE, fleet, parts[2], parts[4])

@@ -68,6 +68,9 @@ def concrete(kind: TopicKind, topics: Topics, device: str) -> str:
     return {
         TopicKind.ROUND: topics.round(),
         TopicKind.MODEL: topics.model(),
+        TopicKind.DEPLOYMENT: topics.deployment(),
+        TopicKind.DEPLOYED: topics.deployed(),
+        TopicKind.STATE: topics.state(),
         TopicKind.UPDATE: topics.update(device),
         TopicKind.SECAGG: topics.secagg("keys", device),
         TopicKind.METRICS: topics.metrics(),

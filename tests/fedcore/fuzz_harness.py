@@ -34,6 +34,10 @@ from fedcore.errors import RemoteProtocolError
 from fedcore.protocol import codec, signing, tensors
 from fedcore.protocol.messages import (
     BODY_TYPES,
+    CanaryReport,
+    DataStats,
+    DeployedModel,
+    Deployment,
     EncodedDelta,
     GlobalModel,
     Kind,
@@ -41,9 +45,11 @@ from fedcore.protocol.messages import (
     ModelUpdate,
     PipelineConfig,
     RoundAnnouncement,
+    RoundPoint,
     RoundSummary,
     SecAggMessage,
     Status,
+    TaskState,
     Telemetry,
     TrainConfig,
 )
@@ -96,6 +102,12 @@ def seed_bodies() -> list[msgspec.Struct]:
         Status("online", "0.1", 2, {"k": "v"}),
         Telemetry(2, {"score": 0.3}, ("alert",)),
         SecAggMessage("keys", b"\x05" * 40),
+        DataStats("L1", ("a", "b"), 40, (1.0, 2.0), (3.0, 4.0)),
+        CanaryReport(4, 3, 2, {"rmse": 1.0}, {"rmse": 1.1}, 30),
+        Deployment(4, "L1", "canary", 2, tensors.encode_tensors(w), 3, tensors.encode_tensors(w), ("gw1",), "auto", 1.0),
+        DeployedModel(4, "L1", 2, spec, b"TFL3" * 8, b"\x00" * 32),
+        TaskState("L1", "waiting", 3, 2, 0, "schedule", 5.0, ("gw1",), (), (), 2, "latest", -1, (), {"late": 1},
+                  {"gw1": 0.5}, "rmse", False, (RoundPoint(2, 2, 1, 100, 0.5, 0.1, 1.0),), 2.0),
     ]
 
 
@@ -143,7 +155,8 @@ def seed_envelopes() -> list[codec.Envelope]:
 
 
 def seed_topics() -> list[str]:
-    return [TOPICS.round(), TOPICS.model(), TOPICS.metrics(), TOPICS.update("gw1"),
+    return [TOPICS.round(), TOPICS.model(), TOPICS.metrics(), TOPICS.deployment(),
+            TOPICS.deployed(), TOPICS.state(), TOPICS.update("gw1"),
             TOPICS.secagg("keys", "gw1"), TOPICS.status("gw1"), TOPICS.telemetry("gw1")]
 
 
@@ -215,6 +228,8 @@ def body_tensors(body: Any) -> tuple[tensors.Tensor, ...]:
         return body.delta.parts
     if isinstance(body, GlobalModel):
         return body.tensors
+    if isinstance(body, Deployment):
+        return body.tensors + body.candidate_tensors
     return ()
 
 
