@@ -1,7 +1,7 @@
 """The Mosquitto ACL, generated only from :data:`fedcore.protocol.topics.ACL_RULES`.
 
 Theory of operation: each :class:`~fedcore.protocol.topics.AclRule` holds a topic pattern
-with ``{fleet}``, ``{task}``, ``{device}`` and ``{stage}`` placeholders and four permission
+with ``{fleet}``, ``{task}``, ``{device}`` and ``{stage}`` placeholders and its permission
 bits. A client's MQTT username is its certificate CN (``use_identity_as_username``).
 
 - Device permissions become ``pattern`` lines, which Mosquitto applies to every
@@ -12,6 +12,14 @@ bits. A client's MQTT username is its certificate CN (``use_identity_as_username
   gateway out. (Mosquitto warns at start that those patterns lack ``%u``; that is expected.)
 - Aggregator permissions become ``topic`` lines under ``user <aggregator>``, with
   ``{device}`` and ``{stage}`` as ``+`` (the aggregator serves every device).
+- Operators (status, dashboards, plant systems) get a ``user <operator>`` block with a
+  ``topic read`` line per rule whose ``operator_read`` is set, ``{device}`` as ``+``.
+  Because ``pattern`` lines apply to every client, they would also let an operator write
+  on the per-device topics carrying its own name (``update/<operator>`` ...). The block
+  therefore opens with ``topic deny`` lines for exactly those topics: Mosquitto checks a
+  user's deny lines before anything else and stops at the first one that matches, so the
+  operator can write nothing anywhere. No device can carry an operator's name
+  (provisioning keeps names unique), so the denied topics belong to nobody.
 - ``{task}`` is always ``+``; ``{fleet}`` is the fleet name or ``+``.
 
 Anything not granted is denied (Mosquitto's rule once an acl_file is set). A test parses
@@ -20,6 +28,9 @@ this output back and checks it against the rules and real topics built by ``Topi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from fedcore.errors import LocalProtocolError
 from fedcore.protocol.topics import ACL_RULES, AclRule, check_name
 
 
@@ -37,11 +48,25 @@ def _fill(rule: AclRule, fleet: str, device: str) -> str:
     return rule.pattern.format(fleet=fleet, task="+", device=device, stage="+")
 
 
-def generate_acl(fleet: str = "+", aggregator: str = "aggregator") -> str:
-    """The acl_file text for one fleet (or every fleet with ``'+'``)."""
+def _operator_block(name: str, fleet: str) -> list[str]:
+    lines = [f"user {name}"]
+    for rule in ACL_RULES:
+        if "{device}" in rule.pattern and (rule.device_read or rule.device_write):
+            lines.append(f"topic deny {_fill(rule, fleet, name)}")
+    for rule in ACL_RULES:
+        if rule.operator_read:
+            lines.append(f"topic read {_fill(rule, fleet, '+')}")
+    return lines
+
+
+def generate_acl(fleet: str = "+", aggregator: str = "aggregator", operators: Iterable[str] = ()) -> str:
+    """The acl_file text for one fleet (or every fleet with ``'+'``) and its operators."""
     if fleet != "+":
         check_name(fleet, "fleet")
     check_name(aggregator, "aggregator")
+    operator_names = sorted({check_name(name, "operator") for name in operators})
+    if aggregator in operator_names:
+        raise LocalProtocolError(f"operator {aggregator!r} has the aggregator's name")
     lines = [
         "# Mosquitto ACL for fedgate. Generated from fedcore.protocol.topics.ACL_RULES;",
         "# do not edit: regenerate with `fedgate provision broker`.",
@@ -60,4 +85,12 @@ def generate_acl(fleet: str = "+", aggregator: str = "aggregator") -> str:
         access = _access(rule.aggregator_read, rule.aggregator_write)
         if access is not None:
             lines.append(f"topic {access} {_fill(rule, fleet, '+')}")
+    if operator_names:
+        lines += [
+            "",
+            "# Operators read and never write. The deny lines close the per-device topics",
+            "# carrying the operator's own name, which the patterns above would open to it.",
+        ]
+    for name in operator_names:
+        lines += ["", *_operator_block(name, fleet)]
     return "\n".join(lines) + "\n"

@@ -6,11 +6,15 @@ plain ``string.Template`` (``templates/mosquitto.conf.tmpl``) filled with paths 
 layout and a few limits; the ACL comes from :func:`broker_config.acl.generate_acl`, i.e.
 from the topic module, never written by hand. Rendering is deterministic (same inputs,
 same bytes) so a diff of the rendered files shows exactly what an operator changed.
+
+The conf's ``user`` is the account Mosquitto reads everything but the conf as; who owns
+``broker/`` is :mod:`broker_config.access`'s business, this module only writes the files.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -24,6 +28,8 @@ TEMPLATE = Path(__file__).parent / "templates" / "mosquitto.conf.tmpl"
 DEFAULT_MAX_PACKET_SIZE = 8 * 1024 * 1024 + 64 * 1024
 # Mosquitto's default of 1000 drops QoS 1 messages in bursts to a slow aggregator.
 DEFAULT_MAX_QUEUED_MESSAGES = 100_000
+# The account Mosquitto switches to when started as root (its own default too).
+DEFAULT_RUN_USER = "mosquitto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,10 +70,16 @@ class FleetLayout:
     def devices_dir(self) -> Path:
         return self.root / "devices"
 
+    @property
+    def operators_dir(self) -> Path:
+        return self.root / "operators"
+
     def identity_dir(self, name: str, role: str) -> Path:
-        """Bundle folder of one identity: devices/NAME, aggregator/, broker/."""
+        """Bundle folder of one identity: devices/NAME, operators/NAME, aggregator/, broker/."""
         if role == "device":
             return self.devices_dir / name
+        if role == "operator":
+            return self.operators_dir / name
         return self.root / role
 
     @property
@@ -115,10 +127,13 @@ def render_mosquitto_conf_text(
     """The mosquitto.conf text (pure: no files touched)."""
     if not 0 < port < 65536:
         raise ValueError(f"port {port} out of range")
-    user_line = f"user {run_as_user}" if run_as_user else "# user: Mosquitto's default (mosquitto)"
+    user = run_as_user or DEFAULT_RUN_USER
+    for what, value in (("host", host), ("user", user)):
+        if not value or any(c.isspace() or c == "#" for c in value):
+            raise ValueError(f"{what} {value!r} would not be one word in mosquitto.conf")
     template = Template(TEMPLATE.read_text("utf-8"))
     return template.substitute(
-        user_line=user_line,
+        user=user,
         persistence="true" if persistence else "false",
         persistence_location=f"{layout.broker_data.resolve()}/",
         host=host,
@@ -141,6 +156,7 @@ def render_mosquitto_conf(
     host: str = "127.0.0.1",
     fleet: str = "+",
     aggregator: str = "aggregator",
+    operators: Iterable[str] = (),
     run_as_user: str | None = None,
     max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
@@ -154,14 +170,26 @@ def render_mosquitto_conf(
     for needed in (layout.broker_ca, layout.broker_cert, layout.broker_key, layout.broker_crl):
         if not needed.is_file():
             raise FileNotFoundError(f"{needed} is missing: run `fedgate provision ca/broker` first")
-    layout.broker_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    layout.broker_data.mkdir(mode=0o700, exist_ok=True)
-    _write(layout.broker_acl, generate_acl(fleet, aggregator))
     text = render_mosquitto_conf_text(
         layout, port, host, run_as_user, max_queued_messages, max_packet_size, persistence
     )
+    layout.broker_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    layout.broker_data.mkdir(mode=0o700, exist_ok=True)
+    write_acl(layout, fleet, aggregator, operators)
     _write(layout.broker_conf, text)
     return layout.broker_conf
+
+
+def write_acl(layout: FleetLayout, fleet: str, aggregator: str, operators: Iterable[str] = ()) -> bool:
+    """(Re)write ``broker/acl``; True when its content changed (Mosquitto must reload it)."""
+    text = generate_acl(fleet, aggregator, operators)
+    try:
+        if layout.broker_acl.read_text("utf-8") == text:
+            return False
+    except FileNotFoundError:
+        pass
+    _write(layout.broker_acl, text)
+    return True
 
 
 def _write(path: Path, text: str) -> None:

@@ -6,7 +6,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from broker_config.render import DEFAULT_RUN_USER, FleetLayout
 from fedgate import provision
+
+_RELOAD = "make the running Mosquitto re-read it: kill -HUP <mosquitto pid>"
+
+
+def _acl_reload_hint(dir: Path) -> None:
+    acl = FleetLayout(dir).broker_acl
+    if acl.is_file():
+        print(f"broker ACL rewritten: {acl}; {_RELOAD}")
 
 
 def _ca(args: argparse.Namespace) -> int:
@@ -18,6 +27,13 @@ def _ca(args: argparse.Namespace) -> int:
 def _device(args: argparse.Namespace) -> int:
     bundle = provision.provision_device(args.dir, args.name, days=args.days)
     print(f"gateway bundle: {bundle}  (copy this folder onto the gateway)")
+    return 0
+
+
+def _operator(args: argparse.Namespace) -> int:
+    bundle = provision.provision_operator(args.dir, args.name, days=args.days)
+    print(f"operator bundle: {bundle}  (read-only; copy this folder to the status/dashboard host)")
+    _acl_reload_hint(args.dir)
     return 0
 
 
@@ -33,15 +49,20 @@ def _broker(args: argparse.Namespace) -> int:
         run_as_user=args.user,
     )
     print(f"broker config: {conf}\nrun: mosquitto -c {conf}")
+    for note in provision.broker_access_notes(args.dir):
+        print(f"note: {note}")
     return 0
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    provision.revoke(args.dir, args.name)
+    role = provision.revoke(args.dir, args.name)
     print(
-        f"revoked {args.name}. Copy keyring.json and revoked.json to the aggregator and the "
-        "gateways, re-run `fedgate provision broker` and restart the broker (CRL)."
+        f"revoked {role} {args.name}. Copy keyring.json and revoked.json to the aggregator and "
+        "the gateways, and restart the broker: a reload (kill -HUP) makes it re-read the CRL "
+        f"and ACL for new connections, only a restart drops {args.name}'s open connection."
     )
+    if role == "operator":
+        _acl_reload_hint(args.dir)
     return 0
 
 
@@ -63,7 +84,10 @@ def register(subparsers: Any) -> None:
     ca.add_argument("--days", type=int, default=provision.CA_DAYS, help="CA lifetime")
 
     device = add("device", _device, "issue a gateway certificate and signing key")
-    device.add_argument("name", help="device id (certificate CN), [A-Za-z0-9_.-]{1,64}")
+    device.add_argument("name", help="device id (certificate CN), 1-64 of [A-Za-z0-9_.-], no leading '.'")
+
+    operator = add("operator", _operator, "issue a read-only operator certificate (status, dashboard)")
+    operator.add_argument("name", help="operator name (certificate CN), 1-64 of [A-Za-z0-9_.-], no leading '.'")
 
     add("aggregator", _aggregator, "issue the aggregator certificate and signing key")
 
@@ -71,7 +95,11 @@ def register(subparsers: Any) -> None:
     broker.add_argument("--port", type=int, default=8883)
     broker.add_argument("--host", default="127.0.0.1", help="listener address")
     broker.add_argument("--san", action="append", default=[], help="extra DNS name/IP for the broker cert")
-    broker.add_argument("--user", default=None, help="`user` line of mosquitto.conf (default: mosquitto)")
+    broker.add_argument(
+        "--user", default=DEFAULT_RUN_USER,
+        help="account Mosquitto switches to when started as root; run as root, provisioning "
+        "hands broker/ to it (default: %(default)s)",
+    )
 
     revoke = add("revoke", _revoke, "revoke an identity (CRL + signing-key revocation list)", days=False)
     revoke.add_argument("name")

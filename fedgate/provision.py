@@ -18,9 +18,26 @@ Two independent kinds of credential, on purpose:
   ``keyring.json``; revocation goes into ``revoked.json``. These hold even if the broker
   (which terminates TLS) is compromised.
 
-Every change rewrites the derived public files (keyring, revocation list, CRL) and copies
-them into every bundle, so a bundle is always self-contained. Private keys are written
-0600, folders 0700, each file atomically (write + rename).
+Identities have roles: ``device`` (a gateway: mTLS + signing key), ``aggregator`` (the
+same), ``operator`` (mTLS only, read-only in the ACL: status, dashboards, plant systems;
+operators sign nothing) and ``broker`` (the server certificate).
+
+Every change rewrites the derived public files (keyring, revocation list, CRL, and the
+broker's ACL once the broker is provisioned) and copies them into every bundle, so a
+bundle is always self-contained. Private keys are written 0600, folders 0700, each file
+atomically (write + rename).
+
+Names are folder names as well as certificate CNs and topic levels: every bundle path
+built from a name is resolved and must be a direct child of its folder before anything
+is written or deleted (``check_name`` already refuses ``/``, ``.``, ``..`` and names
+starting with ``.``; the containment check also catches a symlinked bundle folder).
+
+The broker folder and its run user: Mosquitto started as root switches to the conf's
+``user`` (recorded in the index as ``run_as``) before reading anything but the conf, so
+every command that writes into ``broker/`` hands it to that user afterwards
+(:mod:`broker_config.access`: run as root, the user exists -> owner of ``broker/``, fleet
+root 0711; ``ca/`` and the other bundles stay 0700 root). :func:`broker_access_notes` says
+in one line each why Mosquitto could still not read it.
 """
 
 from __future__ import annotations
@@ -29,6 +46,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +57,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from broker_config.render import FleetLayout, render_mosquitto_conf
+from broker_config import access
+from broker_config.render import DEFAULT_RUN_USER, FleetLayout, render_mosquitto_conf, write_acl
 from fedcore.errors import ConfigError, LocalProtocolError
 from fedcore.protocol import signing
 from fedcore.protocol.topics import check_name
@@ -52,6 +71,10 @@ LEAF_DAYS = 825
 CRL_DAYS = 365
 RESERVED_NAMES = frozenset({"broker", "ca"})
 _CMDLINE = "<command line>"
+_NAME_RULE = "must be 1-64 of [A-Za-z0-9_.-], not starting with '.'"
+# What Mosquitto's `user` line and useradd accept; anything else could not be one word there.
+_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}\Z")
+_HOST = re.compile(r"^[A-Za-z0-9_.:\-]{1,253}\Z")
 
 
 def _now(now: dt.datetime | None) -> dt.datetime:
@@ -185,11 +208,30 @@ def _check_identity_name(name: str, what: str) -> str:
     try:
         return check_name(name, what)
     except LocalProtocolError as exc:
-        raise ConfigError(_CMDLINE, what, name, "must match [A-Za-z0-9_.-]{1,64}") from exc
+        raise ConfigError(_CMDLINE, what, name, _NAME_RULE) from exc
+
+
+def _bundle_dir(layout: FleetLayout, name: str, role: str) -> Path:
+    """The identity's bundle folder, once it is proven to be where it belongs.
+
+    A device or operator bundle must resolve to a direct child of devices/ or operators/;
+    the others are fixed folders of the fleet root. Anything else (``..``, a symlink out)
+    is refused before a file is written or a folder deleted.
+    """
+    bundle = layout.identity_dir(name, role)
+    parent = bundle.parent if role in ("device", "operator") else layout.root
+    if bundle.resolve().parent != parent.resolve():
+        raise ConfigError(_CMDLINE, role, name, f"would resolve to {bundle.resolve()}, outside {parent}")
+    return bundle
+
+
+def _operators(index: dict[str, Any]) -> list[str]:
+    return sorted(n for n, e in index["identities"].items() if e["role"] == "operator")
 
 
 def _publish(layout: FleetLayout, index: dict[str, Any], now: dt.datetime) -> None:
-    """Rewrite keyring, revocation list and CRL, and copy them into every bundle."""
+    """Rewrite keyring, revocation list and CRL, and copy them into every bundle; rewrite
+    the broker's ACL once it is provisioned (operators come and go) and hand broker/ over."""
     index["crl_number"] = int(index.get("crl_number", 0)) + 1
     _write_private(layout.index, _json_bytes(index))
     devices = {
@@ -208,11 +250,14 @@ def _publish(layout: FleetLayout, index: dict[str, Any], now: dt.datetime) -> No
     _write_public(layout.revocations, revocations)
     _write_public(layout.crl, crl)
     for name, entry in index["identities"].items():
-        bundle = layout.identity_dir(name, entry["role"])
         if entry["role"] == "broker":
             _write_public(layout.broker_ca, ca)
             _write_public(layout.broker_crl, crl)
+            if layout.broker_conf.is_file():
+                write_acl(layout, index["fleet"], agg_name, _operators(index))
+            access.hand_over(layout, entry.get("run_as"))
             continue
+        bundle = _bundle_dir(layout, name, entry["role"])
         _write_public(bundle / "ca.crt", ca)
         _write_public(bundle / "keyring.json", keyring)
         _write_public(bundle / "revoked.json", revocations)
@@ -261,26 +306,36 @@ def init_ca(dir: str | Path, fleet: str = "+", aggregator: str = "aggregator",
     return layout.ca_cert
 
 
-def _provision_identity(layout: FleetLayout, name: str, role: str, now: dt.datetime, days: int) -> Path:
-    index = _load_index(layout)
+def _provision_identity(
+    layout: FleetLayout, index: dict[str, Any], name: str, role: str, now: dt.datetime, days: int
+) -> Path:
     existing = index["identities"].get(name)
     if existing is not None:
         raise ConfigError(_CMDLINE, "NAME", name, f"already provisioned as {existing['role']}; revoke it first")
+    bundle = _bundle_dir(layout, name, role)
     ca_key, ca_cert = _load_ca(layout)
     key, cert = _issue(ca_key, ca_cert, name, server=False, now=now, days=days)
-    signer = signing.SigningKey.from_seed(os.urandom(32))
-    bundle = layout.identity_dir(name, role)
     _mkdir(bundle)
     _write_private(bundle / "client.key", _key_pem(key))
     _write_public(bundle / "client.crt", cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(bundle / "signing.key", signer.to_pem().encode("ascii"))
-    _write_public(bundle / "signing.pub", (signer.verify_key.hex() + "\n").encode("ascii"))
+    public_key = None
+    if role != "operator":  # operators sign nothing, so they hold no signing key
+        signer = signing.SigningKey.from_seed(os.urandom(32))
+        _write_private(bundle / "signing.key", signer.to_pem().encode("ascii"))
+        _write_public(bundle / "signing.pub", (signer.verify_key.hex() + "\n").encode("ascii"))
+        public_key = signer.verify_key.hex()
     index["identities"][name] = {
-        "role": role, "serial": str(cert.serial_number), "public_key": signer.verify_key.hex(),
+        "role": role, "serial": str(cert.serial_number), "public_key": public_key,
         "not_after": cert.not_valid_after_utc.isoformat(), "issued_at": now.isoformat(),
     }
     _publish(layout, index, now)
     return bundle
+
+
+def _check_free_name(index: dict[str, Any], name: str, role: str) -> None:
+    if name == index["aggregator"] or name in RESERVED_NAMES:
+        # A device with the aggregator's CN would inherit the aggregator's ACL.
+        raise ConfigError(_CMDLINE, role, name, "is reserved for the aggregator/broker/CA")
 
 
 def provision_device(dir: str | Path, name: str, now: dt.datetime | None = None, days: int = LEAF_DAYS) -> Path:
@@ -288,17 +343,26 @@ def provision_device(dir: str | Path, name: str, now: dt.datetime | None = None,
     layout = FleetLayout(Path(dir))
     _check_identity_name(name, "device")
     index = _load_index(layout)
-    if name == index["aggregator"] or name in RESERVED_NAMES:
-        # A device with the aggregator's CN would inherit the aggregator's ACL.
-        raise ConfigError(_CMDLINE, "NAME", name, "is reserved for the aggregator/broker")
-    return _provision_identity(layout, name, "device", _now(now), days)
+    _check_free_name(index, name, "device")
+    return _provision_identity(layout, index, name, "device", _now(now), days)
+
+
+def provision_operator(dir: str | Path, name: str, now: dt.datetime | None = None, days: int = LEAF_DAYS) -> Path:
+    """Issue a read-only operator identity (client certificate, CN = ``name``; no signing
+    key); return its bundle. Once the broker is provisioned, its ACL is rewritten too:
+    Mosquitto must re-read it (``kill -HUP``)."""
+    layout = FleetLayout(Path(dir))
+    _check_identity_name(name, "operator")
+    index = _load_index(layout)
+    _check_free_name(index, name, "operator")
+    return _provision_identity(layout, index, name, "operator", _now(now), days)
 
 
 def provision_aggregator(dir: str | Path, now: dt.datetime | None = None, days: int = LEAF_DAYS) -> Path:
     """Issue the aggregator identity (its CN is the name fixed at ``init_ca``)."""
     layout = FleetLayout(Path(dir))
     index = _load_index(layout)
-    return _provision_identity(layout, index["aggregator"], "aggregator", _now(now), days)
+    return _provision_identity(layout, index, index["aggregator"], "aggregator", _now(now), days)
 
 
 def provision_broker(
@@ -310,8 +374,17 @@ def provision_broker(
     now: dt.datetime | None = None,
     days: int = LEAF_DAYS,
 ) -> Path:
-    """Issue the broker's server certificate (once), re-sign the CRL, render conf + ACL."""
+    """Issue the broker's server certificate (once), re-sign the CRL, render conf + ACL.
+
+    ``run_as_user`` (default ``mosquitto``) is the conf's ``user``: run as root, this hands
+    ``broker/`` to that account when it exists (see :func:`broker_access_notes`).
+    """
     layout = FleetLayout(Path(dir))
+    run_as = run_as_user or DEFAULT_RUN_USER
+    if not _USER.match(run_as):
+        raise ConfigError(_CMDLINE, "--user", run_as, "is not a user name")
+    if not _HOST.match(host):
+        raise ConfigError(_CMDLINE, "--host", host, "is not a host name or address")
     index = _load_index(layout)
     now = _now(now)
     if not layout.broker_cert.is_file() or "broker" not in index["identities"]:
@@ -325,35 +398,49 @@ def provision_broker(
             "role": "broker", "serial": str(cert.serial_number), "public_key": None,
             "not_after": cert.not_valid_after_utc.isoformat(), "issued_at": now.isoformat(),
         }
+    entry = index["identities"]["broker"]
+    entry["run_as"] = run_as
     _publish(layout, index, now)
-    return render_mosquitto_conf(
+    conf = render_mosquitto_conf(
         layout.root, port, host=host, fleet=index["fleet"], aggregator=index["aggregator"],
-        run_as_user=run_as_user,
+        operators=_operators(index), run_as_user=run_as,
     )
+    access.hand_over(layout, run_as)
+    return conf
 
 
-def revoke(dir: str | Path, name: str, now: dt.datetime | None = None) -> None:
-    """Revoke an identity's certificate (CRL) and signing key (revoked.json); remove its bundle.
+def revoke(dir: str | Path, name: str, now: dt.datetime | None = None) -> str:
+    """Revoke an identity's certificate (CRL) and signing key (revoked.json); remove its
+    bundle; rewrite the broker's ACL (an operator's block goes). Returns the role.
 
-    The broker picks the CRL up only when restarted (Mosquitto reads ``crlfile`` at start).
+    A reload (``kill -HUP``) makes Mosquitto 2.0 re-read the ACL and the CRL for new
+    connections; only a restart drops a connection the revoked identity already holds.
     """
     layout = FleetLayout(Path(dir))
+    _check_identity_name(name, "NAME")
     index = _load_index(layout)
     entry = index["identities"].get(name)
     if entry is None:
         raise ConfigError(_CMDLINE, "NAME", name, "no such active identity")
+    bundle = _bundle_dir(layout, name, entry["role"]) if entry["role"] != "broker" else None
     now = _now(now)
     index["revoked"].append({
         "id": name, "role": entry["role"], "public_key": entry["public_key"],
         "cert_serial": entry["serial"], "revoked_at": now.isoformat(),
     })
     del index["identities"][name]
-    if entry["role"] != "broker":
-        bundle = layout.identity_dir(name, entry["role"])
-        if bundle.is_dir():
-            # The private keys are dead; keeping them around only invites reuse.
-            shutil.rmtree(bundle)
+    if bundle is not None and bundle.is_dir():
+        # The private keys are dead; keeping them around only invites reuse.
+        shutil.rmtree(bundle)
     _publish(layout, index, now)
+    return str(entry["role"])
+
+
+def broker_access_notes(dir: str | Path) -> list[str]:
+    """One line per reason why Mosquitto could not read broker/ as provisioned (none: fine)."""
+    layout = FleetLayout(Path(dir))
+    entry = _load_index(layout)["identities"].get("broker")
+    return access.access_notes(layout, entry.get("run_as")) if entry else []
 
 
 def load_fleet_keyring(dir: str | Path) -> signing.Keyring:

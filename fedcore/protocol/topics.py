@@ -28,7 +28,9 @@ from fedcore.errors import LocalProtocolError, RemoteProtocolError
 
 ROOT = "fg"
 _TASK_LEAVES = ("round", "model", "metrics", "deployment", "deployed", "state")
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+# Names are topic levels and folder names: no leading "." (so never "." or ".." or a
+# hidden file), and \Z rather than $, which would also accept a trailing newline.
+_NAME = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,63}\Z")
 
 
 class TopicKind(Enum):
@@ -74,7 +76,9 @@ ACL_RULES: tuple[AclRule, ...] = (
 def check_name(value: str, what: str) -> str:
     """Validate a fleet/task/device/stage name for use inside a topic (our own input)."""
     if not isinstance(value, str) or not _NAME.match(value):
-        raise LocalProtocolError(f"{what} {value!r} must match [A-Za-z0-9_.-]{{1,64}}")
+        raise LocalProtocolError(
+            f"{what} {value!r} must be 1-64 of [A-Za-z0-9_.-], not starting with '.'"
+        )
     return value
 
 
