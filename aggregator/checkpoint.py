@@ -1,10 +1,14 @@
 """Atomic checkpoints of the aggregator's state on disk.
 
 One file, ``checkpoint.npz``, holds the global weights, the server optimizer's arrays and
-the JSON metadata (round, version, parent hash, history, ledgers...). It is written to a
-temporary file, fsync'd, and renamed over the old one, then the folder is fsync'd: a crash
-at any point leaves either the previous or the new checkpoint, never a torn one. Each
-committed model is also kept as ``models/v{version}.npz`` for roll-back and audit.
+the JSON metadata (round, version, parent hash, bounded history, ledgers...). It is written
+to a temporary file, fsync'd, and renamed over the old one, then the folder is fsync'd: a
+crash at any point leaves either the previous or the new checkpoint, never a torn one.
+
+Each committed model is also kept as ``models/v{version}.npz`` for deployment, roll-back
+and audit; :func:`prune_models` keeps the newest ``keep`` of them plus any version still
+named by the deployment state. A failed write raises ``OSError`` (a full disk): the caller
+holds what depends on it and retries.
 """
 
 from __future__ import annotations
@@ -60,6 +64,41 @@ def save(directory: Path, checkpoint: Checkpoint) -> Path:
         np.savez(buf, **{f"w_{i}": w for i, w in enumerate(checkpoint.weights)})  # type: ignore[arg-type]
         _atomic_write(version_file, buf.getvalue())
     return path
+
+
+def model_path(directory: Path, version: int) -> Path:
+    return directory / "models" / f"v{version}.npz"
+
+
+def load_model(directory: Path, version: int) -> list[np.ndarray] | None:
+    """The weights of a kept version, or None when its file is gone."""
+    path = model_path(directory, version)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            n = sum(k.startswith("w_") for k in data.files)
+            return [np.asarray(data[f"w_{i}"], np.float32) for i in range(n)]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def kept_versions(directory: Path) -> list[int]:
+    out = []
+    for path in (directory / "models").glob("v*.npz"):
+        try:
+            out.append(int(path.stem[1:]))
+        except ValueError:
+            continue
+    return sorted(out)
+
+
+def prune_models(directory: Path, keep: int, protect: set[int]) -> list[int]:
+    """Delete all but the newest ``keep`` model files and the ``protect``ed versions."""
+    versions = kept_versions(directory)
+    newest = set(versions[-keep:]) if keep > 0 else set()
+    removed = [v for v in versions if v not in newest and v not in protect]
+    for v in removed:
+        model_path(directory, v).unlink(missing_ok=True)
+    return removed
 
 
 def load(directory: Path) -> Checkpoint | None:

@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aggregator.deployment import POLICIES, DeployConfig
 from aggregator.reputation import ReputationConfig
 from aggregator.rounds import RoundConfig
+from aggregator.schedule import Schedule, check_timezone, parse_window
 from aggregator.server_optim import SERVER_OPTIMIZERS, ServerOptimizerConfig
 from fedcore.compression.downlink import MODES as DOWNLINK_MODES
 from fedcore.config import Section, load_toml
@@ -56,6 +58,8 @@ class AggregatorConfig:
     exit_when_done: bool = False
     metrics_port: int = 0  # Prometheus exporter; 0 = off
     metrics_addr: str = "127.0.0.1"
+    keep_models: int = 50  # model files kept in state_dir/models (deployed ones always)
+    deploy: DeployConfig = DeployConfig()
     security: dict[str, Path] = field(default_factory=dict)
 
 
@@ -65,7 +69,17 @@ def load_aggregator_config(path: str | Path) -> AggregatorConfig:
     fleet, task_name = name(task, "fleet"), name(task, "name")
     task.reject_unknown()
     broker = broker_config(root.section("broker"), "aggregator")
-    spec = model_spec(root.section("model", required=True))
+    msec = root.section("model", required=True)
+    scaling = msec.str("scaling", "federated", choices=("federated", "none"))
+    spec = model_spec(msec)
+    if scaling == "federated" and not spec.features:
+        raise msec.error("features", [], "scaling = \"federated\" needs the feature names (the "
+                         "gateways' [data] features); or set scaling = \"none\" for pre-scaled rows")
+    if scaling == "federated" and len(spec.features) != spec.layer_sizes[0]:
+        raise msec.error("features", list(spec.features),
+                         f"{len(spec.features)} features, but layer_sizes starts with {spec.layer_sizes[0]}")
+    if scaling == "federated" and spec.task == "regression" and not spec.target:
+        raise msec.error("target", "", "regression with scaling = \"federated\" needs the target's name")
     rsec = root.section("rounds")
     server_sec = root.section("server")
     server = ServerOptimizerConfig(
@@ -100,7 +114,7 @@ def load_aggregator_config(path: str | Path) -> AggregatorConfig:
     psec.reject_unknown()
     reputation = _reputation(root.section("reputation"))
     rounds = RoundConfig(
-        rounds=rsec.int("rounds", 10, min=1),
+        rounds=rsec.int("rounds", 10, min=0),
         min_participants=rsec.int("min_participants", 1, min=1),
         round_timeout_s=rsec.float("round_timeout_s", 60.0, min=0.1),
         fraction=rsec.float("fraction", 1.0, min=0.0, max=1.0),
@@ -111,6 +125,9 @@ def load_aggregator_config(path: str | Path) -> AggregatorConfig:
         reputation=reputation,
         downlink=rsec.str("downlink", "fp32", choices=DOWNLINK_MODES),
         downlink_full_every=rsec.int("downlink_full_every", 10, min=0),
+        schedule=_schedule(root.section("schedule")),
+        scaling=scaling,
+        keep_history=root.section("state").int("keep_history", 1000, min=10),
     )
     rsec.reject_unknown()
     fsec = root.section("fusion")
@@ -134,6 +151,8 @@ def load_aggregator_config(path: str | Path) -> AggregatorConfig:
         exit_when_done=state.bool("exit_when_done", False),
         metrics_port=state.int("metrics_port", 0, min=0, max=65535),
         metrics_addr=state.str("metrics_addr", "127.0.0.1"),
+        keep_models=state.int("keep_models", 50, min=2),
+        deploy=_deploy(root.section("deploy")),
         security=_security(root.section("security")),
     )
     state.reject_unknown()
@@ -160,6 +179,40 @@ def _reputation(sec: Section) -> ReputationConfig | None:
         raise sec.error(field, getattr(cfg, field, None), str(exc)) from None
     sec.reject_unknown()
     return cfg if enabled else None
+
+
+def _schedule(sec: Section) -> Schedule:
+    windows = []
+    for text in sec.str_list("windows", []):
+        try:
+            windows.append(parse_window(text))
+        except ValueError as exc:
+            raise sec.error("windows", text, str(exc)) from None
+    timezone = sec.str("timezone", "UTC")
+    try:
+        check_timezone(timezone)
+    except ValueError as exc:
+        raise sec.error("timezone", timezone, str(exc)) from None
+    out = Schedule(
+        interval_s=sec.float("interval_s", 0.0, min=0.0),
+        windows=tuple(windows),
+        timezone=timezone,
+        min_new_rows=sec.int("min_new_rows", 0, min=0),
+    )
+    sec.reject_unknown()
+    return out
+
+
+def _deploy(sec: Section) -> DeployConfig:
+    out = DeployConfig(
+        policy=sec.str("policy", "latest", choices=POLICIES),
+        every=sec.int("every", 1, min=1),
+        canary_fraction=sec.float("canary_fraction", 0.25, min=0.0, max=1.0),
+        max_regression=sec.float("max_regression", 0.02, min=0.0),
+        canary_timeout_s=sec.float("canary_timeout_s", 300.0, min=1.0),
+    )
+    sec.reject_unknown()
+    return out
 
 
 def _security(sec: Section) -> dict[str, Path]:

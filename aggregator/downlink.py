@@ -59,7 +59,7 @@ class Downlink:
             raise ValueError(f"unknown downlink mode {self.mode!r}; use one of {MODES}")
 
     def message(self, master: Params, version: int, parent_hash: bytes, spec: ModelSpec,
-                online: Iterable[str]) -> GlobalModel:
+                online: Iterable[str], lineage: str = "") -> GlobalModel:
         """The model message for a newly committed ``version``; updates ``held``/``synced``."""
         online = set(online)
         shapes = shapes_of(master)
@@ -78,15 +78,17 @@ class Downlink:
             self.synced = online
         self.current_is_delta = use_delta
         return GlobalModel(version=version, round=version, parent_hash=parent_hash, spec=spec,
-                           tensors=enc.tensors, encoding=enc.encoding, scales=enc.scales)
+                           tensors=enc.tensors, encoding=enc.encoding, scales=enc.scales,
+                           lineage=lineage)
 
-    def resync(self, version: int, parent_hash: bytes, spec: ModelSpec) -> GlobalModel:
+    def resync(self, version: int, parent_hash: bytes, spec: ModelSpec, lineage: str = "") -> GlobalModel:
         """The current version as fp32 of ``held``: what a gateway that cannot apply the
         retained delta installs (decodes bitwise-equal to the delta chain's result)."""
         enc = encode_model(self.held, "fp32")
         self.current_is_delta = False
         return GlobalModel(version=version, round=version, parent_hash=parent_hash, spec=spec,
-                           tensors=enc.tensors, encoding=enc.encoding, scales=enc.scales)
+                           tensors=enc.tensors, encoding=enc.encoding, scales=enc.scales,
+                           lineage=lineage)
 
     def came_online(self, device: str, online: Iterable[str]) -> bool:
         """A gateway (re)connected: True if the current version must be re-sent in full."""

@@ -9,11 +9,13 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
+from aggregator import checkpoint as checkpoints
 from aggregator.config import AggregatorConfig, load_aggregator_config
 from aggregator.fusion import ServerUpdateFn
-from aggregator.rounds import Ledger
+from aggregator.rounds import IncompatibleState, Ledger
 from aggregator.runtime import AggregatorService
 from aggregator.security import AggregatorSecurity
+from fedcore.errors import ConfigError
 from fedcore.systemd import SystemdNotifier
 from fedcore.transport.factory import transport_from_config
 
@@ -69,7 +71,6 @@ def root_update(config: AggregatorConfig) -> ServerUpdateFn | None:
     path = config.fusion.root_data
     if path is None:
         return None
-    from fedcore.errors import ConfigError
     from fedcore.learning.params import subtract
     from fedcore.learning.training import train_local
 
@@ -93,9 +94,40 @@ def build_aggregator(config_path: str | Path) -> AggregatorService:
     config = with_calibrated_noise(load_aggregator_config(config_path))
     transport = transport_from_config(config.broker, seed=config.seed)
     security = AggregatorSecurity.from_paths(config.file, config.security, config.state_dir / "audit.jsonl")
-    return AggregatorService(config, transport, security, ledger=make_ledger(config),
-                             server_update=root_update(config),
-                             notifier=SystemdNotifier.from_environment())
+    metrics = None
+    if config.metrics_port:
+        from aggregator.metrics import AggregatorMetrics
+
+        metrics = AggregatorMetrics(config.metrics_port, config.metrics_addr)
+    try:
+        return AggregatorService(config, transport, security, ledger=make_ledger(config),
+                                 server_update=root_update(config),
+                                 notifier=SystemdNotifier.from_environment(), metrics=metrics)
+    except IncompatibleState as exc:
+        if metrics is not None:
+            metrics.close()
+        raise ConfigError(config.file, "model", "", f"differs from the saved state in "
+                          f"{config.state_dir} ({exc}); to train the new model as a new lineage "
+                          f"run `fedgate aggregator new-lineage -c {config.file}` (the old state "
+                          "is archived, not deleted), or restore the old [model]") from None
+
+
+def new_lineage(config_path: str | Path) -> Path | None:
+    """Archive the aggregator's state so that its next start opens a new lineage. Returns
+    the archive folder (None when there was no state). The audit log stays in place: its
+    hash chain spans lineages."""
+    config = load_aggregator_config(config_path)
+    state = config.state_dir
+    saved = checkpoints.load(state)
+    if saved is None:
+        return None
+    lineage = str(saved.meta.get("lineage") or "before-lineages")
+    archive = state / "lineages" / lineage
+    archive.mkdir(parents=True, exist_ok=True)
+    for name in (checkpoints.FILE, "models"):
+        if (state / name).exists():
+            (state / name).rename(archive / name)
+    return archive
 
 
 def run_aggregator(config_path: str | Path) -> int:

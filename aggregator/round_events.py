@@ -12,7 +12,14 @@ from typing import Any
 import numpy as np
 
 from fedcore.learning.params import Params
-from fedcore.protocol.messages import GlobalModel, ModelUpdate, RoundAnnouncement, RoundSummary
+from fedcore.protocol.messages import (
+    DataStats,
+    GlobalModel,
+    ModelSpec,
+    ModelUpdate,
+    RoundAnnouncement,
+    RoundSummary,
+)
 
 # ---- events -------------------------------------------------------------------------------
 
@@ -29,8 +36,14 @@ class Tick:
 
 @dataclass(frozen=True, slots=True)
 class DeviceOnline:
+    """A gateway's status says it is online. ``ready``: it has enough rows and a usable
+    model (status activity other than waiting_for_data / incompatible); only ready
+    gateways are waited for. ``rows_new``: its training rows no round has used yet."""
+
     now: float
     device: str
+    ready: bool = True
+    rows_new: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +62,13 @@ class UpdateReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class StatsReceived:
+    now: float
+    device: str
+    stats: DataStats
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerSessionLost:
     """The broker came back without our session (restarted without persistence): its
     retained model and round may be gone, and so may updates that were in flight."""
@@ -56,7 +76,8 @@ class BrokerSessionLost:
     now: float
 
 
-Event = Started | Tick | DeviceOnline | DeviceOffline | UpdateReceived | BrokerSessionLost
+Event = (Started | Tick | DeviceOnline | DeviceOffline | UpdateReceived | StatsReceived
+         | BrokerSessionLost)
 
 # ---- actions ------------------------------------------------------------------------------
 
@@ -122,9 +143,41 @@ class RunFinished:
     model_version: int
 
 
+@dataclass(frozen=True, slots=True)
+class RunContinued:
+    """A finished run was restarted with more rounds (or ``rounds = 0``)."""
+
+    round: int
+    model_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class LineageStarted:
+    lineage: str
+    statistics: bool  # True: a statistics round comes first
+
+
+@dataclass(frozen=True, slots=True)
+class ScalerFitted:
+    """The statistics round closed: the fleet scaler from ``rows`` rows of ``devices``."""
+
+    devices: tuple[str, ...]
+    rows: int
+    spec: ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class RoundWaiting:
+    """No round starts now; ``reason`` says why (schedule, new rows)."""
+
+    round: int
+    reason: str
+
+
 Action = (
     PublishRound | PublishModel | PublishMetrics | SaveCheckpoint | UpdateRejected
     | UpdateAccepted | QuorumMissed | GatewayQuarantined | GatewayReleased | RunFinished
+    | RunContinued | LineageStarted | ScalerFitted | RoundWaiting
 )
 
 

@@ -7,26 +7,41 @@ the runtime feeds transport messages and timer ticks in and carries the actions 
 (publish, checkpoint, log). Randomness (client sampling) comes from the ``random.Random``
 given at construction.
 
-Rules, in order of a round ``r`` on global model version ``v``:
+Rules:
 
-1. ``Started`` (or a commit) -> announce round ``r``: the selected gateways, a deadline, the
-   training and pipeline config. A checkpoint is taken *before* the announcement so that a
-   restarted aggregator re-announces the same round (gateways that already trained resend
-   their cached update; duplicates are dropped by message id).
+0. **A lineage** is the life of one aggregator state. ``Started`` without a restored state
+   names a new lineage (``fedcore.protocol.lineage``: gateways follow it, and refuse older
+   ones). With ``scaling = "federated"`` and no fleet scaler yet, it opens with a
+   *statistics round* (round 0, ``purpose = "statistics"``): the ready gateways answer with
+   counts, sums and sums of squares (``StatsReceived``); with ``min_participants`` answers,
+   once every ready gateway answered or at the deadline, the fleet scaler goes into the
+   spec (``aggregator.statistics``) and model version 0 is published. A restored state
+   whose model differs from the configured one raises :class:`IncompatibleState`.
+1. **Next round** (after ``Started``, the statistics round or a commit): the run finishes
+   after ``rounds`` committed rounds (``rounds = 0``: never); otherwise the schedule
+   (``aggregator.schedule``: interval, time windows, fleet-wide new rows) either lets round
+   ``r`` start or the machine *waits* (``RoundWaiting``, re-checked on ``Tick`` and on the
+   gateways' status). A checkpoint is taken *before* each announcement so that a restarted
+   aggregator re-announces the same round (gateways that already trained resend their
+   cached update; duplicates are dropped by message id). A finished run restarted with more
+   rounds continues (``RunContinued``).
 2. ``UpdateReceived`` while collecting round ``r`` is accepted once per gateway if it is for
-   round ``r``, built on version ``v``, from a selected gateway, decodes within bounds,
-   has the expected shapes, is finite and within the norm bound. Anything else is an
-   ``UpdateRejected`` action with a stable reason (``late``, ``wrong_round``, ``duplicate``,
-   ``duplicate_device``, ``stale_base``, ``not_selected``, ``bad_samples``,
-   ``norm_too_large`` or the decoder's reason) - counted, never an exception.
-3. The round closes as soon as every expected gateway (selected and online) has sent, with
+   round ``r``, built on version ``v``, from a selected gateway, claims a sane sample count
+   and finite statistics, decodes within bounds, has the expected shapes, is finite and
+   within the norm bound. Anything else is an ``UpdateRejected`` action with a stable
+   reason (``late``, ``wrong_round``, ``duplicate``, ``duplicate_device``, ``stale_base``,
+   ``not_selected``, ``bad_samples``, ``bad_stats``, ``norm_too_large`` or the decoder's
+   reason) - counted, never an exception.
+3. The round closes as soon as every expected gateway (selected, online and *ready*: a
+   gateway whose status says it is waiting for data is not waited for) has answered, with
    at least ``min_participants`` updates; or at the deadline with at least
    ``min_participants`` (less the quarantined or budget-spent gateways, which can no longer
-   count). A deadline with fewer is *quorum missed*: the deadline is
-   extended and the round re-announced (an event in the summary, not an error).
+   count). A deadline with fewer is *quorum missed*: the deadline is extended and the round
+   re-announced (an event in the summary, not an error).
 4. Aggregate: fuse the deltas (the configured rule), apply the server optimizer, bump the
    version, chain the parent hash, checkpoint, publish the model (retained) and the round
-   summary, then announce ``r + 1`` or finish after ``rounds`` rounds.
+   summary (with each participant's own holdout figures), then go to rule 1. History is
+   kept for ``keep_history`` rounds.
 5. Downlink (``RoundConfig.downlink``): the model travels as fp32, int8 or an int8 delta
    on the previous version; ``aggregator.downlink`` keeps what gateways hold (the fused
    delta is relative to it) and re-sends the current version in full when a gateway comes
@@ -35,75 +50,48 @@ Rules, in order of a round ``r`` on global model version ``v``:
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
+import msgspec
 import numpy as np
 
 from aggregator import reputation as rep
 from aggregator import robust
 from aggregator.downlink import Downlink
 from aggregator.robust import outlier_distances
-from aggregator.round_events import (
-    Action as Action,
-)
-from aggregator.round_events import (
-    BrokerSessionLost as BrokerSessionLost,
-)
-from aggregator.round_events import (
-    Checkpoint as Checkpoint,
-)
-from aggregator.round_events import (
-    DeviceOffline as DeviceOffline,
-)
-from aggregator.round_events import (
-    DeviceOnline as DeviceOnline,
-)
-from aggregator.round_events import (
-    Event as Event,
-)
-from aggregator.round_events import (
-    GatewayQuarantined as GatewayQuarantined,
-)
-from aggregator.round_events import (
-    GatewayReleased as GatewayReleased,
-)
-from aggregator.round_events import (
-    PublishMetrics as PublishMetrics,
-)
-from aggregator.round_events import (
-    PublishModel as PublishModel,
-)
-from aggregator.round_events import (
-    PublishRound as PublishRound,
-)
-from aggregator.round_events import (
-    QuorumMissed as QuorumMissed,
-)
-from aggregator.round_events import (
-    RunFinished as RunFinished,
-)
-from aggregator.round_events import (
-    SaveCheckpoint as SaveCheckpoint,
-)
 from aggregator.round_events import (  # re-exported: callers use rounds.Started etc.
-    Started as Started,
+    Action,
+    BrokerSessionLost,
+    Checkpoint,
+    DeviceOffline,
+    DeviceOnline,
+    Event,
+    GatewayQuarantined,
+    GatewayReleased,
+    LineageStarted,
+    PublishMetrics,
+    PublishModel,
+    PublishRound,
+    QuorumMissed,
+    RoundWaiting,
+    RunContinued,
+    RunFinished,
+    SaveCheckpoint,
+    ScalerFitted,
+    Started,
+    StatsReceived,
+    Tick,
+    UpdateAccepted,
+    UpdateReceived,
+    UpdateRejected,
 )
-from aggregator.round_events import (
-    Tick as Tick,
-)
-from aggregator.round_events import (
-    UpdateAccepted as UpdateAccepted,
-)
-from aggregator.round_events import (
-    UpdateReceived as UpdateReceived,
-)
-from aggregator.round_events import (
-    UpdateRejected as UpdateRejected,
-)
+from aggregator.schedule import Schedule, next_round
+from aggregator.statistics import check_stats, fleet_scaler
 from aggregator.server_optim import (
     ServerOptimizerConfig,
     ServerOptimizerState,
@@ -113,8 +101,11 @@ from fedcore.errors import LocalProtocolError, RemoteProtocolError
 from fedcore.learning.params import Params, Shapes, l2_norm, shapes_of
 from fedcore.pipeline import decode_update
 from fedcore.privacy.dpsgd import dp_steps, sampling_rate
+from fedcore.learning.metrics import holdout_metric
 from fedcore.protocol.codec import body_hash
+from fedcore.protocol.lineage import new_lineage
 from fedcore.protocol.messages import (
+    DataStats,
     EncodedDelta,
     GlobalModel,
     ModelSpec,
@@ -124,6 +115,19 @@ from fedcore.protocol.messages import (
     RoundSummary,
     TrainConfig,
 )
+
+__all__ = [
+    "Action", "BrokerSessionLost", "Checkpoint", "DeviceOffline", "DeviceOnline", "Event",
+    "GatewayQuarantined", "GatewayReleased", "LineageStarted", "PublishMetrics", "PublishModel",
+    "PublishRound", "QuorumMissed", "RoundWaiting", "RunContinued", "RunFinished",
+    "SaveCheckpoint", "ScalerFitted", "Started", "StatsReceived", "Tick", "UpdateAccepted",
+    "UpdateReceived", "UpdateRejected", "RoundStateMachine", "RoundConfig", "Phase",
+    "IncompatibleState",
+]
+
+MAX_SAMPLES = 10**9  # a gateway claiming more rows is lying (FedAvg weighs by this count)
+MAX_STATS = 32  # statistics kept per update (evaluation figures, timings)
+MAX_STAT_KEY = 64
 
 # (updates, sample counts, previous global weights) -> fused delta, per-client info
 FuseFn = Callable[[list[Params], list[float], Params], Params]
@@ -150,13 +154,25 @@ class Ledger(Protocol):
 
 class Phase(Enum):
     IDLE = "idle"
-    COLLECTING = "collecting"
+    STATISTICS = "statistics"  # the lineage's statistics round: collecting DataStats
+    COLLECTING = "collecting"  # a training round: collecting updates
+    WAITING = "waiting"  # between rounds, until the schedule allows the next one
     FINISHED = "finished"
+
+
+class IncompatibleState(ValueError):
+    """The saved state belongs to another model (architecture, features, target)."""
+
+
+def architecture(spec: ModelSpec) -> ModelSpec:
+    """The parts of a spec a saved lineage must share with the config (not the scaler)."""
+    return ModelSpec(spec.kind, tuple(spec.layer_sizes), spec.activation, spec.task,
+                     tuple(spec.features), spec.target)
 
 
 @dataclass(frozen=True, slots=True)
 class RoundConfig:
-    rounds: int = 10
+    rounds: int = 10  # 0 = until stopped
     min_participants: int = 1
     round_timeout_s: float = 60.0
     fraction: float = 1.0  # share of online gateways selected each round
@@ -167,6 +183,9 @@ class RoundConfig:
     reputation: rep.ReputationConfig | None = None  # None = no reputation, no quarantine
     downlink: str = "fp32"  # how the model travels: fp32 | int8 | delta (aggregator.downlink)
     downlink_full_every: int = 10  # delta: a full model every N versions (0 = only on re-sync)
+    schedule: Schedule = Schedule()
+    scaling: str = "none"  # "federated": a lineage starts with a statistics round
+    keep_history: int = 1000  # round summaries kept in the checkpoint
 
 
 @dataclass
@@ -200,24 +219,32 @@ class RoundStateMachine:
         self.shapes = shapes_of(self.weights)
         self.optimizer_state = ServerOptimizerState()
         self.phase = Phase.IDLE
+        self.lineage = ""
         self.round = 1
         self.version = 0
         self.parent_hash = b""
         self.online: set[str] = set()
+        self.unready: set[str] = set()  # online, but waiting for data or incompatible
+        self.rows_new: dict[str, int] = {}
         self.downlink = Downlink(config.downlink, config.downlink_full_every)
         self.model = self._make_model()
         self.known: set[str] = set()  # every gateway seen online since start
         self.selected: tuple[str, ...] = ()
         self.deadline = 0.0
         self.announced_at = 0.0
+        self.last_start = 0.0
+        self.waiting_for = ""
+        self.next_check = 0.0
         self.attempt = 0
         self.received: dict[str, _Received] = {}
+        self.stats: dict[str, DataStats] = {}
         self.refused: set[str] = set()  # gateways whose update this round failed validation
         self.seen_ids: dict[str, int] = {}  # message id -> round, for duplicate detection
         self.rejected: dict[str, int] = {}
         self.history: list[dict[str, Any]] = []
         self.excluded: set[str] = set()  # out of privacy budget
         self.reputation = rep.ReputationState()
+        self.metric, self.metric_higher_is_better = holdout_metric(spec.kind, spec.task)
 
     # ---- public API --------------------------------------------------------------------
 
@@ -225,6 +252,8 @@ class RoundStateMachine:
         if self.phase is Phase.FINISHED:
             if isinstance(event, UpdateReceived):
                 return [self._reject(event.device, event.update.round, "finished", "run is over")]
+            if isinstance(event, Started):
+                return self._on_started(event)
             return []
         if isinstance(event, Started):
             return self._on_started(event)
@@ -233,27 +262,51 @@ class RoundStateMachine:
         if isinstance(event, Tick):
             return self._on_tick(event)
         if isinstance(event, DeviceOnline):
-            self.online.add(event.device)
-            self.known.add(event.device)
-            return self._resync(event.device) + self._maybe_close(event.now)
+            return self._on_online(event)
         if isinstance(event, DeviceOffline):
             self.online.discard(event.device)
+            self.unready.discard(event.device)
+            self.rows_new.pop(event.device, None)
             self.downlink.went_offline(event.device)
             return self._maybe_close(event.now)
         if isinstance(event, UpdateReceived):
             return self._on_update(event)
+        if isinstance(event, StatsReceived):
+            return self._on_stats(event)
         if isinstance(event, BrokerSessionLost):
             return self._republish()
         raise LocalProtocolError(f"unknown event {event!r}")
+
+    @property
+    def ready(self) -> set[str]:
+        """Online gateways that can take part (enough rows, a usable model)."""
+        return self.online - self.unready
+
+    def _on_online(self, event: DeviceOnline) -> list[Action]:
+        device = event.device
+        came = device not in self.online
+        self.online.add(device)
+        self.known.add(device)
+        self.rows_new[device] = max(0, event.rows_new)
+        if event.ready:
+            self.unready.discard(device)
+        else:
+            self.unready.add(device)
+        actions = self._resync(device) if came else []
+        if self.phase is Phase.WAITING:
+            return actions + self._next_round(event.now)
+        return actions + self._maybe_close(event.now)
 
     def _republish(self) -> list[Action]:
         """Put the retained state back: the current model (in full, since nobody can be
         assumed to hold a delta's base) and the round in progress. Gateways that had sent
         their update resend the cached one on the re-announcement (same message id)."""
-        if self.model.encoding == "delta":
-            self.model = self.downlink.resync(self.version, self.parent_hash, self.spec)
-        actions: list[Action] = [PublishModel(self.model)]
-        if self.phase is Phase.COLLECTING:
+        actions: list[Action] = []
+        if self.phase is not Phase.STATISTICS:
+            if self.model.encoding == "delta":
+                self.model = self.downlink.resync(self.version, self.parent_hash, self.spec, self.lineage)
+            actions.append(PublishModel(self.model))
+        if self.phase in (Phase.COLLECTING, Phase.STATISTICS):
             actions.append(PublishRound(self._announcement()))
         return actions
 
@@ -267,15 +320,22 @@ class RoundStateMachine:
         """Gateways whose updates are not used: quarantined or out of privacy budget."""
         return self.excluded | set(self.reputation.quarantined)
 
+    @property
+    def more_rounds(self) -> bool:
+        return self.config.rounds == 0 or self.round <= self.config.rounds
+
     # ---- checkpoints ---------------------------------------------------------------------
 
     def checkpoint(self) -> Checkpoint:
         meta = {
+            "lineage": self.lineage,
+            "spec": msgspec.to_builtins(self.spec),
             "round": self.round,
             "version": self.version,
             "phase": self.phase.value,
             "parent_hash": self.parent_hash.hex(),
             "optimizer_steps": self.optimizer_state.steps,
+            "last_start": self.last_start,
             "history": self.history,
             "rejected": self.rejected,
             "excluded": sorted(self.excluded),
@@ -286,16 +346,26 @@ class RoundStateMachine:
         return Checkpoint([w.copy() for w in self.weights], meta, arrays)
 
     def restore(self, checkpoint: Checkpoint) -> None:
+        """Resume a saved state. Raises :class:`IncompatibleState` when it belongs to a
+        model other than the configured one (a new lineage is needed)."""
         if self.phase is not Phase.IDLE:
             raise LocalProtocolError("restore() only before Started")
-        if shapes_of(checkpoint.weights) != self.shapes:
-            raise LocalProtocolError("checkpoint shapes do not match the configured model")
         meta = checkpoint.meta
+        saved_spec = msgspec.convert(meta["spec"], ModelSpec) if meta.get("spec") else None
+        if saved_spec is not None and architecture(saved_spec) != architecture(self.spec):
+            raise IncompatibleState(_describe_change(saved_spec, self.spec))
+        if shapes_of(checkpoint.weights) != self.shapes:
+            raise IncompatibleState(f"saved weights have shapes {shapes_of(checkpoint.weights)}, "
+                                    f"the configured model {self.shapes}")
+        if saved_spec is not None:
+            self.spec = saved_spec  # with the lineage's fleet scaler
+        self.lineage = str(meta.get("lineage", ""))
         self.weights = [np.asarray(w, np.float32) for w in checkpoint.weights]
         self.round = int(meta["round"])
         self.version = int(meta["version"])
         self.parent_hash = bytes.fromhex(meta["parent_hash"])
-        self.history = list(meta.get("history", []))
+        self.last_start = float(meta.get("last_start", 0.0))
+        self.history = list(meta.get("history", []))[-self.config.keep_history:]
         self.rejected = dict(meta.get("rejected", {}))
         self.excluded = set(meta.get("excluded", []))
         if meta.get("reputation"):
@@ -307,7 +377,7 @@ class RoundStateMachine:
         )
         if self.downlink.mode == "delta" and self.downlink.restore_held(checkpoint.arrays, self.shapes):
             # the delta reference is not a function of the master: re-send it in full
-            self.model = self.downlink.resync(self.version, self.parent_hash, self.spec)
+            self.model = self.downlink.resync(self.version, self.parent_hash, self.spec, self.lineage)
         else:
             self.model = self._make_model()
         if meta.get("phase") == Phase.FINISHED.value:
@@ -316,11 +386,51 @@ class RoundStateMachine:
     # ---- transitions ---------------------------------------------------------------------
 
     def _on_started(self, event: Started) -> list[Action]:
+        now = event.now
+        actions: list[Action] = []
         if self.phase is Phase.FINISHED:
-            return [PublishModel(self.model), RunFinished(self.round - 1, self.version)]
-        actions: list[Action] = [PublishModel(self.model)]
-        actions += self._announce(event.now)
-        return actions
+            if not self.more_rounds:
+                return [PublishModel(self.model), RunFinished(self.round - 1, self.version)]
+            self.phase = Phase.IDLE
+            actions.append(RunContinued(self.round, self.version))
+        if not self.lineage:
+            self.lineage = new_lineage(now, self.rng.randbytes(2))
+            self.model = self._make_model()
+            actions.append(LineageStarted(self.lineage, self._needs_statistics()))
+        if self._needs_statistics():
+            return actions + self._start_statistics(now)
+        actions.append(PublishModel(self.model))
+        return actions + self._next_round(now)
+
+    def _needs_statistics(self) -> bool:
+        return self.config.scaling == "federated" and not self.spec.has_scaler
+
+    def _start_statistics(self, now: float) -> list[Action]:
+        self.phase = Phase.STATISTICS
+        self.stats = {}
+        self.refused = set()
+        self.attempt = 0
+        self.announced_at = now
+        self.deadline = now + self.config.round_timeout_s
+        self.selected = ()
+        return [SaveCheckpoint(self.checkpoint()), PublishRound(self._announcement())]
+
+    def _next_round(self, now: float) -> list[Action]:
+        """After a commit (or at start): announce the next round, wait for the schedule,
+        or finish."""
+        if not self.more_rounds:
+            self.phase = Phase.FINISHED
+            return [RunFinished(self.round - 1, self.version)]
+        new_rows = sum(n for d, n in self.rows_new.items() if d in self.ready)
+        verdict = next_round(self.config.schedule, now, self.last_start, new_rows)
+        if not verdict.start:
+            changed = self.phase is not Phase.WAITING or verdict.waiting_for != self.waiting_for
+            self.phase = Phase.WAITING
+            self.waiting_for, self.next_check = verdict.waiting_for, verdict.check_at
+            return [RoundWaiting(self.round, verdict.waiting_for)] if changed else []
+        self.waiting_for, self.next_check = "", 0.0
+        self.last_start = now
+        return self._announce(now)
 
     def _announce(self, now: float) -> list[Action]:
         self._start_collecting(now)
@@ -338,12 +448,15 @@ class RoundStateMachine:
 
     def _select(self) -> tuple[str, ...]:
         if self.config.fraction >= 1.0:
-            return ()  # open round: every online gateway that is not excluded
-        pool = sorted(self.online - self.ignored)
+            return ()  # open round: every ready gateway that is not excluded
+        pool = sorted(self.ready - self.ignored)
         k = max(self.config.min_participants, round(self.config.fraction * len(pool)))
         return tuple(sorted(self.rng.sample(pool, min(k, len(pool)))))
 
     def _announcement(self) -> RoundAnnouncement:
+        if self.phase is Phase.STATISTICS:
+            return RoundAnnouncement(round=0, model_version=-1, deadline=self.deadline,
+                                     lineage=self.lineage, purpose="statistics")
         return RoundAnnouncement(
             round=self.round,
             model_version=self.version,
@@ -351,24 +464,33 @@ class RoundStateMachine:
             train=self.config.train,
             pipeline=self.config.pipeline,
             selected=self.selected,
+            lineage=self.lineage,
         )
 
     def _expected(self) -> set[str]:
-        pool = set(self.selected) if self.selected else self.online
+        pool = set(self.selected) if self.selected else self.ready
         return pool - self.ignored
 
     def _on_tick(self, event: Tick) -> list[Action]:
+        if self.phase is Phase.WAITING:
+            if self.next_check and event.now >= self.next_check:
+                return self._next_round(event.now)
+            return []
         if event.now < self.deadline:
             return []
-        if len(self.received) >= self._quorum():
+        answered = len(self.stats) if self.phase is Phase.STATISTICS else len(self.received)
+        if answered >= self._quorum():
+            if self.phase is Phase.STATISTICS:
+                return self._fit_scaler(event.now)
             return self._aggregate(event.now)
         # quorum missed: extend and re-announce; keep what arrived
         self.attempt += 1
         self.deadline = event.now + self.config.round_timeout_s
-        if self.config.fraction < 1.0:
+        if self.config.fraction < 1.0 and self.phase is Phase.COLLECTING:
             self.selected = tuple(sorted(set(self.selected) | set(self._select())))
+        round_ = 0 if self.phase is Phase.STATISTICS else self.round
         return [
-            QuorumMissed(self.round, len(self.received), self._quorum()),
+            QuorumMissed(round_, answered, self._quorum()),
             PublishRound(self._announcement()),
         ]
 
@@ -376,8 +498,37 @@ class RoundStateMachine:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         return UpdateRejected(device, round_, reason, detail)
 
+    # ---- the statistics round ------------------------------------------------------------
+
+    def _on_stats(self, event: StatsReceived) -> list[Action]:
+        device = event.device
+        if self.phase is not Phase.STATISTICS:
+            return [self._reject(device, 0, "late", "no statistics round in progress")]
+        if device in self.stats:
+            return [self._reject(device, 0, "duplicate_device", "already sent statistics")]
+        try:
+            check_stats(self.spec, self.lineage, event.stats)
+        except RemoteProtocolError as exc:
+            self.refused.add(device)
+            return [self._reject(device, 0, exc.reason, exc.detail), *self._maybe_close(event.now)]
+        self.stats[device] = event.stats
+        return self._maybe_close(event.now)
+
+    def _fit_scaler(self, now: float) -> list[Action]:
+        devices = tuple(sorted(self.stats))
+        self.spec = fleet_scaler(self.spec, self.stats.values())
+        rows = sum(s.count for s in self.stats.values())
+        self.stats = {}
+        self.model = self._make_model()
+        actions: list[Action] = [ScalerFitted(devices, rows, self.spec), PublishModel(self.model)]
+        return actions + self._next_round(now)
+
+    # ---- training rounds -----------------------------------------------------------------
+
     def _on_update(self, event: UpdateReceived) -> list[Action]:
         update, device = event.update, event.device
+        if self.phase is not Phase.COLLECTING:
+            return [self._reject(device, update.round, "late", f"no round collecting ({self.phase.value})")]
         if event.message_id in self.seen_ids:
             return [self._reject(device, update.round, "duplicate", event.message_id)]
         if update.round < self.round:
@@ -412,8 +563,12 @@ class RoundStateMachine:
     def _validate(self, device: str, update: ModelUpdate) -> Params | UpdateRejected:
         """Decode and check one update's content; the delta, or the rejection."""
         round_ = update.round
-        if update.num_samples <= 0:
-            return self._reject(device, round_, "bad_samples", str(update.num_samples))
+        if not 0 < update.num_samples <= MAX_SAMPLES:
+            return self._reject(device, round_, "bad_samples", str(update.num_samples)[:40])
+        if not math.isfinite(update.train_loss) or len(update.stats) > MAX_STATS or not all(
+                len(k) <= MAX_STAT_KEY and math.isfinite(v) for k, v in update.stats.items()):
+            return self._reject(device, round_, "bad_stats",
+                                f"{len(update.stats)} statistics; at most {MAX_STATS}, finite")
         try:
             delta = self.decode(update.delta, self.shapes)
         except RemoteProtocolError as exc:
@@ -457,6 +612,10 @@ class RoundStateMachine:
         return max(1, min(self.config.min_participants, usable)) if self.ignored else self.config.min_participants
 
     def _maybe_close(self, now: float) -> list[Action]:
+        if self.phase is Phase.STATISTICS:
+            if len(self.stats) >= self._quorum() and self._expected() <= set(self.stats) | self.refused:
+                return self._fit_scaler(now)
+            return []
         if self.phase is not Phase.COLLECTING:
             return []
         got = len(self.received)
@@ -480,20 +639,21 @@ class RoundStateMachine:
         self.parent_hash = body_hash(self.model)
         self.version += 1
         self.model = self._make_model()
-        summary = self._summary(devices, counts, now)
-        self.history.append({"round": self.round, "participants": len(devices),
-                             "metrics": summary.metrics, "wall_s": summary.wall_s})
-        finished_round = self.round
+        summary = round_summary(self, devices, counts, now)
+        self.history.append({"round": self.round, "version": self.version,
+                             "participants": len(devices), "rows": int(sum(counts)),
+                             "metric": summary.metrics.get(f"eval_{self.metric}", float("nan")),
+                             "metrics": summary.metrics, "wall_s": summary.wall_s, "time": now})
+        del self.history[:-self.config.keep_history]
         self.round += 1
         self._forget_old_ids()
-        if finished_round >= self.config.rounds:
-            self.phase = Phase.FINISHED
-            return [*judged, SaveCheckpoint(self.checkpoint()), PublishModel(self.model),
-                    PublishMetrics(summary), RunFinished(finished_round, self.version)]
-        # One checkpoint covers the new model and the next round: a restart resumes there.
-        self._start_collecting(now)
-        return [*judged, SaveCheckpoint(self.checkpoint()), PublishModel(self.model),
-                PublishMetrics(summary), PublishRound(self._announcement())]
+        self.received = {}
+        # One checkpoint covers the new model and what follows: a restart resumes there.
+        follow = self._next_round(now)
+        saves = [a for a in follow if isinstance(a, SaveCheckpoint)]
+        rest = [a for a in follow if not isinstance(a, SaveCheckpoint)]
+        checkpoint = saves[0] if saves else SaveCheckpoint(self.checkpoint())
+        return [*judged, checkpoint, PublishModel(self.model), PublishMetrics(summary), *rest]
 
     def _judge(self, devices: list[str], deltas: list[Params], fused: Params) -> list[Action]:
         """Update reputations from each update's distance to the fused one; quarantine."""
@@ -513,43 +673,65 @@ class RoundStateMachine:
     def _forget_old_ids(self) -> None:
         self.seen_ids = {m: r for m, r in self.seen_ids.items() if r >= self.round - 2}
 
-    def _summary(self, devices: list[str], counts: list[float], now: float) -> RoundSummary:
-        metrics: dict[str, float] = {}
-        total = sum(counts)
-        keys = {k for d in devices for k in self.received[d].update.stats}
-        for key in sorted(keys):
-            pairs = [(self.received[d].update.stats[key], c) for d, c in zip(devices, counts, strict=True)
-                     if key in self.received[d].update.stats]
-            weight = sum(c for _, c in pairs)
-            if weight > 0:
-                metrics[key] = float(sum(v * c for v, c in pairs) / weight)
-            if key.endswith("_s"):  # timings: the slowest gateway bounds the round
-                metrics[f"{key}_max"] = float(max(v for v, _ in pairs))
-        metrics["train_loss"] = float(
-            sum(self.received[d].update.train_loss * c for d, c in zip(devices, counts, strict=True)) / total
-        )
-        return RoundSummary(
-            round=self.round,
-            model_version=self.version,
-            participants=tuple(devices),
-            num_samples=int(total),
-            metrics=metrics,
-            bytes_up=sum(self.received[d].wire_bytes for d in devices),
-            wall_s=now - self.announced_at,
-            rejected=dict(self.rejected),
-            epsilon=self.ledger.spent() if self.ledger is not None else {},
-            alerts=tuple(self.alerts),
-        )
-
     def _make_model(self) -> GlobalModel:
         # one committed round per version (GlobalModel.round == version)
         return self.downlink.message(self.weights, self.version, self.parent_hash, self.spec,
-                                     self.online)
+                                     self.online, self.lineage)
 
     def _resync(self, device: str) -> list[Action]:
         """A gateway came online while the retained model is a delta it may not be able to
         apply: re-send the current version in full (same version and parent)."""
         if not self.downlink.came_online(device, self.online):
             return []
-        self.model = self.downlink.resync(self.version, self.parent_hash, self.spec)
+        self.model = self.downlink.resync(self.version, self.parent_hash, self.spec, self.lineage)
         return [PublishModel(self.model)]
+
+
+def round_summary(machine: RoundStateMachine, devices: list[str], counts: list[float],
+                  now: float) -> RoundSummary:
+    """The published summary of the round being committed: sample-weighted means of the
+    gateways' own figures, each gateway's evaluation, bytes, rejections, privacy."""
+    received = machine.received
+    metrics: dict[str, float] = {}
+    total = sum(counts)
+    keys = {k for d in devices for k in received[d].update.stats}
+    for key in sorted(keys):
+        pairs = [(received[d].update.stats[key], c) for d, c in zip(devices, counts, strict=True)
+                 if key in received[d].update.stats]
+        weight = sum(c for _, c in pairs)
+        if weight > 0:
+            metrics[key] = float(sum(v * c for v, c in pairs) / weight)
+        if key.endswith("_s"):  # timings: the slowest gateway bounds the round
+            metrics[f"{key}_max"] = float(max(v for v, _ in pairs))
+    metrics["train_loss"] = float(
+        sum(received[d].update.train_loss * c for d, c in zip(devices, counts, strict=True)) / total
+    )
+    per_gateway = {
+        d: {**{k: float(v) for k, v in received[d].update.stats.items() if k.startswith("eval_")},
+            "rows": float(received[d].update.num_samples)}
+        for d in devices
+    }
+    return RoundSummary(
+        round=machine.round,
+        model_version=machine.version,
+        participants=tuple(devices),
+        num_samples=int(total),
+        metrics=metrics,
+        bytes_up=sum(received[d].wire_bytes for d in devices),
+        wall_s=now - machine.announced_at,
+        rejected=dict(machine.rejected),
+        epsilon=machine.ledger.spent() if machine.ledger is not None else {},
+        alerts=tuple(machine.alerts),
+        lineage=machine.lineage,
+        per_gateway=per_gateway,
+    )
+
+
+def _describe_change(saved: ModelSpec, configured: ModelSpec) -> str:
+    diffs = []
+    old, new = msgspec.to_builtins(architecture(saved)), msgspec.to_builtins(architecture(configured))
+    names = ("kind", "layer_sizes", "activation", "task", "features", "target")
+    for name, a, b in zip(names, old, new, strict=True):
+        if a != b:
+            diffs.append(f"{name} {a!r} -> {b!r}")
+    return "; ".join(diffs) or "the model differs"

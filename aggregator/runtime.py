@@ -1,13 +1,27 @@
 """The aggregator service: the only aggregator module with clocks, files and the network.
 
 One thread runs the loop: it takes transport events from a queue, decodes and verifies
-messages, feeds the pure :class:`RoundStateMachine` and carries out its actions (publish,
-checkpoint, log). Timer ticks drive deadlines. The transport's own thread only enqueues.
+messages, feeds the pure :class:`~aggregator.rounds.RoundStateMachine` and
+:class:`~aggregator.deployment.DeploymentManager`, and carries out their actions (publish,
+checkpoint, audit, log). Timer ticks drive deadlines, the schedule and canary timeouts;
+operator commands (``aggregator.commands``) are picked up every turn. The transport's own
+thread only enqueues.
+
+Durability comes first: a checkpoint is written before anything that depends on it is
+published. When it cannot be written (a full disk), the actions that depend on it are
+held, the failure is logged once with the reason and exported as a metric, and the write
+is retried every few seconds; the service keeps running and catches up once space is free.
+
+Besides the round topics it publishes, retained and signed: the task state for operators
+(``.../state``), the deployment record for gateways (``.../deployment``) and the deployed
+model as .tflite for other plant systems (``.../deployed``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import queue
 import random
 import signal
@@ -21,6 +35,8 @@ import msgspec
 import numpy as np
 
 from aggregator import checkpoint as checkpoints
+from aggregator import commands
+from aggregator import deployment as dm
 from aggregator import rounds as sm
 from aggregator.config import AggregatorConfig
 from aggregator.fusion import ServerUpdateFn, make_fuse
@@ -28,7 +44,19 @@ from aggregator.security import AggregatorSecurity
 from fedcore.errors import RemoteProtocolError
 from fedcore.learning.models import init_params
 from fedcore.protocol import codec
-from fedcore.protocol.messages import Kind, ModelUpdate, Status
+from fedcore.protocol.messages import (
+    CanaryReport,
+    DataStats,
+    DeployedModel,
+    Deployment,
+    Kind,
+    ModelUpdate,
+    RoundPoint,
+    RoundSummary,
+    Status,
+    TaskState,
+)
+from fedcore.protocol.tensors import encode_tensors
 from fedcore.protocol.topics import TopicKind, Topics, parse_topic
 from fedcore.systemd import SystemdNotifier
 from fedcore.transport.base import Connected, Disconnected, MessageReceived, Transport
@@ -38,6 +66,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedgate.aggregator")
 TICK_S = 0.2
+RETRY_WRITE_S = 5.0
+STATE_EVERY_S = 30.0
+STATE_HISTORY = 200  # rounds in the retained task state (the dashboard's charts)
+NOT_READY = ("waiting_for_data", "incompatible")
 
 
 class AggregatorService:
@@ -50,20 +82,22 @@ class AggregatorService:
         server_update: ServerUpdateFn | None = None,
         clock: Callable[[], float] = time.time,
         notifier: SystemdNotifier | None = None,
+        metrics: AggregatorMetrics | None = None,
     ) -> None:
         self.config = config
         self.transport = transport
         self.security = security
         self.clock = clock
         self.notifier = notifier or SystemdNotifier(None)
+        self.metrics = metrics
         self.topics = Topics(config.fleet, config.task)
         self.events: queue.Queue[object] = queue.Queue()
         self.rejected: Counter[str] = Counter()  # message-level and update rejections
         self.stopping = threading.Event()
         self.finished = False
         self._last_down = (0, 0)  # sizes of the last published model and round messages
-        rng = np.random.default_rng(config.seed)
-        weights = init_params(config.spec, rng)
+        self.rng = random.Random(config.seed)
+        weights = init_params(config.spec, np.random.default_rng(config.seed))
         self.machine = sm.RoundStateMachine(
             config.rounds,
             config.spec,
@@ -73,17 +107,23 @@ class AggregatorService:
             decode=security.decode_delta,
             ledger=ledger,
         )
+        self.deploy = dm.DeploymentManager(config.deploy, self.machine.metric,
+                                           self.machine.metric_higher_is_better)
         saved = checkpoints.load(config.state_dir)
         if saved is not None:
-            self.machine.restore(saved)
+            self.machine.restore(saved)  # IncompatibleState: the caller makes it a config error
             security.restore(saved.meta)
-            log.info("resumed from checkpoint: round %s, model version %s",
-                     saved.meta["round"], saved.meta["version"])
-        self.metrics: AggregatorMetrics | None = None
-        if config.metrics_port:
-            from aggregator.metrics import AggregatorMetrics
-
-            self.metrics = AggregatorMetrics(config.metrics_port, config.metrics_addr)
+            if saved.meta.get("deployment"):
+                self.deploy.restore(saved.meta["deployment"])
+            log.info("resumed lineage %s from %s: round %s, model version %s",
+                     self.machine.lineage or "(none)", config.state_dir, saved.meta["round"],
+                     saved.meta["version"])
+        self._held: list[sm.Action] = []  # actions waiting for a checkpoint that failed
+        self._write_failed_at = 0.0
+        self._state_key = b""
+        self._state_at = 0.0
+        if self.metrics is not None:  # right from the start, not 0 until the next round
+            self.metrics.on_state(self.task_state(clock()))
 
     # ---- loop ------------------------------------------------------------------------------
 
@@ -103,16 +143,22 @@ class AggregatorService:
                 if not started:
                     started = True
                     self._apply(self.machine.handle(sm.Started(now)))
+                    self._apply_deploy(self.deploy.on_start(self.machine.version, now))
+                    self._publish_deployed()
                 elif not item.session_present:
-                    log.warning("the broker lost our session: re-publishing model and round")
+                    log.warning("the broker lost our session: re-publishing model, round and state")
                     self._apply(self.machine.handle(sm.BrokerSessionLost(now)))
+                    self._republish_deployment()
             elif isinstance(item, Disconnected):
                 log.warning("broker connection lost: %s", item.reason)
             elif isinstance(item, MessageReceived):
                 self._on_message(item, now)  # subscriptions start after Started
             if started:
+                self._retry_held(now)
                 self._apply(self.machine.handle(sm.Tick(now)))
-                self._operator_commands()
+                self._apply_deploy(self.deploy.on_tick(now))
+                self._operator_commands(now)
+                self._publish_state(now)
             if self.finished and self.config.exit_when_done:
                 break
         self.notifier.notify("STOPPING=1")
@@ -130,25 +176,12 @@ class AggregatorService:
 
     # ---- inbound ---------------------------------------------------------------------------
 
-    def _operator_commands(self) -> None:
-        """Commands dropped into ``state_dir/commands`` by `fedgate aggregator release`."""
-        folder = self.config.state_dir / "commands"
-        if not folder.is_dir():
-            return
-        for path in sorted(folder.glob("release-*")):
-            device = path.name.removeprefix("release-")
-            path.unlink(missing_ok=True)
-            actions = self.machine.release(device)
-            if not actions:
-                log.warning("release %s: it is not quarantined", device)
-            self._apply(actions)
-
     def _on_connected(self, event: Connected) -> None:
         for topic in (self.topics.updates_filter(), self.topics.status_filter()):
             self.transport.subscribe(topic, qos=1)
         log.info("connected to broker (session present: %s)", event.session_present)
-        self.notifier.notify(f"READY=1\nSTATUS=round {self.machine.round}, model version "
-                             f"{self.machine.version}")
+        self.notifier.notify(f"READY=1\nSTATUS=lineage {self.machine.lineage or 'new'}, round "
+                             f"{self.machine.round}, model version {self.machine.version}")
 
     def _on_message(self, msg: MessageReceived, now: float) -> None:
         try:
@@ -156,18 +189,37 @@ class AggregatorService:
             if parsed.kind is TopicKind.STATUS:
                 self._on_status(parsed.device or "", msg, now)
             elif parsed.kind is TopicKind.UPDATE:
-                env = self.security.open(msg.payload, parsed.device or "", Kind.UPDATE)
-                self._check_scope(env)
-                update = codec.decode_body(env, ModelUpdate)
-                if env.round != update.round:
-                    raise RemoteProtocolError("bad_round", "envelope and body rounds differ")
-                wire = len(msg.payload) + len(msg.topic)
-                self._apply(self.machine.handle(
-                    sm.UpdateReceived(now, env.sender, env.message_id, update, wire)))
+                self._on_device_message(parsed.device or "", msg, now)
         except RemoteProtocolError as exc:
             self._count_rejection(exc.reason)
             self.security.audit_rejection(msg.topic, exc.reason, exc.detail, now)
             log.warning("rejected message on %s: %s", msg.topic, exc)
+
+    def _on_device_message(self, device: str, msg: MessageReceived, now: float) -> None:
+        """The device's own topic carries its updates, statistics and canary reports."""
+        env = self.security.open(msg.payload, device, (Kind.UPDATE, Kind.STATS, Kind.CANARY))
+        self._check_scope(env)
+        kind = Kind(env.kind)
+        if kind is Kind.STATS:
+            stats = codec.decode_body(env, DataStats)
+            self._apply(self.machine.handle(sm.StatsReceived(now, env.sender, stats)))
+        elif kind is Kind.CANARY:
+            report = codec.decode_body(env, CanaryReport)
+            outcome = self.deploy.on_report(env.sender, report, now)
+            if isinstance(outcome, str):
+                raise RemoteProtocolError(outcome, f"canary report {report.sequence}")
+            log.info("canary report from %s: candidate %d %s %.4g, incumbent %d %.4g",
+                     env.sender, report.candidate, self.machine.metric,
+                     report.candidate_metrics.get(self.machine.metric, math.nan), report.incumbent,
+                     report.incumbent_metrics.get(self.machine.metric, math.nan))
+            self._apply_deploy(outcome)
+        else:
+            update = codec.decode_body(env, ModelUpdate)
+            if env.round != update.round:
+                raise RemoteProtocolError("bad_round", "envelope and body rounds differ")
+            wire = len(msg.payload) + len(msg.topic)
+            self._apply(self.machine.handle(
+                sm.UpdateReceived(now, env.sender, env.message_id, update, wire)))
 
     def _check_scope(self, env: codec.Envelope) -> None:
         if env.fleet != self.config.fleet or env.task != self.config.task:
@@ -175,16 +227,60 @@ class AggregatorService:
 
     def _on_status(self, device: str, msg: MessageReceived, now: float) -> None:
         if not msg.payload:
-            return  # a cleared retained status
+            return  # a cleared retained status, or a preflight check's empty message
         env = self.security.open(msg.payload, device, Kind.STATUS)
         status = codec.decode_body(env, Status)
-        event = sm.DeviceOnline(now, device) if status.state == "online" else sm.DeviceOffline(now, device)
+        if status.state == "online":
+            ready = status.activity not in NOT_READY
+            event: sm.Event = sm.DeviceOnline(now, device, ready, max(0, status.rows_new))
+            if device not in self.machine.online:
+                log.info("gateway %s online (%s)", device, status.activity or "ready")
+        else:
+            event = sm.DeviceOffline(now, device)
+            if device in self.machine.online:
+                log.info("gateway %s offline", device)
         self._apply(self.machine.handle(event))
 
     def _count_rejection(self, reason: str) -> None:
         self.rejected[reason] += 1
         if self.metrics is not None:
-            self.metrics.rejected.labels(reason=reason).inc()
+            self.metrics.rejected.inc(reason=reason)
+
+    # ---- operator commands -------------------------------------------------------------------
+
+    def _operator_commands(self, now: float) -> None:
+        for ident, command in commands.take_pending(self.config.state_dir):
+            ok, message = self._command(command, now)
+            (log.info if ok else log.warning)("operator command %s: %s", command.get("command"), message)
+            try:
+                commands.answer(self.config.state_dir, ident, ok, message)
+            except OSError as exc:
+                log.error("cannot answer operator command %s: %s", ident, exc)
+
+    def _command(self, command: dict[str, object], now: float) -> tuple[bool, str]:
+        name = command.get("command")
+        if name == "release":
+            device = str(command.get("device", ""))
+            actions = self.machine.release(device)
+            self._apply(actions)
+            return (True, f"{device} released") if actions else (False, f"{device} is not quarantined")
+        if name == "deploy" and command.get("version") == "latest":
+            self._apply_deploy(self.deploy.follow_latest(self.machine.version, now))
+            return True, f"the fleet follows the newest model (now version {self.machine.version})"
+        if name == "deploy":
+            version = command.get("version")
+            if not isinstance(version, int) or checkpoints.load_model(self.config.state_dir, version) is None:
+                kept = checkpoints.kept_versions(self.config.state_dir)
+                return False, f"version {version} is not kept (kept: {_ranges(kept)})"
+            self._apply_deploy(self.deploy.deploy(version, now, f"operator: deploy {version}"))
+            return True, f"version {version} deployed (record {self.deploy.sequence})"
+        if name == "rollback":
+            target = self.deploy.rollback_target(self.machine.version)
+            if target is None or checkpoints.load_model(self.config.state_dir, target) is None:
+                return False, "no earlier version to roll back to"
+            self._apply_deploy(self.deploy.deploy(target, now, f"operator: rollback to {target}"))
+            return True, f"rolled back to version {target} (record {self.deploy.sequence})"
+        return False, f"unknown command {name!r}"
 
     # ---- outbound --------------------------------------------------------------------------
 
@@ -195,53 +291,243 @@ class AggregatorService:
         self.transport.publish(topic, payload, qos=1, retain=True)
         return len(payload) + len(topic)
 
+    def _save(self, action: sm.SaveCheckpoint) -> bool:
+        checkpoint = action.checkpoint
+        self.security.before_checkpoint(checkpoint)
+        checkpoint.meta["deployment"] = self.deploy.to_dict()
+        try:
+            checkpoints.save(self.config.state_dir, checkpoint)
+            protect = {h["version"] for h in self.deploy.history[-5:]} | {self.deploy.version}
+            checkpoints.prune_models(self.config.state_dir, self.config.keep_models, protect)
+        except OSError as exc:
+            if not self._write_failed_at:
+                log.error("cannot write the checkpoint to %s: %s; holding round %d until it can "
+                          "be written (retrying every %.0f s)", self.config.state_dir,
+                          exc.strerror or exc, self.machine.round, RETRY_WRITE_S)
+            self._write_failed_at = self.clock()
+            if self.metrics is not None:
+                self.metrics.disk_full.set(1)
+            return False
+        if self._write_failed_at:
+            log.warning("the checkpoint is written again; resuming")
+            self._write_failed_at = 0.0
+            if self.metrics is not None:
+                self.metrics.disk_full.set(0)
+        return True
+
+    def _retry_held(self, now: float) -> None:
+        if self._held and now - self._write_failed_at >= RETRY_WRITE_S:
+            held, self._held = self._held, []
+            self._apply(held)
+
     def _apply(self, actions: list[sm.Action]) -> None:
-        for action in actions:
+        if self._held:
+            self._held.extend(actions)  # keep the order: nothing overtakes a failed write
+            return
+        for i, action in enumerate(actions):
             if isinstance(action, sm.SaveCheckpoint):
-                self.security.before_checkpoint(action.checkpoint)
-                checkpoints.save(self.config.state_dir, action.checkpoint)
-            elif isinstance(action, sm.PublishModel):
-                size = self._publish(Kind.MODEL, self.topics.model(), action.model, action.model.round)
-                self._last_down = (size, self._last_down[1])
-                self.security.audit("model_commit", self.clock(), version=action.model.version,
-                                    parent=action.model.parent_hash.hex())
-            elif isinstance(action, sm.PublishRound):
-                ann = action.announcement
-                self.security.on_round(ann.round)
-                size = self._publish(Kind.ROUND, self.topics.round(), ann, ann.round)
-                self._last_down = (self._last_down[0], size)
-                log.info("round %d announced on model version %d", ann.round, ann.model_version)
-            elif isinstance(action, sm.PublishMetrics):
-                summary = action.summary
-                down = sum(self._last_down) * len(summary.participants)
-                summary = msgspec.structs.replace(summary, bytes_down=down)
-                self._publish(Kind.METRICS, self.topics.metrics(), summary, summary.round)
-                log.info("round %d committed: %d participants, %s", summary.round,
-                         len(summary.participants), summary.metrics)
-                if self.metrics is not None:
-                    self.metrics.on_summary(summary)
-            elif isinstance(action, sm.UpdateRejected):
-                self._count_rejection(action.reason)
-                self.security.audit_rejection(action.device, action.reason, action.detail, self.clock())
-                log.warning("update from %s for round %d rejected: %s %s",
-                            action.device, action.round, action.reason, action.detail)
-            elif isinstance(action, sm.UpdateAccepted):
-                if self.metrics is not None:
-                    self.metrics.accepted.inc()
-            elif isinstance(action, sm.QuorumMissed):
-                log.warning("round %d: quorum missed (%d of %d); deadline extended",
-                            action.round, action.received, action.needed)
-            elif isinstance(action, sm.GatewayQuarantined):
-                if self.metrics is not None:
-                    self.metrics.quarantined.inc()
-                log.warning("gateway %s quarantined in round %d (score %.2f)", action.device,
-                            action.round, action.score)
-                self.security.audit("quarantine", self.clock(), device=action.device,
-                                    round=action.round, score=action.score)
-            elif isinstance(action, sm.GatewayReleased):
-                log.warning("gateway %s released by the operator", action.device)
-                self.security.audit("release", self.clock(), device=action.device, round=action.round)
-            elif isinstance(action, sm.RunFinished):
-                self.finished = True
-                log.info("run finished after round %d (model version %d)",
-                         action.round, action.model_version)
+                if not self._save(action):
+                    self._held = list(actions[i:])
+                    return
+            else:
+                self._carry_out(action)
+
+    def _carry_out(self, action: sm.Action) -> None:
+        if isinstance(action, sm.PublishModel):
+            size = self._publish(Kind.MODEL, self.topics.model(), action.model, action.model.round)
+            self._last_down = (size, self._last_down[1])
+            self.security.audit("model_commit", self.clock(), version=action.model.version,
+                                parent=action.model.parent_hash.hex(), lineage=self.machine.lineage)
+            if self.deploy.sequence >= 0:
+                self._apply_deploy(self.deploy.on_commit(action.model.version, sorted(self.machine.ready),
+                                                         self.clock(), self.rng))
+                if self.deploy.mode == "latest":
+                    self._publish_deployed()
+        elif isinstance(action, sm.PublishRound):
+            ann = action.announcement
+            self.security.on_round(ann.round)
+            size = self._publish(Kind.ROUND, self.topics.round(), ann, ann.round)
+            self._last_down = (self._last_down[0], size)
+            if ann.purpose == "statistics":
+                log.info("statistics round of lineage %s announced (deadline in %.0f s)",
+                         ann.lineage, ann.deadline - self.clock())
+            else:
+                log.info("round %d announced on model version %d (%d gateways ready)", ann.round,
+                         ann.model_version, len(self.machine.ready))
+        elif isinstance(action, sm.PublishMetrics):
+            self._commit_summary(action.summary)
+        elif isinstance(action, sm.UpdateRejected):
+            self._count_rejection(action.reason)
+            self.security.audit_rejection(action.device, action.reason, action.detail, self.clock())
+            log.warning("message from %s for round %d rejected: %s %s",
+                        action.device, action.round, action.reason, action.detail)
+        elif isinstance(action, sm.UpdateAccepted):
+            if self.metrics is not None:
+                self.metrics.accepted.inc()
+        elif isinstance(action, sm.QuorumMissed):
+            log.warning("round %d: quorum missed (%d of %d); deadline extended",
+                        action.round, action.received, action.needed)
+        elif isinstance(action, sm.GatewayQuarantined):
+            if self.metrics is not None:
+                self.metrics.quarantined.inc()
+            log.warning("gateway %s quarantined in round %d (score %.2f)", action.device,
+                        action.round, action.score)
+            self.security.audit("quarantine", self.clock(), device=action.device,
+                                round=action.round, score=action.score)
+        elif isinstance(action, sm.GatewayReleased):
+            log.warning("gateway %s released by the operator", action.device)
+            self.security.audit("release", self.clock(), device=action.device, round=action.round)
+        elif isinstance(action, sm.LineageStarted):
+            log.info("new lineage %s%s", action.lineage,
+                     ": a statistics round comes first (fleet scaler)" if action.statistics else "")
+            self.security.audit("lineage", self.clock(), lineage=action.lineage)
+        elif isinstance(action, sm.ScalerFitted):
+            log.info("fleet scaler fitted on %d rows of %d gateways (%s)", action.rows,
+                     len(action.devices), ", ".join(action.devices))
+        elif isinstance(action, sm.RoundWaiting):
+            log.info("round %d waits: %s", action.round, action.reason)
+        elif isinstance(action, sm.RunContinued):
+            log.info("run continues with round %d (model version %d)", action.round,
+                     action.model_version)
+        elif isinstance(action, sm.RunFinished):
+            self.finished = True
+            log.info("run finished after round %d (model version %d)",
+                     action.round, action.model_version)
+
+    def _commit_summary(self, summary: RoundSummary) -> None:
+        down = sum(self._last_down) * len(summary.participants)
+        summary = msgspec.structs.replace(summary, bytes_down=down)
+        self._publish(Kind.METRICS, self.topics.metrics(), summary, summary.round)
+        metric = summary.metrics.get(f"eval_{self.machine.metric}")
+        log.info("round %d committed: model version %d from %d gateways, %d rows, %s %s, "
+                 "%.2f s, %d bytes up", summary.round, summary.model_version,
+                 len(summary.participants), summary.num_samples, self.machine.metric,
+                 f"{metric:.4g}" if metric is not None else "n/a", summary.wall_s,
+                 summary.bytes_up)
+        if self.metrics is not None:
+            self.metrics.on_summary(summary, self.machine.metric)
+
+    # ---- deployment ----------------------------------------------------------------------
+
+    def _apply_deploy(self, actions: list[dm.DeployAction]) -> None:
+        for action in actions:
+            if isinstance(action, dm.DeploymentDecided):
+                verb = "promoted" if action.promoted else "rolled back"
+                log.info("candidate %d %s: %s", action.candidate, verb, action.detail)
+                self.security.audit("deployment_decision", self.clock(), candidate=action.candidate,
+                                    incumbent=action.incumbent, promoted=action.promoted,
+                                    detail=action.detail, **action.figures)
+            elif isinstance(action, dm.PublishDeployment):
+                self._publish_deployment(action)
+        if actions:
+            self._save_deploy_state()
+
+    def _save_deploy_state(self) -> None:
+        self._apply([sm.SaveCheckpoint(self.machine.checkpoint())])
+
+    def _publish_deployment(self, action: dm.PublishDeployment) -> None:
+        tensors: tuple = ()
+        candidate_tensors: tuple = ()
+        if action.mode != "latest":
+            tensors = self._tensors(action.version)
+        if action.candidate >= 0:
+            candidate_tensors = self._tensors(action.candidate)
+        record = Deployment(action.sequence, self.machine.lineage, action.mode, action.version,
+                            tensors, action.candidate, candidate_tensors, action.canary,
+                            action.reason, self.clock())
+        self._publish(Kind.DEPLOYMENT, self.topics.deployment(), record, 0)
+        self.security.audit("deployment", self.clock(), sequence=action.sequence, mode=action.mode,
+                            version=action.version, candidate=action.candidate,
+                            canary=list(action.canary), reason=action.reason)
+        log.info("deployment %d: %s%s (%s)", action.sequence,
+                 "newest model" if action.mode == "latest" else f"version {action.version}",
+                 f", candidate {action.candidate} on {', '.join(action.canary)}" if action.canary else "",
+                 action.reason)
+        self._publish_deployed()
+
+    def _republish_deployment(self) -> None:
+        """After the broker lost its state: the current record again, as a new record."""
+        if self.deploy.sequence < 0:
+            return
+        if self.deploy.mode == "latest" or self.deploy.canary is None:
+            mode = self.deploy.mode
+            action = dm.PublishDeployment(self.deploy.sequence, mode, self.deploy.version, reason="re-published")
+            self._publish_deployment(action)
+
+    def _tensors(self, version: int) -> tuple:
+        weights = (self.machine.weights if version == self.machine.version
+                   else checkpoints.load_model(self.config.state_dir, version))
+        if weights is None:
+            log.error("model file of version %d is gone; the record carries no weights", version)
+            return ()
+        return encode_tensors([np.asarray(w, np.float32) for w in weights])
+
+    def _publish_deployed(self) -> None:
+        """The deployed model as a float .tflite on raw units, for other plant systems."""
+        version = self.machine.version if self.deploy.mode == "latest" else self.deploy.version
+        weights = (self.machine.weights if version == self.machine.version
+                   else checkpoints.load_model(self.config.state_dir, version))
+        if weights is None or self.machine.phase is sm.Phase.STATISTICS:
+            return
+        try:
+            from fedcore.learning.models import fold_scaler
+            from fedcore.learning.tflite_export import export_float
+        except ImportError:  # the litert extra is not installed on this aggregator
+            return
+        plain, folded = fold_scaler(self.machine.spec, weights)
+        tflite = export_float(plain, folded)
+        body = DeployedModel(max(self.deploy.sequence, 0), self.machine.lineage, version,
+                             self.machine.spec, tflite, hashlib.sha256(tflite).digest())
+        self._publish(Kind.DEPLOYED, self.topics.deployed(), body, 0)
+
+    # ---- the task state -------------------------------------------------------------------
+
+    def task_state(self, now: float) -> TaskState:
+        m = self.machine
+        history = tuple(
+            RoundPoint(int(h["round"]), int(h.get("version", h["round"])), int(h["participants"]),
+                       int(h.get("rows", 0)), float(h.get("metric", math.nan)), float(h["wall_s"]),
+                       float(h.get("time", 0.0)))
+            for h in m.history[-STATE_HISTORY:]
+        )
+        waiting = m.waiting_for if m.phase is sm.Phase.WAITING else ""
+        if self._held:
+            waiting = f"cannot write the state to {self.config.state_dir} (disk full?)"
+        canary = self.deploy.canary
+        return TaskState(
+            lineage=m.lineage, phase=m.phase.value, round=m.round, model_version=m.version,
+            rounds_planned=self.config.rounds.rounds, waiting_for=waiting,
+            next_round_at=m.next_check if m.phase is sm.Phase.WAITING else 0.0,
+            online=tuple(sorted(m.online)), quarantined=tuple(sorted(m.reputation.quarantined)),
+            budget_spent=tuple(sorted(m.excluded)),
+            deployed_version=m.version if self.deploy.mode == "latest" else self.deploy.version,
+            deployment_mode=self.deploy.mode, candidate=canary.candidate if canary else -1,
+            canary=canary.devices if canary else (), rejected=dict(self.rejected),
+            epsilon=m.ledger.spent() if m.ledger is not None else {}, metric=m.metric,
+            metric_higher_is_better=m.metric_higher_is_better, history=history, updated_at=now,
+        )
+
+    def _publish_state(self, now: float) -> None:
+        state = self.task_state(now)
+        key = msgspec.msgpack.encode(msgspec.structs.replace(state, updated_at=0.0))
+        if key == self._state_key and now - self._state_at < STATE_EVERY_S:
+            return
+        self._state_key, self._state_at = key, now
+        self._publish(Kind.STATE, self.topics.state(), state, state.round)
+        if self.metrics is not None:
+            self.metrics.on_state(state)
+            self.metrics.ready.set(len(self.machine.ready))
+
+
+def _ranges(values: list[int]) -> str:
+    if not values:
+        return "none"
+    out, start, prev = [], values[0], values[0]
+    for v in values[1:] + [None]:  # type: ignore[list-item]
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        out.append(f"{start}-{prev}" if prev != start else str(start))
+        if v is not None:
+            start = prev = v
+    return ", ".join(out)

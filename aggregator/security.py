@@ -49,15 +49,18 @@ class AggregatorSecurity:
             audit = AuditLog(audit_path)
         return cls(keyring=keyring, signing_key=key, audit=audit)
 
-    def open(self, payload: bytes, topic_device: str, kind: Kind) -> codec.Envelope:
+    def open(self, payload: bytes, topic_device: str, kinds: Kind | tuple[Kind, ...]) -> codec.Envelope:
+        """Decode and authenticate a device's message whose kind must be one of ``kinds``."""
+        allowed = (kinds,) if isinstance(kinds, Kind) else kinds
         env = codec.decode(payload, self.limits)
-        if env.kind != kind.value:
-            raise RemoteProtocolError("bad_kind", f"{env.kind!r} on a {kind.value} topic")
+        if env.kind not in {k.value for k in allowed}:
+            raise RemoteProtocolError("bad_kind", f"{env.kind[:20]!r} on a {allowed[0].value} topic")
         if self.keyring is None:
             signing.verify_sender(env, topic_device)
         else:
-            # status messages are retained and re-delivered on every reconnect: no replay check
-            guard = self.guard if kind is Kind.UPDATE else None
+            # Only updates count rounds: status messages are retained and re-delivered on
+            # every reconnect, statistics and canary reports are idempotent by design.
+            guard = self.guard if env.kind == Kind.UPDATE.value else None
             signing.authenticate(env, self.keyring, guard, topic_device)
         return env
 

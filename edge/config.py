@@ -1,43 +1,40 @@
-"""The gateway agent's TOML config, validated into frozen objects (see docs/configuration.md)."""
+"""The gateway agent's TOML config, validated into frozen objects (see docs/configuration.md).
+
+``[data]`` says where rows come from. ``source = "store"`` (a real gateway) names the
+bridge's sample store and device and defines the task on its signals (``edge.rows``);
+``source = "dataset"`` takes one unit of a packaged or CSV data set (demo, benchmarks).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge.rows import TASKS, RowSpec, parse_exclusion, parse_feature
 from fedcore.config import Section, load_toml
 from fedcore.service_config import BrokerConfig, broker_config, name
 
-
-@dataclass(frozen=True, slots=True)
-class ScalerConfig:
-    """The fleet's feature/target standardisation, shipped to every gateway ([data.scaler]).
-
-    A shared model needs every gateway to scale alike; one gateway's own rows cannot give
-    the fleet's statistics (docs/decisions.md)."""
-
-    feature_mean: tuple[float, ...]
-    feature_std: tuple[float, ...]
-    target_mean: float = 0.0
-    target_std: float = 1.0
+DAY = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
 class DataConfig:
-    source: str = "dataset"  # "dataset": a bundled/CSV data set; "store": the field-bus sample store
+    source: str = "dataset"  # "dataset": a bundled/CSV data set; "store": the bridge's sample store
+    # source = "dataset"
     dataset: str = "wind"
     unit: str = ""
     gateways: int = 0  # how the data set is partitioned (0 = its natural default)
     max_rows_per_unit: int = 0
-    store: Path | None = None
-    device: str = ""  # source = "store": the bridge's device name whose rows this gateway reads
-    first_row: int = 0  # wind rows / store records [first_row, first_row + num_rows); 0 rows = all
+    first_row: int = 0  # wind rows [first_row, first_row + num_rows); 0 rows = all
     num_rows: int = 0
-    scaler: ScalerConfig | None = None
     unit_column: str = ""
     target: str = ""
     features: tuple[str, ...] = ()
     task: str = ""
+    # source = "store"
+    store: Path | None = None
+    device: str = ""  # the bridge's [[device]] name whose rows this gateway reads
+    rows: RowSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +48,10 @@ class EdgeConfig:
     state_dir: Path
     seed: int = 0
     inference: bool = False
+    keep_models: int = 3  # exported .tflite files kept in state_dir/models
+    status_interval_s: float = 60.0  # the retained status is refreshed at least this often
+    metrics_port: int = 0  # Prometheus exporter; 0 = off
+    metrics_addr: str = "127.0.0.1"
     attack: str = ""  # for attack experiments only: name of edge.attacks' attack
     security: dict[str, Path] = field(default_factory=dict)
 
@@ -58,10 +59,10 @@ class EdgeConfig:
 def _attack(sec: Section) -> str:
     from edge.attacks import ATTACKS
 
-    name = sec.str("attack", "")
-    if name and name not in ATTACKS:
-        raise sec.error("attack", name, f"unknown attack; known: {', '.join(sorted(ATTACKS))}")
-    return name
+    value = sec.str("attack", "")
+    if value and value not in ATTACKS:
+        raise sec.error("attack", value, f"unknown attack; known: {', '.join(sorted(ATTACKS))}")
+    return value
 
 
 def load_edge_config(path: str | Path) -> EdgeConfig:
@@ -73,36 +74,7 @@ def load_edge_config(path: str | Path) -> EdgeConfig:
     broker = broker_config(root.section("broker"), device)
     dsec = root.section("data", required=True)
     source = dsec.str("source", "dataset", choices=("dataset", "store"))
-    data = DataConfig(
-        source=source,
-        dataset=dsec.str("dataset", "wind"),
-        unit=dsec.str("unit", ""),
-        gateways=dsec.int("gateways", 0, min=0),
-        max_rows_per_unit=dsec.int("max_rows_per_unit", 0, min=0),
-        store=dsec.path("store") if dsec.has("store") else None,
-        device=dsec.str("device", ""),
-        first_row=dsec.int("first_row", 0, min=0),
-        num_rows=dsec.int("num_rows", 0, min=0),
-        scaler=_scaler(dsec) if dsec.has("scaler") else None,
-        unit_column=dsec.str("unit_column", ""),
-        target=dsec.str("target", ""),
-        features=dsec.str_list("features", []),
-        task=dsec.str("task", ""),
-    )
-    if source == "dataset" and not data.unit:
-        raise dsec.error("unit", None, "required with source = \"dataset\" (which unit this gateway holds)")
-    if source == "store" and data.store is None:
-        raise dsec.error("store", None, "required with source = \"store\" (the bridge's sample store file)")
-    if source == "store" and not data.device:
-        raise dsec.error("device", None, "required with source = \"store\" (the [[device]] name in the bridge config)")
-    if source == "store" and data.scaler is None:
-        raise dsec.error("scaler", None, "required with source = \"store\": the fleet's [data.scaler] "
-                         "(feature_mean, feature_std, target_mean, target_std)")
-    if source == "dataset" and data.scaler is not None:
-        raise dsec.error("scaler", None, "only with source = \"store\" (a data set fits its own scaler)")
-    if source == "store" and data.dataset != "wind":
-        raise dsec.error("dataset", data.dataset, "the store source knows the wind turbine map only")
-    dsec.reject_unknown()
+    data = _store_data(dsec) if source == "store" else _dataset_data(dsec)
     state = root.section("state")
     inference = root.section("inference")
     experiment = root.section("experiment")  # attack experiments; never on a real gateway
@@ -118,7 +90,11 @@ def load_edge_config(path: str | Path) -> EdgeConfig:
         data=data,
         state_dir=state.path("dir", f"edge-state-{device}"),
         seed=state.int("seed", 0),
+        status_interval_s=state.float("status_interval_s", 60.0, min=1.0),
+        metrics_port=state.int("metrics_port", 0, min=0, max=65535),
+        metrics_addr=state.str("metrics_addr", "127.0.0.1"),
         inference=inference.bool("enabled", False),
+        keep_models=inference.int("keep_models", 3, min=1),
         attack=_attack(experiment),
         security=security,
     )
@@ -129,22 +105,94 @@ def load_edge_config(path: str | Path) -> EdgeConfig:
     return cfg
 
 
-def _scaler(dsec: Section) -> ScalerConfig:
-    sec = dsec.section("scaler")
-    mean, std = _floats(sec, "feature_mean"), _floats(sec, "feature_std")
-    if len(mean) != len(std):
-        raise sec.error("feature_std", list(std), f"needs {len(mean)} values, like feature_mean")
-    if any(not v > 0 for v in std):
-        raise sec.error("feature_std", list(std), "every value must be > 0")
-    out = ScalerConfig(mean, std, sec.float("target_mean", 0.0), sec.float("target_std", 1.0, min=1e-12))
-    sec.reject_unknown(("feature_mean", "feature_std", "target_mean", "target_std"))
-    return out
+def _dataset_data(dsec: Section) -> DataConfig:
+    data = DataConfig(
+        source="dataset",
+        dataset=dsec.str("dataset", "wind"),
+        unit=dsec.str("unit", ""),
+        gateways=dsec.int("gateways", 0, min=0),
+        max_rows_per_unit=dsec.int("max_rows_per_unit", 0, min=0),
+        first_row=dsec.int("first_row", 0, min=0),
+        num_rows=dsec.int("num_rows", 0, min=0),
+        unit_column=dsec.str("unit_column", ""),
+        target=dsec.str("target", ""),
+        features=dsec.str_list("features", []),
+        task=dsec.str("task", ""),
+    )
+    if not data.unit:
+        raise dsec.error("unit", None, "required with source = \"dataset\" (which unit this gateway holds)")
+    dsec.reject_unknown()
+    return data
 
 
-def _floats(sec: Section, name: str) -> tuple[float, ...]:
-    value = sec.data.get(name)
-    if not isinstance(value, list) or not value or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in value
-    ):
-        raise sec.error(name, value, "must be a non-empty list of numbers")
-    return tuple(float(v) for v in value)
+def _store_data(dsec: Section) -> DataConfig:
+    if dsec.has("scaler"):
+        raise dsec.error("scaler", dsec.data["scaler"], "the fleet scaler now comes from the "
+                         "aggregator (federated statistics, [model] scaling = \"federated\"); "
+                         "remove [data.scaler]")
+    store = dsec.path("store")
+    device = dsec.str("device")
+    if not device:
+        raise dsec.error("device", device, "the bridge's [[device]] name whose rows to read")
+    task = dsec.str("task", "regression", choices=TASKS)
+    features = dsec.str_list("features")
+    parsed = []
+    for text in features:
+        try:
+            parsed.append(parse_feature(text))
+        except ValueError as exc:
+            raise dsec.error("features", list(features), str(exc)) from None
+    if not parsed:
+        raise dsec.error("features", [], "name at least one signal")
+    target = dsec.str("target", "")
+    if task != "anomaly" and not target:
+        raise dsec.error("target", target, f"required for task = \"{task}\" (the signal to predict)")
+    if task == "anomaly" and target:
+        raise dsec.error("target", target, "task = \"anomaly\" trains an autoencoder on the "
+                         "features; it has no target")
+    exclude = []
+    for text in dsec.str_list("exclude_when", []):
+        try:
+            exclude.append(parse_exclusion(text))
+        except ValueError as exc:
+            raise dsec.error("exclude_when", text, str(exc)) from None
+    try:
+        rows = RowSpec(
+            task=task,
+            features=tuple(parsed),
+            target=target,
+            time_signal=dsec.str("time_signal", ""),
+            record_signal=dsec.str("record_signal", ""),
+            resample_s=dsec.float("resample_s", 0.0, min=0.0),
+            aggregate=dsec.str("aggregate", "mean", choices=("mean", "last", "min", "max")),
+            fill_gap_s=dsec.float("fill_gap_s", 0.0, min=0.0),
+            valid=_valid_ranges(dsec),
+            exclude=tuple(exclude),
+            holdout_every=dsec.int("holdout_every", 5, min=0),
+            holdout_block_s=dsec.float("holdout_block_s", DAY, min=1.0),
+            holdout_origin_s=dsec.float("holdout_origin_s", 0.0),
+            embargo_s=dsec.float("embargo_s", 0.0, min=0.0),
+            window_rows=dsec.int("window_rows", 50_000, min=10),
+            window_s=dsec.float("window_days", 0.0, min=0.0) * DAY,
+            min_rows=dsec.int("min_rows", 200, min=1),
+        )
+    except ValueError as exc:
+        raise dsec.error("task", task, str(exc)) from None
+    if rows.holdout_every == 1:
+        raise dsec.error("holdout_every", 1, "would hold out every block: use 0 (no holdout) or >= 2")
+    if rows.min_rows > rows.window_rows:
+        raise dsec.error("min_rows", rows.min_rows, f"can never be reached with window_rows = {rows.window_rows}")
+    dsec.reject_unknown()
+    return DataConfig(source="store", store=store, device=device, rows=rows)
+
+
+def _valid_ranges(dsec: Section) -> tuple[tuple[str, float, float], ...]:
+    sec = dsec.section("valid")
+    out = []
+    for signal, value in sec.data.items():
+        if (not isinstance(value, list) or len(value) != 2 or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+                or not value[0] <= value[1]):
+            raise sec.error(signal, value, "must be [low, high] with low <= high")
+        out.append((signal, float(value[0]), float(value[1])))
+    return tuple(out)

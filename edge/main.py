@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 
 from edge.config import EdgeConfig, load_edge_config
-from edge.runtime import EdgeService, LocalData, status_payload
+from edge.data import DatasetSource, DataSource, StoreSource
+from edge.runtime import EdgeService, offline_status
 from edge.security import EdgeSecurity
+from edge.store import StoreReader
 from fedcore.pipeline import EdgePipelineState, make_encoder
 from fedcore.protocol.topics import Topics
 from fedcore.systemd import SystemdNotifier
@@ -21,11 +23,18 @@ from fedcore.transport.factory import transport_from_config
 log = logging.getLogger("fedgate.edge")
 
 
-def load_local_data(config: EdgeConfig) -> LocalData:
-    """This gateway's training and held-out data: from its sample store (``source =
-    "store"``, rows that crossed the field bus) or from a packaged/CSV data set."""
-    if config.data.source == "store":
-        return load_store_data(config)
+def make_source(config: EdgeConfig) -> DataSource:
+    """This gateway's rows: its bridge's sample store (``source = "store"``), or one unit of
+    a packaged or CSV data set (``source = "dataset"``: demo and benchmarks)."""
+    d = config.data
+    if d.source == "store":
+        assert d.store is not None and d.rows is not None  # checked when the config loaded
+        reader = StoreReader(d.store, d.device, d.rows.signals, since_s=d.rows.window_s)
+        return StoreSource(d.rows, reader)
+    return dataset_source(config)
+
+
+def dataset_source(config: EdgeConfig) -> DatasetSource:
     from fedcore.datasets import load_dataset
     from fedcore.errors import ConfigError
 
@@ -49,65 +58,17 @@ def load_local_data(config: EdgeConfig) -> LocalData:
                           f"not a unit of data set {d.dataset!r}; units: {', '.join(sorted(dataset.units))}")
     unit = dataset.units[d.unit]
     scale = dataset.scaler.target_std if dataset.task == "regression" else 1.0
-    return LocalData(unit.x_train, unit.y_train, unit.x_test, unit.y_test, float(scale))
-
-
-def load_store_data(config: EdgeConfig) -> LocalData:
-    """Rows the bridge wrote for ``data.device``, split and labelled as the wind data set's
-    direct path does, scaled with the fleet scaler from ``[data.scaler]``.
-
-    Only the turbine's own rows are known here, so the plant-level exclusions of the direct
-    path (availability loss, curtailment) are not applied (docs/field-bus.md)."""
-    from fedcore.datasets.base import Scaler
-    from fedcore.datasets.wind import wind_unit_from_rows
-    from fedcore.errors import ConfigError
-
-    d = config.data
-    assert d.store is not None and d.scaler is not None  # checked when the config loaded
-    if not d.store.exists():
-        raise ConfigError(config.file, "data.store", str(d.store), "no such file (is the bridge running?)")
-    records, row_time, values = store_rows(d.store, d.device)
-    if d.num_rows:
-        keep = (records >= d.first_row) & (records < d.first_row + d.num_rows)
-        row_time, values = row_time[keep], values[keep]
-    if row_time.size == 0:
-        raise ConfigError(config.file, "data.device", d.device, f"no rows of this device in {d.store}")
-    s = d.scaler
-    scaler = Scaler(np.array(s.feature_mean), np.array(s.feature_std), s.target_mean, s.target_std)
-    if scaler.feature_mean.shape != (5,):
-        raise ConfigError(config.file, "data.scaler.feature_mean", list(s.feature_mean),
-                          "the wind features need 5 values")
-    raw = wind_unit_from_rows(row_time, values)
-    log.info("store %s: %d rows of %s -> %d training, %d test rows", d.store, row_time.size,
-             d.device, len(raw.y_train), len(raw.y_test))
-    return LocalData(scaler.transform(raw.x_train), scaler.transform_target(raw.y_train),
-                     scaler.transform(raw.x_test), scaler.transform_target(raw.y_test),
-                     float(s.target_std))
-
-
-def store_rows(path: Path, device: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(record numbers, row times, raw values ``(n, 7)`` float32 in the data set's column
-    order) of one turbine, one row per record, in record order."""
-    from edge.store import WIND_COLUMNS, SampleStore
-
-    store = SampleStore(path)
-    try:
-        rows = store.rows(device, (*WIND_COLUMNS, "row_seq"), time_signal="row_time",
-                          seq_signal="row_seq")
-    finally:
-        store.close()
-    # row_seq travels as a float32 column: exact for record numbers below 2**24
-    return rows.values[:, -1].astype(np.int64), rows.time.astype(np.int64), rows.values[:, :-1]
+    return DatasetSource(unit.x_train, unit.y_train, unit.x_test, unit.y_test, float(scale),
+                         dataset.task, tuple(dataset.features), dataset.target)
 
 
 def build_edge(config_path: str | Path) -> EdgeService:
     config = load_edge_config(config_path)
-    data = load_local_data(config)
+    source = make_source(config)
     security = EdgeSecurity.from_paths(config.file, config.security)
     topics = Topics(config.fleet, config.task)
     # the will is signed once at start-up; its content ("offline") does not go stale
-    will = Will(topics.status(config.device),
-                status_payload(config, security, "offline", -1, time.time()))
+    will = Will(topics.status(config.device), offline_status(config, security, time.time()))
     transport = transport_from_config(config.broker, will=will, seed=config.seed)
     # the pipeline's randomness (noise, stochastic rounding) is separate from training's
     encode = make_encoder(EdgePipelineState(), np.random.default_rng([config.seed, 1]))
@@ -117,8 +78,18 @@ def build_edge(config_path: str | Path) -> EdgeService:
 
         attack = make_attack(config.attack, np.random.default_rng([config.seed, 2]))
         log.warning("EXPERIMENT: this gateway runs the %r attack", config.attack)
-    return EdgeService(config, transport, data, security, encode=encode, attack=attack,
-                       notifier=SystemdNotifier.from_environment())
+    server = None
+    if config.inference:
+        from edge.serving import ModelServer
+
+        server = ModelServer(config.state_dir / "models", config.keep_models)
+    metrics = None
+    if config.metrics_port:
+        from edge.metrics import EdgeMetrics
+
+        metrics = EdgeMetrics(config.metrics_port, config.metrics_addr)
+    return EdgeService(config, transport, source, security, encode=encode, attack=attack,
+                       notifier=SystemdNotifier.from_environment(), server=server, metrics=metrics)
 
 
 def run_edge(config_path: str | Path) -> int:

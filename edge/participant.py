@@ -21,6 +21,15 @@ result back as ``TrainingFinished``.
   (clip -> noise -> compress), cached and published. A result for a round that is no
   longer current is discarded.
 
+- **Lineages.** Every model and announcement names its lineage (a fresh aggregator state,
+  or a new task definition, starts a new one; ``fedcore.protocol.lineage``). A message of a
+  *newer* lineage than the one held is followed: the old model, cached update and pending
+  round are dropped and versions count from the new lineage's first model
+  (``LineageChanged``). A message of an older lineage is refused (``old_lineage``), so a
+  replayed or stale retained message cannot take the gateway back.
+- ``RoundAnnounced`` with ``purpose == "statistics"`` (a lineage's first step): answer with
+  this gateway's row statistics (``SendStatistics``); no model is needed for it.
+
 Because the round and model topics are retained, a gateway that was offline catches up
 from the latest announcement and model as soon as it reconnects.
 """
@@ -37,6 +46,7 @@ from fedcore.compression.downlink import decode_model
 from fedcore.errors import RemoteProtocolError
 from fedcore.learning.params import Params, subtract
 from fedcore.protocol.codec import body_hash, new_message_id
+from fedcore.protocol.lineage import is_newer
 from fedcore.protocol.messages import (
     EncodedDelta,
     GlobalModel,
@@ -153,15 +163,29 @@ class SatOut:
     reason: str
 
 
-Action = InstallModel | StartTraining | PublishUpdate | ModelRefused | SatOut
+@dataclass(frozen=True, slots=True)
+class SendStatistics:
+    round: int
+    lineage: str
+
+
+@dataclass(frozen=True, slots=True)
+class LineageChanged:
+    old: str
+    new: str
+
+
+Action = (InstallModel | StartTraining | PublishUpdate | ModelRefused | SatOut | SendStatistics
+          | LineageChanged)
 
 
 class Participant:
     """Pure gateway round logic. See the module docstring for the rules."""
 
-    def __init__(self, device: str, encode: EncodeFn = encode_raw) -> None:
+    def __init__(self, device: str, encode: EncodeFn = encode_raw, lineage: str = "") -> None:
         self.device = device
         self.encode = encode
+        self.lineage = lineage
         self.phase = ParticipantPhase.WAITING_MODEL
         self.model: GlobalModel | None = None
         self.model_hash = b""
@@ -191,7 +215,26 @@ class Participant:
             return actions
         raise TypeError(f"unknown event {event!r}")
 
+    def _follow(self, lineage: str) -> list[Action]:
+        """Switch to a newer lineage: nothing of the old one is kept."""
+        old, self.lineage = self.lineage, lineage
+        self.phase = ParticipantPhase.WAITING_MODEL
+        self.model, self.model_hash, self.weights = None, b"", None
+        self.training_round = -1
+        self.last_sent, self.last_sent_base = None, -1
+        if self.pending is not None and self.pending.lineage != lineage:
+            self.pending = None
+        return [LineageChanged(old, lineage)]
+
     def _on_model(self, model: GlobalModel) -> list[Action]:
+        switched: list[Action] = []
+        if model.lineage != self.lineage:
+            if not is_newer(model.lineage, self.lineage):
+                return [ModelRefused(model.version, "old_lineage")]
+            switched = self._follow(model.lineage)
+        return switched + self._on_model_of_lineage(model)
+
+    def _on_model_of_lineage(self, model: GlobalModel) -> list[Action]:
         if model.version == self.version and self.model is not None:
             self._adopt_resync(model)
             return []
@@ -234,8 +277,15 @@ class Participant:
             self.model_hash = body_hash(model)
 
     def _on_round(self, ann: RoundAnnouncement) -> list[Action]:
+        if ann.lineage != self.lineage and not is_newer(ann.lineage, self.lineage):
+            return [SatOut(ann.round, "old_lineage")]
         if ann.selected and self.device not in ann.selected:
             return [SatOut(ann.round, "not_selected")]
+        if ann.purpose == "statistics":
+            return [SendStatistics(ann.round, ann.lineage)]
+        if ann.lineage != self.lineage:
+            self.pending = ann  # wait for the new lineage's model
+            return []
         sent = self.last_sent
         if sent is not None and sent.round == ann.round and self.last_sent_base == ann.model_version:
             return [PublishUpdate(sent.round, sent.message_id, sent.update, resend=True)]

@@ -1,35 +1,71 @@
 """The gateway agent: the only edge module with clocks, files and the network.
 
 One thread runs the loop: transport events arrive on a queue; messages are decoded and
-verified, fed to the pure :class:`Participant`, and its actions carried out. Training runs
-inline (it takes seconds; the transport's network thread keeps the connection alive
-meanwhile and queues what arrives). Birth and last will go on the status topic, retained.
+verified, fed to the pure :class:`~edge.participant.Participant` (rounds, lineages) and
+:class:`~edge.deployment.DeploymentFollower` (what runs for inference), and their actions
+carried out. Training runs inline (it takes seconds; the transport's network thread keeps
+the connection alive meanwhile and queues what arrives).
+
+Data: before each round, and every few seconds while it waits for enough rows, the gateway
+reads what its bridge appended to the sample store (``edge.data``). A gateway with too
+few rows says so in its status (``waiting_for_data``, "62 of 500 training rows") and joins
+the round in progress as soon as it has enough.
+
+Status: a signed, retained status on ``fg/{fleet}/status/{device}`` says what the gateway
+is doing - connection, lineage, the version it runs and the one it trains from, rows held
+and new, its last round and holdout evaluation, what it refused. It is published on every
+change and at least every ``status_interval_s``; the last will says ``offline``.
+
+When several round announcements are queued (a gateway back from a partition gets its
+persistent session's backlog), only the newest is handled: training once on the current
+round, not once per missed round.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import signal
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+import msgspec
 import numpy as np
 
+from edge import deployment as dm
 from edge import participant as pm
+from edge import state as saved_state
 from edge.config import EdgeConfig
+from edge.data import DataSource, LocalData, ScalingError, Snapshot, scaled
 from edge.security import EdgeSecurity
 from fedcore.errors import RemoteProtocolError
 from fedcore.learning.training import evaluate, train_local
 from fedcore.protocol import codec
-from fedcore.protocol.messages import GlobalModel, Kind, ModelSpec, RoundAnnouncement, Status
+from fedcore.protocol.messages import (
+    CanaryReport,
+    Deployment,
+    GlobalModel,
+    Kind,
+    ModelSpec,
+    RoundAnnouncement,
+    Status,
+)
 from fedcore.protocol.topics import TopicKind, Topics, parse_topic
 from fedcore.systemd import SystemdNotifier
 from fedcore.transport.base import Connected, Disconnected, MessageReceived, Transport
+
+if TYPE_CHECKING:
+    from edge.metrics import EdgeMetrics
+    from edge.serving import ModelServer
+
+log = logging.getLogger("fedgate.edge")
+SOFTWARE = "fedgate-edge/0.2"
+TICK_S = 0.2
+WAITING_POLL_S = 5.0  # how often a gateway short of rows looks at its store again
 
 
 class Attack(Protocol):
@@ -39,26 +75,15 @@ class Attack(Protocol):
 
     def poison_weights(self, base: list[np.ndarray], trained: list[np.ndarray]) -> list[np.ndarray]: ...
 
-log = logging.getLogger("fedgate.edge")
-SOFTWARE = "fedgate-edge/0.1"
 
-
-@dataclass(frozen=True)
-class LocalData:
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    target_scale: float = 1.0  # regression errors are reported in the target's own unit
-
-
-def status_payload(
-    config: EdgeConfig, security: EdgeSecurity, state: str, model_version: int, now: float
-) -> bytes:
-    """A signed birth/last-will message for the status topic."""
-    body = Status(state=state, software=SOFTWARE, model_version=model_version)
-    env = codec.make_envelope(Kind.STATUS, config.fleet, config.task, 0, config.device, body, now)
+def signed_status(config: EdgeConfig, security: EdgeSecurity, status: Status, now: float) -> bytes:
+    env = codec.make_envelope(Kind.STATUS, config.fleet, config.task, 0, config.device, status, now)
     return codec.encode(security.sign(env))
+
+
+def offline_status(config: EdgeConfig, security: EdgeSecurity, now: float) -> bytes:
+    """The last will (signed once at start-up)."""
+    return signed_status(config, security, Status(state="offline", software=SOFTWARE, since=now), now)
 
 
 class EdgeService:
@@ -66,48 +91,98 @@ class EdgeService:
         self,
         config: EdgeConfig,
         transport: Transport,
-        data: LocalData,
+        source: DataSource,
         security: EdgeSecurity,
         encode: pm.EncodeFn = pm.encode_raw,
         attack: Attack | None = None,
         clock: Callable[[], float] = time.time,
         notifier: SystemdNotifier | None = None,
+        server: ModelServer | None = None,
+        metrics: EdgeMetrics | None = None,
     ) -> None:
         self.config = config
         self.transport = transport
-        self.data = data
+        self.source = source
         self.security = security
         self.clock = clock
         self.notifier = notifier or SystemdNotifier(None)
         self.topics = Topics(config.fleet, config.task)
         self.rng = np.random.default_rng(config.seed)
         self.attack = attack
-        self.machine = pm.Participant(config.device, encode=encode)
+        self.server = server
+        self.metrics = metrics
+        remembered = saved_state.load(config.state_dir)
+        self.machine = pm.Participant(config.device, encode=encode, lineage=remembered.lineage)
+        self.deployer = dm.DeploymentFollower(config.device, remembered.deployment,
+                                              remembered.deployment_lineage,
+                                              security.limits.max_elements)
         self.events: queue.Queue[object] = queue.Queue()
         self.stopping = threading.Event()
         self.rejected: Counter[str] = Counter()
         self.eval_stats: dict[str, float] = {}
+        self.snapshot: Snapshot | None = None
+        self.trained_until = -math.inf  # newest row time of the last round trained
+        self.last_round, self.last_rows = -1, 0
+        self.activity, self.activity_detail = "", ""
+        self.connected_since = 0.0
+        self.announcement: RoundAnnouncement | None = None  # the newest one received
+        self._status_sent = ""
+        self._status_at = 0.0
+        self._data_at = 0.0
 
-    def status_message(self, state: str) -> bytes:
-        return status_payload(self.config, self.security, state, self.machine.version, self.clock())
+    # ---- loop ------------------------------------------------------------------------------
 
     def run(self) -> int:
         self.transport.start(self.events.put)
         while not self.stopping.is_set():
             self.notifier.watchdog()
             try:
-                item = self.events.get(timeout=0.2)
+                item = self.events.get(timeout=TICK_S)
             except queue.Empty:
-                continue
-            if isinstance(item, Connected):
-                self._on_connected(item)
-            elif isinstance(item, Disconnected):
-                log.warning("broker connection lost: %s", item.reason)
-            elif isinstance(item, MessageReceived):
-                self._on_message(item)
+                item = None
+            if item is not None:
+                for event in self._coalesce([item, *self._drain()]):
+                    self._dispatch(event)
+            self._tick(self.clock())
         self.notifier.notify("STOPPING=1")
         self._goodbye()
         return 0
+
+    def _drain(self) -> list[object]:
+        out = []
+        while True:
+            try:
+                out.append(self.events.get_nowait())
+            except queue.Empty:
+                return out
+
+    def _coalesce(self, events: list[object]) -> list[object]:
+        """Drop every queued round announcement but the newest (a session's backlog)."""
+        rounds = [i for i, e in enumerate(events) if isinstance(e, MessageReceived)
+                  and e.topic == self.topics.round()]
+        drop = set(rounds[:-1])
+        if drop:
+            log.info("skipped %d queued round announcements (only the newest counts)", len(drop))
+        return [e for i, e in enumerate(events) if i not in drop]
+
+    def _dispatch(self, item: object) -> None:
+        if isinstance(item, Connected):
+            self._on_connected(item)
+        elif isinstance(item, Disconnected):
+            log.warning("broker connection lost: %s", item.reason)
+            if self.metrics is not None:
+                self.metrics.connected.set(0)
+        elif isinstance(item, MessageReceived):
+            self._on_message(item)
+
+    def _tick(self, now: float) -> None:
+        waiting = self.activity == "waiting_for_data"
+        if now - self._data_at >= (WAITING_POLL_S if waiting else self.config.status_interval_s):
+            self._refresh(now)
+            if waiting and self.activity != "waiting_for_data" and self.announcement is not None:
+                self._apply(self.machine.handle(pm.RoundAnnounced(now, self.announcement)))
+        if now - self._status_at >= self.config.status_interval_s:
+            self._publish_status(force=True)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -118,19 +193,89 @@ class EdgeService:
 
     def _goodbye(self) -> None:
         try:
+            status = msgspec.structs.replace(self._status("online"), state="offline",
+                                             since=self.clock())
             self.transport.publish(self.topics.status(self.config.device),
-                                   self.status_message("offline"), qos=1, retain=True, wait=2.0)
+                                   signed_status(self.config, self.security, status, self.clock()),
+                                   qos=1, retain=True, wait=2.0)
         except Exception as exc:  # the broker may already be gone; the will covers it
             log.info("could not publish offline status: %s", exc)
         self.transport.stop()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    # ---- data and status ---------------------------------------------------------------------
+
+    def _refresh(self, now: float) -> Snapshot:
+        self._data_at = now
+        snap = self.source.snapshot(self.trained_until)
+        self.snapshot = snap
+        if not snap.ready:
+            if self.activity != "waiting_for_data" or self.activity_detail != snap.waiting:
+                log.info("waiting for data: %s", snap.waiting)
+            self._set_activity("waiting_for_data", snap.waiting)
+        elif self.activity in ("", "waiting_for_data"):
+            log.info("enough data: %d training rows (%d holdout); taking part from the next round",
+                     len(snap.x_train), len(snap.x_holdout))
+            self._set_activity("ready")
+        if self.metrics is not None:
+            self.metrics.rows.set(snap.rows)
+            self.metrics.rows_new.set(snap.rows_new)
+            self.metrics.waiting.set(0 if snap.ready else 1)
+        self._publish_status()
+        return snap
+
+    def _set_activity(self, activity: str, detail: str = "") -> None:
+        self.activity, self.activity_detail = activity, detail
+
+    def _status(self, state: str) -> Status:
+        snap = self.snapshot
+        running = self._running_version()
+        return Status(
+            state=state, software=SOFTWARE, model_version=running, lineage=self.machine.lineage,
+            trained_version=self.machine.version, since=self.connected_since,
+            activity=self.activity, activity_detail=self.activity_detail,
+            rows=snap.rows if snap else 0, rows_new=snap.rows_new if snap else 0,
+            rows_needed=snap.rows_needed if snap else 0, last_round=self.last_round,
+            last_rows=self.last_rows, last_eval=dict(self.eval_stats),
+            deployment=self.deployer.sequence, rejected=dict(self.rejected),
+        )
+
+    def _publish_status(self, force: bool = False) -> None:
+        if not self.connected_since:
+            return
+        status = self._status("online")
+        key = msgspec.json.encode(status).decode()
+        if not force and key == self._status_sent:
+            return
+        self._status_sent, self._status_at = key, self.clock()
+        self.transport.publish(self.topics.status(self.config.device),
+                               signed_status(self.config, self.security, status, self.clock()),
+                               qos=1, retain=True)
+
+    def _remember(self) -> None:
+        state = saved_state.EdgeState(self.machine.lineage, self.deployer.sequence,
+                                      self.deployer.lineage)
+        try:
+            saved_state.save(self.config.state_dir, state)
+        except OSError as exc:
+            log.error("cannot save %s/%s: %s (lineage and deployment are kept in memory)",
+                      self.config.state_dir, saved_state.FILE, exc.strerror or exc)
+
+    # ---- inbound -----------------------------------------------------------------------------
 
     def _on_connected(self, event: Connected) -> None:
-        for topic in (self.topics.model(), self.topics.round()):
+        for topic in (self.topics.model(), self.topics.round(), self.topics.deployment()):
             self.transport.subscribe(topic, qos=1)
-        self.transport.publish(self.topics.status(self.config.device),
-                               self.status_message("online"), qos=1, retain=True)
-        log.info("connected (session present: %s)", event.session_present)
-        self.notifier.notify(f"READY=1\nSTATUS=connected, model version {self.machine.version}")
+        self.connected_since = self.clock()
+        if self.metrics is not None:
+            self.metrics.connected.set(1)
+        log.info("connected to %s (session present: %s)", getattr(self.transport, "url", "broker"),
+                 event.session_present)
+        self._refresh(self.clock())
+        self._publish_status(force=True)
+        self.notifier.notify(f"READY=1\nSTATUS=connected; {self.activity or 'ready'} "
+                             f"{self.activity_detail}".rstrip())
 
     def _on_message(self, msg: MessageReceived) -> None:
         now = self.clock()
@@ -143,91 +288,235 @@ class EdgeService:
             elif parsed.kind is TopicKind.ROUND:
                 env = self.security.open_from_aggregator(msg.payload, Kind.ROUND)
                 ann = codec.decode_body(env, RoundAnnouncement)
+                self.announcement = ann
                 self._apply(self.machine.handle(pm.RoundAnnounced(now, ann)))
+            elif parsed.kind is TopicKind.DEPLOYMENT:
+                env = self.security.open_from_aggregator(msg.payload, Kind.DEPLOYMENT)
+                record = codec.decode_body(env, Deployment)
+                self._on_deployment(record)
         except RemoteProtocolError as exc:
-            self.rejected[exc.reason] += 1
+            self._reject(exc.reason)
             log.warning("rejected message on %s: %s", msg.topic, exc)
+
+    def _reject(self, reason: str) -> None:
+        self.rejected[reason] += 1
+        if self.metrics is not None:
+            self.metrics.rejected.inc(reason=reason)
+
+    # ---- participant actions -----------------------------------------------------------------
 
     def _apply(self, actions: list[pm.Action]) -> None:
         for action in actions:
-            if isinstance(action, pm.InstallModel):
+            if isinstance(action, pm.LineageChanged):
+                log.info("following lineage %s (was %s)", action.new, action.old or "none")
+                self.trained_until, self.last_round, self.last_rows = -math.inf, -1, 0
+                self.eval_stats = {}
+                self._remember()
+            elif isinstance(action, pm.InstallModel):
                 self._install(action)
             elif isinstance(action, pm.StartTraining):
                 self._apply(self.machine.handle(self._train(action)))
             elif isinstance(action, pm.PublishUpdate):
-                env = codec.make_envelope(Kind.UPDATE, self.config.fleet, self.config.task,
-                                          action.round, self.config.device, action.update,
-                                          self.clock(), message_id=action.message_id)
-                payload = codec.encode(self.security.sign(env))
-                self.transport.publish(self.topics.update(self.config.device), payload, qos=1)
-                log.info("round %d: update sent (%d bytes%s)", action.round, len(payload),
-                         ", resend" if action.resend else "")
+                self._send_update(action)
+            elif isinstance(action, pm.SendStatistics):
+                self._send_statistics(action)
             elif isinstance(action, pm.ModelRefused):
-                self.rejected[action.reason] += 1
+                self._reject(action.reason)
                 log.warning("model version %d refused: %s", action.version, action.reason)
             elif isinstance(action, pm.SatOut):
-                log.warning("round %d: sitting out (%s)", action.round, action.reason)
+                if self.metrics is not None:
+                    self.metrics.sat_out.inc(reason=action.reason.split(":")[0])
+                log.info("round %d: sitting out (%s)", action.round, action.reason)
+        self._publish_status()
+
+    def _send_update(self, action: pm.PublishUpdate) -> None:
+        env = codec.make_envelope(Kind.UPDATE, self.config.fleet, self.config.task,
+                                  action.round, self.config.device, action.update,
+                                  self.clock(), message_id=action.message_id)
+        payload = codec.encode(self.security.sign(env))
+        self.transport.publish(self.topics.update(self.config.device), payload, qos=1)
+        if action.resend:
+            log.info("round %d: update re-sent (%d bytes)", action.round, len(payload))
+            return
+        self.last_round = action.round
+        if self.metrics is not None:
+            self.metrics.updates.inc()
+            self.metrics.last_round.set(action.round)
+        log.info("round %d: update sent (%d bytes, %d training rows)", action.round, len(payload),
+                 action.update.num_samples)
+
+    def _send_statistics(self, action: pm.SendStatistics) -> None:
+        snap = self._refresh(self.clock())
+        if not snap.ready:
+            log.info("statistics round of lineage %s: not answering yet (%s)", action.lineage,
+                     snap.waiting)
+            return
+        body = self.source.statistics(snap, action.lineage)
+        env = codec.make_envelope(Kind.STATS, self.config.fleet, self.config.task, action.round,
+                                  self.config.device, body, self.clock())
+        self.transport.publish(self.topics.update(self.config.device),
+                               codec.encode(self.security.sign(env)), qos=1)
+        log.info("statistics of %d training rows sent for lineage %s", body.count, action.lineage)
+
+    def _scaled(self, spec: ModelSpec) -> LocalData | None:
+        snap = self.snapshot or self._refresh(self.clock())
+        try:
+            return scaled(snap, spec)
+        except ScalingError as exc:
+            if self.activity != "incompatible":
+                log.error("cannot use the fleet's model: %s", exc)
+            self._set_activity("incompatible", str(exc))
+            return None
 
     def _install(self, action: pm.InstallModel) -> None:
         spec = action.model.spec
         self.eval_stats = {}
-        if len(self.data.y_test):
-            scores = evaluate(spec, action.weights, self.data.x_test, self.data.y_test,
-                              target_scale=self.data.target_scale)
+        data = self._scaled(spec)
+        if data is not None and data.y_test is not None and len(data.x_test):
+            scores = evaluate(spec, action.weights, data.x_test, data.y_test,
+                              target_scale=data.target_scale)
             self.eval_stats = {f"eval_{k}": float(v) for k, v in scores.items()}
-        log.info("installed model version %d %s", action.model.version, self.eval_stats)
-        if self.config.inference:
-            self._run_inference(action.model, action.weights)
-
-    def _run_inference(self, model: GlobalModel, weights: list[np.ndarray]) -> None:
-        """Export the new model to int8 .tflite, run it with LiteRT on the latest local rows
-        and publish the anomaly scores on this gateway's telemetry topic."""
-        from edge.inference import InferenceEngine, anomaly_scores, telemetry
-        from fedcore.learning.tflite_export import export_int8
-
-        spec = model.spec
-        calibration = self.data.x_train[-512:]
-        tflite = export_int8(spec, weights, calibration_x=calibration)
-        folder = self.config.state_dir / "models"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"v{model.version}.tflite").write_bytes(tflite)
-        engine = InferenceEngine.from_bytes(tflite)
-        scale = self.data.target_scale
-        # alert threshold: the 99th percentile of the scores on this gateway's training rows
-        reference = anomaly_scores(spec, engine.predict(calibration), calibration,
-                                   self.data.y_train[-512:]) * scale
-        threshold = float(np.percentile(reference, 99)) if reference.size else None
-        recent_x, recent_y = self.data.x_test[-256:], self.data.y_test[-256:]
-        if len(recent_x) == 0:
-            return
-        scores = anomaly_scores(spec, engine.predict(recent_x), recent_x, recent_y) * scale
-        body = telemetry(model.version, scores, threshold)
-        env = codec.make_envelope(Kind.TELEMETRY, self.config.fleet, self.config.task,
-                                  model.round, self.config.device, body, self.clock())
-        self.transport.publish(self.topics.telemetry(self.config.device),
-                               codec.encode(self.security.sign(env)), qos=1)
-        log.info("model version %d running in LiteRT (int8, %d bytes): %s", model.version,
-                 len(tflite), {k: round(v, 3) for k, v in body.values.items()})
+            if self.metrics is not None:
+                for k, v in scores.items():
+                    self.metrics.holdout.set(v, metric=k)
+        elif data is not None and spec.kind == "autoencoder" and len(data.x_test):
+            scores = evaluate(spec, action.weights, data.x_test, None)
+            self.eval_stats = {f"eval_{k}": float(v) for k, v in scores.items()}
+        if self.metrics is not None:
+            self.metrics.trained_version.set(action.model.version)
+        summary = ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in self.eval_stats.items()
+                            if k in ("eval_rmse", "eval_mae", "eval_accuracy", "eval_f1", "eval_mse"))
+        log.info("model version %d installed%s", action.model.version,
+                 f"; holdout {summary}" if summary else "")
+        if self.deployer.running.weights is None:
+            self._serve(action.model.version, action.weights)
 
     def _train(self, action: pm.StartTraining) -> pm.TrainingFinished | pm.TrainingFailed:
-        spec = self.machine.model.spec if self.machine.model else None
-        assert spec is not None
-        x, y = self.data.x_train, self.data.y_train
-        if self.attack is not None:
+        model = self.machine.model
+        assert model is not None
+        spec = model.spec
+        snap = self._refresh(self.clock())
+        if not snap.ready:
+            return pm.TrainingFailed(self.clock(), action.round, f"waiting for data: {snap.waiting}")
+        data = self._scaled(spec)
+        if data is None or data.y_train is None and spec.kind != "autoencoder":
+            return pm.TrainingFailed(self.clock(), action.round, f"incompatible: {self.activity_detail}")
+        x, y = data.x_train, data.y_train
+        if self.attack is not None and y is not None:
             x, y = self.attack.poison_data(spec, x, y)
+        self._set_activity("training", f"round {action.round}")
         started = time.perf_counter()
         try:
             weights, result = train_local(spec, action.weights, x, y, action.train, self.rng)
-        except ValueError as exc:  # e.g. no training rows yet, or a config it cannot run
+        except ValueError as exc:  # a config it cannot run
             log.error("round %d: local training failed: %s", action.round, exc)
+            self._set_activity("ready")
             return pm.TrainingFailed(self.clock(), action.round, f"training failed: {exc}")
+        finally:
+            seconds = time.perf_counter() - started
+        self._set_activity("ready")
         if not np.isfinite(result.loss) or not all(np.isfinite(w).all() for w in weights):
             log.error("round %d: local training diverged (loss %s); sitting this round out",
                       action.round, result.loss)
             return pm.TrainingFailed(self.clock(), action.round, "training diverged")
         if self.attack is not None:
             weights = self.attack.poison_weights(action.weights, weights)
+        self.trained_until = max(self.trained_until, snap.newest_time)
+        self.last_rows = result.num_samples
+        if self.metrics is not None:
+            self.metrics.train_rows.set(result.num_samples)
+            self.metrics.train_seconds.set(seconds)
+        log.info("round %d: trained on version %d with %d rows (%d new) in %.2f s, loss %.4g",
+                 action.round, action.base_version, result.num_samples, snap.rows_new, seconds,
+                 result.loss)
         stats = dict(self.eval_stats)
-        stats["train_s"] = time.perf_counter() - started
+        stats["train_s"] = seconds
+        stats["rows_new"] = float(snap.rows_new)
         return pm.TrainingFinished(self.clock(), action.round, action.base_version, weights,
                                    result.num_samples, result.loss, stats)
+
+    # ---- deployment and inference ------------------------------------------------------------
+
+    def _on_deployment(self, record: Deployment) -> None:
+        actions = self.deployer.on_record(record, self.machine.lineage)
+        for action in actions:
+            if isinstance(action, dm.DeploymentRefused):
+                self._reject(action.reason)
+                log.warning("deployment record %d refused: %s", action.sequence, action.reason)
+            elif isinstance(action, dm.RunModel):
+                running = action.running
+                log.info("deployment %d (%s): running %s", record.sequence, record.mode,
+                         "the newest model" if running.weights is None
+                         else f"version {running.version} ({running.role})")
+                if running.weights is not None:
+                    self._serve(running.version, running.weights)
+                elif self.machine.weights is not None:
+                    self._serve(self.machine.version, self.machine.weights)
+            elif isinstance(action, dm.EvaluateCanary):
+                self._canary_report(action)
+        if actions and not isinstance(actions[0], dm.DeploymentRefused):
+            self._remember()
+        self._publish_status()
+
+    def _running_version(self) -> int:
+        running = self.deployer.running
+        return self.machine.version if running.weights is None else running.version
+
+    def _canary_report(self, action: dm.EvaluateCanary) -> None:
+        model = self.machine.model
+        data = self._scaled(model.spec) if model is not None else None
+        if model is None or data is None or len(data.x_test) == 0:
+            log.warning("canary of version %d: no holdout rows to judge it on", action.candidate)
+            return
+        spec = model.spec
+        try:
+            cand = evaluate(spec, action.candidate_weights, data.x_test, data.y_test,
+                            target_scale=data.target_scale)
+            inc = evaluate(spec, action.incumbent_weights, data.x_test, data.y_test,
+                           target_scale=data.target_scale)
+        except ValueError as exc:
+            log.warning("canary of version %d: cannot evaluate: %s", action.candidate, exc)
+            return
+        body = CanaryReport(action.sequence, action.candidate, action.incumbent,
+                            {k: float(v) for k, v in cand.items()},
+                            {k: float(v) for k, v in inc.items()}, len(data.x_test))
+        env = codec.make_envelope(Kind.CANARY, self.config.fleet, self.config.task, 0,
+                                  self.config.device, body, self.clock())
+        self.transport.publish(self.topics.update(self.config.device),
+                               codec.encode(self.security.sign(env)), qos=1)
+        log.info("canary report: version %d %s vs version %d %s on %d holdout rows",
+                 action.candidate, _brief(cand), action.incumbent, _brief(inc), len(data.x_test))
+
+    def _serve(self, version: int, weights: list[np.ndarray]) -> None:
+        """Run ``version`` in LiteRT (when inference is on) and publish its scores."""
+        if self.metrics is not None:
+            self.metrics.model_version.set(version)
+        model = self.machine.model
+        if self.server is None or model is None:
+            return
+        data = self._scaled(model.spec)
+        if data is None or len(data.x_train) == 0:
+            return
+        try:
+            if version != self.server.version:
+                self.server.load(model.spec, version, weights, data.x_train, data.y_train,
+                                 data.target_scale)
+            body = self.server.score(data.x_test, data.y_test, data.target_scale)
+        except (RemoteProtocolError, ValueError, RuntimeError) as exc:
+            log.error("model version %d cannot run in LiteRT: %s", version, exc)
+            return
+        if body is None:
+            return
+        env = codec.make_envelope(Kind.TELEMETRY, self.config.fleet, self.config.task,
+                                  model.round, self.config.device, body, self.clock())
+        self.transport.publish(self.topics.telemetry(self.config.device),
+                               codec.encode(self.security.sign(env)), qos=1)
+        log.info("model version %d running in LiteRT (int8, %d bytes): %s", version,
+                 self.server.size, {k: round(v, 3) for k, v in body.values.items()})
+
+
+def _brief(metrics: dict[str, float]) -> str:
+    for key in ("rmse", "accuracy", "mse", "loss"):
+        if key in metrics:
+            return f"{key} {metrics[key]:.4g}"
+    return ""

@@ -26,15 +26,20 @@ time gap wider than ``max_step`` seconds are dropped.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sqlite3
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedcore import samples as sample_file
 from fedcore.errors import LocalProtocolError
 from fedcore.samples import EvictionResult, Sample
+
+if TYPE_CHECKING:
+    from edge.rows import RawRows
 
 # The wind data set's columns, in the order of fedcore/datasets/data/la_haute_borne.npz.
 WIND_COLUMNS = ("Ba_avg", "P_avg", "Ws_avg", "Va_avg", "Ot_avg", "Ya_avg", "Wa_avg")
@@ -185,6 +190,105 @@ class SampleStore:
         if self._writer is not None:
             self._writer.close()
         self.conn.close()
+
+
+class StoreNotReady(Exception):
+    """The store cannot give rows yet (no file, or the device's signals are not in it):
+    the gateway waits and says why, it does not fail."""
+
+
+class StoreReader:
+    """Read-only, incremental, bounded reader of one device's signals (the training path).
+
+    Each :meth:`read_new` returns the samples appended since the previous call, as raw rows
+    in chunks of at most ``chunk`` samples, so memory stays bounded however much the store
+    holds. The first call starts ``since_s`` seconds before the newest sample when given
+    (the window's age limit), else at the oldest sample still in the store. Progress is
+    kept as the store's append order (``rowid``), never re-reading a sample; eviction only
+    removes samples older than those. The file is opened read-only for each call (the
+    gateway's unit mounts the bridge's folder read-only; a replaced file is picked up)."""
+
+    def __init__(self, path: str | Path, device: str, signals: Sequence[str],
+                 since_s: float = 0.0, chunk: int = 200_000) -> None:
+        self.path = Path(path)
+        self.device = device
+        self.signals = tuple(signals)
+        self.since_s = since_s
+        self.chunk = chunk
+        self.last_rowid: int | None = None
+        self.samples_read = 0
+
+    def read_new(self) -> Iterator[RawRows]:
+        """Raw rows appended since the last call, chunk by chunk; raises StoreNotReady."""
+        if not self.path.exists():
+            raise StoreNotReady(f"store {self.path} does not exist yet (is the bridge running?)")
+        try:
+            conn = sample_file.connect(self.path, readonly=True)
+        except (sqlite3.Error, OSError, LocalProtocolError) as exc:
+            raise StoreNotReady(f"cannot open store {self.path}: {exc}") from None
+        try:
+            yield from self._read(conn)
+        except sqlite3.Error as exc:
+            raise StoreNotReady(f"cannot read store {self.path}: {exc}") from None
+        finally:
+            conn.close()
+
+    def _read(self, conn: sqlite3.Connection) -> Iterator[RawRows]:
+        from edge.rows import RawRows
+
+        ids = sample_file.signal_ids(conn, self.device, self.signals)
+        if len(ids) < len(self.signals):
+            missing = [s for s in self.signals if s not in ids]
+            raise StoreNotReady(f"device {self.device!r} has no signal(s) {', '.join(missing)} "
+                                f"in {self.path} yet")
+        col_of = {sid: j for j, sid in enumerate(ids[s] for s in self.signals)}
+        marks = ",".join("?" * len(col_of))
+        if self.last_rowid is None:
+            self.last_rowid = self._start(conn, list(col_of), marks)
+        sql = (f"SELECT rowid, signal, ts, value FROM samples WHERE rowid > ? AND signal IN "
+               f"({marks}) ORDER BY rowid LIMIT ?")
+        while True:
+            raw = conn.execute(sql, [self.last_rowid, *col_of, self.chunk]).fetchall()
+            if not raw:
+                return
+            full = len(raw) == self.chunk
+            rowid = np.fromiter((r[0] for r in raw), np.int64, len(raw))
+            ts = np.fromiter((r[2] for r in raw), np.float64, len(raw))
+            if full:  # the last timestamp may continue in the next chunk: read it again then
+                tail = ts == ts[-1]
+                if tail.all():
+                    raise StoreNotReady(f"{self.chunk} samples share one timestamp in {self.path}")
+                raw, rowid, ts = [r for r, t in zip(raw, tail, strict=True) if not t], rowid[~tail], ts[~tail]
+            self.last_rowid = int(rowid[-1])
+            self.samples_read += len(raw)
+            yield _wide(raw, ts, col_of, len(self.signals))
+            if not full:
+                return
+
+    def _start(self, conn: sqlite3.Connection, ids: list[int], marks: str) -> int:
+        """The rowid to read after on the first call."""
+        if self.since_s <= 0:
+            return 0
+        newest = conn.execute(f"SELECT max(ts) FROM samples WHERE signal IN ({marks})", ids).fetchone()[0]
+        if newest is None:
+            return 0
+        first = conn.execute(f"SELECT min(rowid) FROM samples WHERE signal IN ({marks}) AND ts >= ?",
+                             [*ids, float(newest) - self.since_s]).fetchone()[0]
+        return max(0, int(first) - 1) if first is not None else 0
+
+
+def _wide(raw: list[tuple[int, int, float, float | None]], ts: np.ndarray,
+          col_of: dict[int, int], width: int) -> RawRows:
+    """Long samples -> one row per timestamp; a row missing a signal keeps NaN there."""
+    from edge.rows import RawRows
+
+    sig = np.fromiter((r[1] for r in raw), np.int64, len(raw))
+    val = np.fromiter((np.nan if r[3] is None else r[3] for r in raw), np.float64, len(raw))
+    stamps, row = np.unique(ts, return_inverse=True)
+    col = np.vectorize(col_of.__getitem__, otypes=[np.int64])(sig)
+    table = np.full((len(stamps), width), np.nan)
+    table[row, col] = val
+    return RawRows(stamps, table)
 
 
 def make_windows(

@@ -18,6 +18,7 @@ _AREAS = {
     "bridge": "fedgate.cli_bridge",
     "provision": "fedgate.cli_provision",
     "config": "fedgate.cli_config",
+    "model": "fedgate.cli_model",
 }
 
 

@@ -142,7 +142,7 @@ def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: Federa
         _identity_tables(url, "aggregator", fleet_dir / "aggregator" if fleet_dir else None),
         _table("model", {"kind": spec.kind, "layer_sizes": list(spec.layer_sizes),
                          "activation": spec.activation, "task": spec.task,
-                         "features": list(spec.features), "target": spec.target}),
+                         **_model_names(options, spec)}),
         # every gateway, less one in ten (at least one) that may fail a round and sit it out
         _table("rounds", {"rounds": options.rounds,
                           "min_participants": max(1, len(units) - max(1, len(units) // 10)),
@@ -169,9 +169,9 @@ def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: Federa
     for i, unit in enumerate(units):
         device = device_id(unit)
         data: dict[str, Any] = {"source": "dataset", "dataset": options.dataset, "unit": unit}
-        scaler_table = ""
+        tables = ""
         if options.field_bus:
-            data, scaler_table = _field_bus_data(workdir, options, dataset, unit)
+            data, tables = _field_bus_data(workdir, options, unit)
         if options.gateways:
             data["gateways"] = options.gateways
         if options.max_rows_per_unit:
@@ -186,7 +186,7 @@ def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: Federa
             _table("device", {"id": device, "fleet": options.fleet, "task": options.task or "task"}),
             _identity_tables(url, device, fleet_dir / "devices" / device if fleet_dir else None),
             _table("data", data),
-            scaler_table,
+            tables,
             _table("state", {"dir": str(workdir / f"edge-{device}"), "seed": options.seed + 1 + i}),
             _table("experiment", {"attack": options.attack}) if unit in malicious else "",
             _table("inference", {"enabled": True}) if options.inference else "",
@@ -203,22 +203,40 @@ def store_path(workdir: Path, unit: str) -> Path:
     return workdir / f"store-{device_id(unit)}.db"
 
 
-def _field_bus_data(workdir: Path, options: DemoOptions, dataset: FederatedDataset,
-                    unit: str) -> tuple[dict[str, Any], str]:
-    """The ``[data]`` and ``[data.scaler]`` tables of a field-bus gateway.
+# The wind turbine task on the simulated turbine's signals (firmware_bridge/maps/wind_turbine.toml),
+# as a field engineer writes it in edge.toml (examples/edge.toml): the same features, cleaning,
+# "stopped in wind" exclusion and week-block holdout as the data set's direct path.
+WIND_STORE_TASK: dict[str, Any] = {
+    "task": "regression",
+    "features": ["Ws_avg", "sin(Wa_avg)", "cos(Wa_avg)", "Ot_avg", "Va_avg"],
+    "target": "P_avg",
+    "time_signal": "row_time",
+    "record_signal": "row_seq",
+    "exclude_when": ["P_avg <= 0 and Ws_avg > 4"],
+    "holdout_every": 5,
+    "holdout_block_s": 604800,
+    "holdout_origin_s": 1388534400,  # weeks counted from 2014-01-01, as the data set does
+    "embargo_s": 86400,
+}
+WIND_VALID = {"Ot_avg": [-40, 50], "Ws_avg": [0, 40], "P_avg": [-100, 2255], "Va_avg": [-180, 180]}
 
-    The scaler is the fleet's (fitted on the pooled training rows) and travels in the
-    config, as an operator would ship it (docs/decisions.md); both modes read the same
-    records ``[field_bus_start, field_bus_start + field_bus_rows)``."""
-    rows = {"first_row": options.field_bus_start, "num_rows": options.field_bus_rows}
+
+def _model_names(options: DemoOptions, spec: ModelSpec) -> dict[str, Any]:
+    """Feature and target names of the aggregator's [model]: store-fed gateways (field bus)
+    need the fleet scaler of a statistics round; data set rows arrive scaled."""
     if options.field_bus == "modbus":
-        data: dict[str, Any] = {"source": "store", "store": str(store_path(workdir, unit)),
-                                "device": unit, "dataset": "wind", **rows}
-    else:  # the data set's own loader fits the same scaler itself
+        return {"features": WIND_STORE_TASK["features"], "target": WIND_STORE_TASK["target"],
+                "scaling": "federated"}
+    return {"features": list(spec.features), "target": spec.target, "scaling": "none"}
+
+
+def _field_bus_data(workdir: Path, options: DemoOptions, unit: str) -> tuple[dict[str, Any], str]:
+    """The ``[data]`` table (and ``[data.valid]``) of a field-bus gateway; ``direct`` mode
+    reads the same records ``[field_bus_start, field_bus_start + field_bus_rows)`` straight
+    from the data set."""
+    if options.field_bus != "modbus":
+        rows = {"first_row": options.field_bus_start, "num_rows": options.field_bus_rows}
         return {"source": "dataset", "dataset": "wind", "unit": unit, **rows}, ""
-    s = dataset.scaler
-    scaler = _table("data.scaler", {
-        "feature_mean": [float(v) for v in s.feature_mean],
-        "feature_std": [float(v) for v in s.feature_std],
-        "target_mean": float(s.target_mean), "target_std": float(s.target_std)})
-    return data, scaler
+    data: dict[str, Any] = {"source": "store", "store": str(store_path(workdir, unit)),
+                            "device": unit, **WIND_STORE_TASK}
+    return data, _table("data.valid", WIND_VALID)

@@ -32,6 +32,16 @@ def primary_metric(task: str) -> tuple[str, bool]:
         raise ValueError(f"task {task!r} is not one of {', '.join(TASK_PRIMARY_METRIC)}") from None
 
 
+def holdout_metric(kind: str, task: str) -> tuple[str, bool]:
+    """The metric a gateway's holdout evaluation is judged on, and whether higher is better.
+
+    A plant has no anomaly labels, so an autoencoder is judged by its reconstruction
+    error; regression by RMSE, classification by accuracy (what ``evaluate`` reports)."""
+    if kind == "autoencoder":
+        return "mse", False
+    return ("accuracy", True) if task == "classification" else ("rmse", False)
+
+
 def _pair(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     t = np.asarray(y_true).reshape(-1)
     p = np.asarray(y_pred).reshape(-1)

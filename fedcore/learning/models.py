@@ -230,3 +230,29 @@ def anomaly_scores(
     if y is None:
         raise ValueError("anomaly scores of a regression model need the measured targets")
     return np.asarray(np.mean(np.abs(out - _regression_target(y, out)), axis=1))
+
+
+def fold_scaler(spec: ModelSpec, params: Sequence[np.ndarray]) -> tuple[ModelSpec, Params]:
+    """The same function on raw inputs and outputs: the fleet scaler in ``spec`` folded into
+    the first layer (``(x - mean) / std``) and, for regression and autoencoders, the last
+    (``y * std + mean``). Returns a spec without scaler and the folded float32 weights.
+    A spec without scaler is returned unchanged (its rows were scaled elsewhere)."""
+    import msgspec
+
+    weights = [np.asarray(p, np.float64).copy() for p in params]
+    if not spec.has_scaler:
+        return spec, [w.astype(np.float32) for w in weights]
+    mean = np.asarray(spec.feature_mean, np.float64)
+    std = np.asarray(spec.feature_std, np.float64)
+    w0, b0 = weights[0], weights[1]
+    weights[1] = b0 - (mean / std) @ w0
+    weights[0] = w0 / std[:, None]
+    if spec.kind == "autoencoder":
+        weights[-2] = weights[-2] * std[None, :]
+        weights[-1] = weights[-1] * std + mean
+    elif spec.task == "regression":
+        weights[-2] = weights[-2] * spec.target_std
+        weights[-1] = weights[-1] * spec.target_std + spec.target_mean
+    plain = msgspec.structs.replace(spec, feature_mean=(), feature_std=(), target_mean=0.0,
+                                    target_std=1.0)
+    return plain, [w.astype(np.float32) for w in weights]

@@ -15,6 +15,7 @@ fleet = "plant1"
 name = "wind"
 [model]
 layer_sizes = [5, 32, 16, 1]
+scaling = "none"
 [rounds]
 rounds = 3
 [fusion]
@@ -42,7 +43,11 @@ def test_a_good_config_loads_into_frozen_objects(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "key", "words"),
     [
-        (("rounds = 3", "rounds = 0"), "rounds.rounds", "must be >= 1"),
+        (("rounds = 3", "rounds = -1"), "rounds.rounds", "must be >= 0"),
+        (("[rounds]", "[schedule]\nwindows = [\"25:00-06:00\"]\n[rounds]"), "schedule.windows", "HH:MM-HH:MM"),
+        (("[rounds]", "[schedule]\ntimezone = \"Mars/Olympus\"\n[rounds]"), "schedule.timezone", "unknown timezone"),
+        (("[rounds]", "[deploy]\npolicy = \"yolo\"\n[rounds]"), "deploy.policy", "must be one of"),
+        (("scaling = \"none\"", "scaling = \"federated\""), "model.features", "feature names"),
         (("rounds = 3", "roundz = 3"), "rounds.roundz", "unknown key"),
         (('fleet = "plant1"', 'fleet = "plant/1"'), "task.fleet", "letters, digits"),
         (('rule = "trimmed_mean"', 'rule = "mean-ish"'), "fusion.rule", "mean-ish"),

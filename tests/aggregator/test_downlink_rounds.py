@@ -163,7 +163,7 @@ def test_delta_restored_aggregator_resends_the_held_model_and_the_chain_continue
 def _config(tmp_path: Path, downlink: str) -> Path:
     path = tmp_path / "aggregator.toml"
     path.write_text(
-        '[task]\nfleet = "f"\nname = "t"\n[model]\nkind = "mlp"\nlayer_sizes = [2, 1]\n'
+        '[task]\nfleet = "f"\nname = "t"\n[model]\nkind = "mlp"\nlayer_sizes = [2, 1]\nscaling = "none"\n'
         f'[rounds]\ndownlink = "{downlink}"\ndownlink_full_every = 4\n'
     )
     return path

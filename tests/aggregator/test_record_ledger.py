@@ -167,6 +167,7 @@ fleet = "plant1"
 name = "wind"
 [model]
 layer_sizes = [5, 32, 16, 1]
+scaling = "none"
 [rounds]
 rounds = 20
 [train]

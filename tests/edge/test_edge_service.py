@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from edge.config import DataConfig, EdgeConfig
-from edge.runtime import EdgeService, LocalData
+from edge.data import DatasetSource
+from edge.runtime import EdgeService
 from edge.security import EdgeSecurity
+from edge.serving import ModelServer
 from fedcore.datasets import default_spec, default_train_config, load_dataset
 from fedcore.learning.models import init_params
 from fedcore.protocol import codec
@@ -34,8 +36,8 @@ def test_gateway_trains_publishes_and_runs_the_model_in_litert(tmp_path: Path) -
     dataset = load_dataset("wind", max_rows_per_unit=1500)
     unit = dataset.units["R80711"]
     spec = default_spec(dataset)
-    data = LocalData(unit.x_train, unit.y_train, unit.x_test, unit.y_test,
-                     float(dataset.scaler.target_std))
+    data = DatasetSource(unit.x_train, unit.y_train, unit.x_test, unit.y_test,
+                         float(dataset.scaler.target_std), dataset.task)
     config = EdgeConfig(file="edge.toml", device="gw1", fleet="f", task="t",
                         broker=BrokerConfig("mqtt://memory", "gw1"), data=DataConfig(unit="R80711"),
                         state_dir=tmp_path, inference=True)
@@ -58,7 +60,8 @@ def test_gateway_trains_publishes_and_runs_the_model_in_litert(tmp_path: Path) -
         env = codec.make_envelope(kind, "f", "t", 0, "aggregator", body, 0.0)
         aggregator.publish(topic, codec.encode(env), retain=True)
 
-    service = EdgeService(config, MemoryTransport(broker, "gw1"), data, EdgeSecurity())
+    service = EdgeService(config, MemoryTransport(broker, "gw1"), data, EdgeSecurity(),
+                          server=ModelServer(tmp_path / "models"))
     thread = threading.Thread(target=service.run, daemon=True)
     thread.start()
     got: dict[str, object] = {}

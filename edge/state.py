@@ -1,0 +1,45 @@
+"""What a gateway remembers across restarts: the lineage it follows and the last deployment
+record it applied (``state_dir/edge-state.json``). Both only ever move forward, and keeping
+them is what lets a restarted gateway refuse a replayed older lineage or deployment.
+
+Written atomically (temporary file, fsync, rename). A write that fails (a full disk) is
+reported by the caller and retried at the next change; the gateway keeps running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+FILE = "edge-state.json"
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeState:
+    lineage: str = ""  # the lineage the participant follows
+    deployment: int = -1  # sequence of the last deployment record applied
+    deployment_lineage: str = ""  # and its lineage
+
+
+def load(state_dir: Path) -> EdgeState:
+    """The saved state, or the empty one; a damaged file counts as empty (nothing to keep)."""
+    try:
+        data = json.loads((state_dir / FILE).read_text("utf-8"))
+        return EdgeState(str(data.get("lineage", "")), int(data.get("deployment", -1)),
+                         str(data.get("deployment_lineage", "")))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return EdgeState()
+
+
+def save(state_dir: Path, state: EdgeState) -> None:
+    """Raises OSError when the disk refuses (the caller logs it)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / FILE
+    tmp = path.with_name(FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(asdict(state), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
