@@ -640,9 +640,11 @@ class RoundStateMachine:
         self.version += 1
         self.model = self._make_model()
         summary = round_summary(self, devices, counts, now)
+        # the gateways' holdout figures are of the model they trained from (version - 1)
         self.history.append({"round": self.round, "version": self.version,
                              "participants": len(devices), "rows": int(sum(counts)),
                              "metric": summary.metrics.get(f"eval_{self.metric}", float("nan")),
+                             "evaluated_version": self.version - 1,
                              "metrics": summary.metrics, "wall_s": summary.wall_s, "time": now})
         del self.history[:-self.config.keep_history]
         self.round += 1

@@ -90,9 +90,7 @@ class StoreSource:
                 self.window.add(raw)
             self.problem = ""
         except StoreNotReady as exc:
-            if str(exc) != self.problem:
-                log.warning("waiting for data: %s", exc)
-            self.problem = str(exc)
+            self.problem = str(exc)  # the runtime reports it (status and log)
 
     def snapshot(self, trained_until: float) -> Snapshot:
         self.refresh()

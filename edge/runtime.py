@@ -129,6 +129,7 @@ class EdgeService:
         self._status_sent = ""
         self._status_at = 0.0
         self._data_at = 0.0
+        self._waiting_logged = 0.0
 
     # ---- loop ------------------------------------------------------------------------------
 
@@ -211,8 +212,9 @@ class EdgeService:
         snap = self.source.snapshot(self.trained_until)
         self.snapshot = snap
         if not snap.ready:
-            if self.activity != "waiting_for_data" or self.activity_detail != snap.waiting:
+            if self.activity != "waiting_for_data" or now - self._waiting_logged >= 60:
                 log.info("waiting for data: %s", snap.waiting)
+                self._waiting_logged = now
             self._set_activity("waiting_for_data", snap.waiting)
         elif self.activity in ("", "waiting_for_data"):
             log.info("enough data: %d training rows (%d holdout); taking part from the next round",

@@ -19,6 +19,8 @@ _AREAS = {
     "provision": "fedgate.cli_provision",
     "config": "fedgate.cli_config",
     "model": "fedgate.cli_model",
+    "status": "fedgate.cli_status",
+    "dashboard": "fedgate.cli_status",
 }
 
 
@@ -49,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * args.verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # fedgate's own loggers tell the story at INFO (one line per round, waits, failures);
+    # libraries stay at WARNING unless -v
+    logging.getLogger("fedgate").setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except FedgateError as exc:

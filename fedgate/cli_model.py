@@ -63,16 +63,24 @@ def versions(config_file: str) -> dict[str, Any]:
     deployed = latest if deployment.get("mode", "latest") == "latest" else int(deployment.get("version", latest))
     kept = set(checkpoints.kept_versions(config.state_dir))
     by_version = {int(h.get("version", h["round"])): h for h in meta.get("history", [])}
+    # a round's holdout figures judge the model it trained from
+    judged = {int(h["evaluated_version"]): h.get("metric") for h in meta.get("history", [])
+              if "evaluated_version" in h}
     rows = []
     for version in sorted(kept | set(by_version)):
         h = by_version.get(version, {})
-        metric = h.get("metric")
+        metric = judged.get(version)
         rows.append({
             "version": version, "round": h.get("round"), "participants": h.get("participants"),
             "rows": h.get("rows"), "metric": None if metric is None or math.isnan(metric) else metric,
             "committed_at": h.get("time"), "kept": version in kept, "deployed": version == deployed,
         })
+    spec = meta.get("spec") or []
+    from fedcore.learning.metrics import holdout_metric
+
+    metric = holdout_metric(spec[0], spec[3])[0] if len(spec) > 3 else "metric"
     return {"lineage": meta.get("lineage", ""), "latest": latest, "deployed": deployed,
+            "metric": metric,
             "deployment_mode": deployment.get("mode", "latest"),
             "deployment_sequence": deployment.get("sequence", -1), "versions": rows,
             "deployments": deployment.get("history", [])}
@@ -85,7 +93,7 @@ def _list(args: argparse.Namespace) -> int:
         return 0
     print(f"lineage {info['lineage']}: newest version {info['latest']}, deployed {info['deployed']} "
           f"(mode {info['deployment_mode']})")
-    print(f"{'version':>8} {'round':>6} {'gws':>4} {'rows':>9} {'metric':>10}  {'committed':19}  kept")
+    print(f"{'version':>8} {'round':>6} {'gws':>4} {'rows':>9} {info['metric']:>10}  {'committed':19}  kept")
     for r in info["versions"]:
         metric = f"{r['metric']:.4g}" if r["metric"] is not None else "-"
         mark = " <- deployed" if r["deployed"] else ""
@@ -108,8 +116,11 @@ def _show(args: argparse.Namespace) -> int:
     history = {int(h.get("version", h["round"])): h for h in meta.get("history", [])}
     h = history.get(args.version, {})
     digest = hashlib.sha256(b"".join(w.astype("<f4").tobytes() for w in weights)).hexdigest()
+    names = ("kind", "layer_sizes", "activation", "task", "features", "target", "feature_mean",
+             "feature_std", "target_mean", "target_std")
     info = {
-        "lineage": meta.get("lineage", ""), "version": args.version, "spec": meta.get("spec"),
+        "lineage": meta.get("lineage", ""), "version": args.version,
+        "spec": dict(zip(names, meta.get("spec") or [], strict=False)),
         "parameters": int(sum(w.size for w in weights)), "weights_sha256": digest,
         "file": str(checkpoints.model_path(config.state_dir, args.version)),
         "round": h.get("round"), "participants": h.get("participants"), "rows": h.get("rows"),
@@ -119,9 +130,10 @@ def _show(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     for key, value in info.items():
-        if key == "metrics":
-            for k, v in sorted(value.items()):
-                print(f"  {k:24} {v:.6g}")
+        if key in ("metrics", "spec"):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k:24} {v:.6g}" if isinstance(v, float) else f"  {k:24} {v}")
         else:
             print(f"{key:14} {value}")
     return 0

@@ -229,11 +229,15 @@ class DeployedModel(msgspec.Struct, frozen=True, array_like=True):
 
 
 class RoundPoint(msgspec.Struct, frozen=True, array_like=True):
+    """One committed round in the task state's history (the dashboard's charts)."""
+
     round: int
     model_version: int
     participants: int
     rows: int
-    metric: float  # the fleet metric (sample-weighted gateway evaluations); NaN if none
+    # the fleet metric: sample-weighted holdout evaluations, by the round's participants, of
+    # the model they trained from (version model_version - 1); NaN if none
+    metric: float
     wall_s: float
     time: float
 
