@@ -81,6 +81,7 @@ def load_aggregator_config(path: str | Path) -> AggregatorConfig:
     if scaling == "federated" and spec.task == "regression" and not spec.target:
         raise msec.error("target", "", "regression with scaling = \"federated\" needs the target's name")
     rsec = root.section("rounds")
+    state = root.section("state")
     server_sec = root.section("server")
     server = ServerOptimizerConfig(
         name=server_sec.str("optimizer", "fedavg", choices=SERVER_OPTIMIZERS),
@@ -127,7 +128,7 @@ def load_aggregator_config(path: str | Path) -> AggregatorConfig:
         downlink_full_every=rsec.int("downlink_full_every", 10, min=0),
         schedule=_schedule(root.section("schedule")),
         scaling=scaling,
-        keep_history=root.section("state").int("keep_history", 1000, min=10),
+        keep_history=state.int("keep_history", 1000, min=10),
     )
     rsec.reject_unknown()
     fsec = root.section("fusion")
@@ -136,7 +137,6 @@ def load_aggregator_config(path: str | Path) -> AggregatorConfig:
         params={k: v for k, v in fsec.data.items() if k not in ("rule", "root_data")},
         root_data=fsec.path("root_data") if fsec.has("root_data") else None,
     )
-    state = root.section("state")
     cfg = AggregatorConfig(
         file=str(path),
         broker=broker,

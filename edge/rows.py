@@ -201,7 +201,7 @@ class RowWindow:
 
     @property
     def newest_time(self) -> float:
-        return float(self.time[-1]) if len(self) else -math.inf
+        return float(self.time.max()) if len(self) else -math.inf
 
     def add(self, raw: RawRows) -> int:
         """Fold raw rows in; returns how many rows were completed."""
@@ -217,12 +217,16 @@ class RowWindow:
             ok = np.isfinite(time)
             time, values = time[ok], values[ok]
         values = values[:, : len(spec.columns)]
+        if spec.record_signal and spec.resample_s <= 0:
+            # rows are the device's records, in record order: a clock that repeats or steps
+            # back (a logger's daylight-saving change) does not reorder or drop them
+            self._append(time, values)
+            return int(len(time))
         if len(time) and not np.all(np.diff(time) >= 0):
             order = np.argsort(time, kind="stable")
             time, values = time[order], values[order]
         floor = self._floor()
-        # a device record number tells repeats apart, so equal times are fine with one
-        fresh = time >= floor if spec.resample_s > 0 or spec.record_signal else time > floor
+        fresh = time >= floor if spec.resample_s > 0 else time > floor
         self.late += int((~fresh).sum())
         time, values = time[fresh], values[fresh]
         if spec.resample_s > 0:
@@ -293,7 +297,7 @@ class RowWindow:
         self.values = np.concatenate([self.values, values])
         keep = np.ones(len(self.time), dtype=bool)
         if self.spec.window_s > 0:
-            keep &= self.time >= self.time[-1] - self.spec.window_s
+            keep &= self.time >= self.time.max() - self.spec.window_s
         if keep.sum() > self.spec.window_rows:
             keep[: len(keep) - self.spec.window_rows] = False
         if not keep.all():

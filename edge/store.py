@@ -55,15 +55,18 @@ class Rows:
 
 
 class SampleStore:
-    """Open (or create) the sample file at ``path`` with its size and age bounds."""
+    """Open (or create) the sample file at ``path`` with its size and age bounds; tools and
+    tests use it (the gateway's training path reads through :class:`StoreReader`)."""
 
     def __init__(
-        self, path: str | Path, max_bytes: int = 256 * 1024 * 1024, max_age_s: float = 30 * 86400.0
+        self, path: str | Path, max_bytes: int = 256 * 1024 * 1024, max_age_s: float = 30 * 86400.0,
+        readonly: bool = False,
     ) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
-        self.conn = sample_file.connect(self.path)
+        self.readonly = readonly
+        self.conn = sample_file.connect(self.path, readonly=readonly)
         self._writer: sample_file.SampleWriter | None = None
 
     def append(self, batch: Sequence[Sample]) -> int:
@@ -189,7 +192,10 @@ class SampleStore:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-        self.conn.close()
+        if self.readonly:
+            self.conn.close()
+        else:
+            sample_file.close_writer(self.conn)  # hand the store back to read-only readers
 
 
 class StoreNotReady(Exception):
@@ -224,6 +230,8 @@ class StoreReader:
             raise StoreNotReady(f"store {self.path} does not exist yet (is the bridge running?)")
         try:
             conn = sample_file.connect(self.path, readonly=True)
+        except sample_file.StoreUnavailable as exc:
+            raise StoreNotReady(str(exc)) from None
         except (sqlite3.Error, OSError, LocalProtocolError) as exc:
             raise StoreNotReady(f"cannot open store {self.path}: {exc}") from None
         try:

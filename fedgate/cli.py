@@ -24,6 +24,9 @@ _AREAS = {
 }
 
 
+_SERVICES = ("aggregator", "edge", "bridge")
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser; for a known command only its own area is imported, so a gateway's
     `fedgate edge run` does not load the field-bus stack or the X.509 tooling (memory)."""
@@ -51,9 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * args.verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    # fedgate's own loggers tell the story at INFO (one line per round, waits, failures);
-    # libraries stay at WARNING unless -v
-    logging.getLogger("fedgate").setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
+    # the services' own loggers tell the story at INFO (one line per round, waits,
+    # failures) for the journal; commands that print their own output stay quiet
+    if args.command in _SERVICES and getattr(args, "action", getattr(args, "bridge_command", "")) == "run":
+        logging.getLogger("fedgate").setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except FedgateError as exc:

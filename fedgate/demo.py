@@ -273,6 +273,7 @@ def _watch(observer: Observer, dataset: FederatedDataset, options: DemoOptions,
     summaries: dict[int, RoundSummary] = {}
     rows: list[RoundRow] = []
     held_version, held = -1, None  # the model as the gateways hold it
+    scaled: tuple[ModelSpec, FederatedDataset] | None = None
     deadline = time.monotonic() + options.timeout_s
     while len(rows) < options.rounds:
         if time.monotonic() > deadline:
@@ -288,7 +289,14 @@ def _watch(observer: Observer, dataset: FederatedDataset, options: DemoOptions,
             if weights is not None and item.version != held_version:
                 held_version, held = item.version, weights
                 if item.version > 0:
-                    scores[item.version] = evaluate_dataset(dataset, item.spec, weights)
+                    if item.spec.has_scaler:  # store-fed gateways: the lineage's fleet scaler
+                        from fedgate.fieldbus_demo import scaled_for
+
+                        if scaled is None or scaled[0] != item.spec:
+                            scaled = (item.spec, scaled_for(dataset, item.spec))
+                        scores[item.version] = evaluate_dataset(scaled[1], item.spec, weights)
+                    else:
+                        scores[item.version] = evaluate_dataset(dataset, item.spec, weights)
         elif isinstance(item, RoundSummary):
             summaries[item.model_version] = item
         for version in sorted(set(scores) & set(summaries)):

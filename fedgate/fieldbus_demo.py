@@ -13,18 +13,21 @@ The turbines replay rows ``[start, start + rows)`` of their series in lockstep
 (``advance="read"``: one record per poll, so no row is skipped or read twice whatever the
 machine load). The demo waits until every store holds that many records, stops the bridges
 (SIGTERM, as systemd would) and checks that the stored rows are bit for bit the data set's
-rows for the same record numbers. The gateways then read their store, clean, split and
-label the rows with the data set's own functions and scale them with the fleet scaler that
-travels in their config (docs/decisions.md).
+rows for the same record numbers. The gateways then learn from their stores as any plant's
+gateways do: the wind task is written on the turbine's signals in their config
+(``fedgate.demo_configs.WIND_STORE_TASK``) and the fleet scaler comes from the statistics
+round of the lineage (docs/decisions.md).
 
 The observer and the baselines use the direct path on the same rows
 (:func:`fedcore.datasets.wind.load_wind_rows`), so the printed comparison is on identical
-test rows. ``--field-bus direct`` runs the same rows without Modbus (edges read the data
+test rows; the observer feeds each model the raw test rows standardised with the model's own
+fleet scaler (``scaled_for``). ``--field-bus direct`` runs the same rows without Modbus (edges read the data
 set), which is the reference a field-bus run is compared with (bench/RESULTS_fieldbus.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -36,7 +39,8 @@ from typing import Any
 import numpy as np
 
 from fedcore.datasets import FederatedDataset
-from fedcore.datasets.base import DatasetError
+from fedcore.datasets.base import DatasetError, Scaler
+from fedcore.protocol.messages import ModelSpec
 from fedcore.datasets.wind import DATA_FILE, load_wind_rows
 from fedgate.demo_configs import DemoOptions, device_id, store_path
 
@@ -118,6 +122,7 @@ def _wait_for_rows(workdir: Path, bridges: dict[str, subprocess.Popen[bytes]], c
                    timeout_s: float) -> float:
     """Seconds until every store holds ``count`` rows; raises if a bridge dies or time runs out."""
     from edge.store import SampleStore
+    from fedcore.samples import StoreUnavailable
 
     t0 = time.monotonic()
     pending = set(bridges)
@@ -130,7 +135,10 @@ def _wait_for_rows(workdir: Path, bridges: dict[str, subprocess.Popen[bytes]], c
             path = store_path(workdir, u)
             if not path.exists():
                 continue
-            store = SampleStore(path)
+            try:
+                store = SampleStore(path, readonly=True)
+            except StoreUnavailable:
+                continue  # the bridge has not created it yet
             try:
                 if store.count(u) >= count * SIGNALS_PER_ROW:
                     pending.discard(u)
@@ -143,11 +151,47 @@ def _wait_for_rows(workdir: Path, bridges: dict[str, subprocess.Popen[bytes]], c
     return time.monotonic() - t0
 
 
+def scaled_for(dataset: FederatedDataset, spec: ModelSpec) -> FederatedDataset:
+    """``dataset`` (scaled with its own scaler) re-scaled with the fleet scaler of ``spec``
+    (the statistics round's): what a model trained by store-fed gateways takes."""
+    if not spec.has_scaler:
+        return dataset
+    old = dataset.scaler
+    new = Scaler(np.asarray(spec.feature_mean), np.asarray(spec.feature_std), spec.target_mean,
+                 spec.target_std)
+
+    def x(a: np.ndarray) -> np.ndarray:
+        return new.transform(np.asarray(a, np.float64) * old.feature_std + old.feature_mean)
+
+    def y(a: np.ndarray) -> np.ndarray:
+        return new.transform_target(old.inverse_target(a))
+
+    units = {name: dataclasses.replace(u, x_train=x(u.x_train), y_train=y(u.y_train),
+                                       x_test=x(u.x_test), y_test=y(u.y_test))
+             for name, u in dataset.units.items()}
+    return dataclasses.replace(dataset, units=units, scaler=new)
+
+
+def store_rows(path: Path, device: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(record numbers, row times, raw values ``(n, 7)`` float32 in the data set's column
+    order) of one simulated turbine in a store, one row per record: what the demo compares
+    with the data set to show that every row crossed the bus intact."""
+    from edge.store import SampleStore
+    from firmware_bridge.simulator import SEQ_SIGNAL, TIME_SIGNAL, WIND_COLUMNS
+
+    store = SampleStore(path, readonly=True)
+    try:
+        rows = store.rows(device, (*WIND_COLUMNS, SEQ_SIGNAL), time_signal=TIME_SIGNAL,
+                          seq_signal=SEQ_SIGNAL)
+    finally:
+        store.close()
+    # row_seq travels as a float32 column: exact for record numbers below 2**24
+    return rows.values[:, -1].astype(np.int64), rows.time.astype(np.int64), rows.values[:, :-1]
+
+
 def check_store(path: Path, unit: str, first: int, count: int) -> dict[str, int]:
     """How many of the records ``[first, first + count)`` the store holds, and how many of
     those equal the data set's row bit for bit (NaN included)."""
-    from edge.main import store_rows
-
     seq, t, values = store_rows(path, unit)
     window = (seq >= first) & (seq < first + count)
     with np.load(DATA_FILE) as npz:

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 
 from edge.config import load_edge_config
-from edge.main import load_local_data, store_rows
+from edge.main import make_source
 from edge.store import SampleStore
 from fedcore.datasets.wind import DATA_FILE, SCADA_COLUMNS, load_wind_rows, wind_unit_from_rows
 from fedcore.errors import ConfigError
 from fedcore.samples import Sample
+from fedgate.demo_configs import WIND_STORE_TASK, WIND_VALID
+from fedgate.fieldbus_demo import store_rows
 
 # Rows 3600..4199 hold the end of a training week and the start of a test week (week 4).
 FIRST, COUNT = 3600, 600
@@ -47,37 +49,39 @@ def _edge_toml(tmp_path: Path, data: str) -> Path:
     return path
 
 
-def _scaler_table(dataset) -> str:  # type: ignore[no-untyped-def]
-    s = dataset.scaler
-    return ("[data.scaler]\n"
-            f"feature_mean = [{', '.join(repr(float(v)) for v in s.feature_mean)}]\n"
-            f"feature_std = [{', '.join(repr(float(v)) for v in s.feature_std)}]\n"
-            f"target_mean = {float(s.target_mean)!r}\ntarget_std = {float(s.target_std)!r}\n")
+def _toml_value(v: object) -> str:
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return f'"{v}"' if isinstance(v, str) else repr(v)
 
 
-def test_store_source_gives_the_direct_paths_arrays_for_the_same_rows(tmp_path: Path) -> None:
+def _wind_task(store: Path, unit: str) -> str:
+    """The wind task as the demo (and examples/edge.toml) writes it on the turbine's signals."""
+    lines = ['[data]', 'source = "store"', f'store = "{store}"', f'device = "{unit}"', "min_rows = 1"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in WIND_STORE_TASK.items()]
+    lines += ["[data.valid]"] + [f"{k} = {_toml_value(v)}" for k, v in WIND_VALID.items()]
+    return "\n".join(lines) + "\n"
+
+
+def test_the_generic_store_path_rebuilds_the_data_sets_rows(tmp_path: Path) -> None:
+    """The wind task written on signal names (features, exclusion, valid ranges, week-block
+    holdout) gives the direct path's own rows, without the plant-level context a turbine's
+    registers do not carry: training rows bit for bit, holdout = its normal test rows."""
     unit = "R80721"
     store = tmp_path / "samples.db"
-    _write_store_from_dataset(store, unit, FIRST - 50, COUNT + 100)  # more than the window
+    _write_store_from_dataset(store, unit, FIRST, COUNT)
+    config = load_edge_config(_edge_toml(tmp_path, _wind_task(store, unit)))
+    snap = make_source(config).snapshot(-math.inf)
+    raw = wind_unit_from_rows(*_dataset_rows(unit, FIRST, COUNT))  # context=None
+    assert snap.ready and len(snap.x_train) > 100 and len(snap.x_holdout) > 100
+    assert snap.x_train.tobytes() == np.asarray(raw.x_train, np.float64).tobytes()
+    assert snap.y_train.tobytes() == np.asarray(raw.y_train, np.float64).tobytes()
+    normal = raw.test_labels == 0
+    assert snap.x_holdout.tobytes() == np.asarray(raw.x_test[normal], np.float64).tobytes()
+    # and the plant context of the direct path only removes training rows
     direct = load_wind_rows(FIRST, COUNT)
-    config = load_edge_config(_edge_toml(tmp_path, (
-        f'[data]\nsource = "store"\nstore = "{store}"\ndevice = "{unit}"\n'
-        f"first_row = {FIRST}\nnum_rows = {COUNT}\n" + _scaler_table(direct))))
-    got = load_local_data(config)
-    want = direct.units[unit]
-    # the test split does not depend on plant-level context: identical, bit for bit
-    assert got.x_test.tobytes() == want.x_test.tobytes() and got.x_test.shape[0] > 100
-    assert got.y_test.tobytes() == want.y_test.tobytes()
-    assert got.target_scale == pytest.approx(direct.scaler.target_std, rel=0, abs=0)
-    # training rows: exactly the direct path's rules without the plant context
-    local = load_wind_rows(FIRST, COUNT, plant_context=False)
-    raw = wind_unit_from_rows(*_dataset_rows(unit, FIRST, COUNT))
-    assert got.x_train.tobytes() == direct.scaler.transform(raw.x_train).tobytes()
-    assert got.y_train.tobytes() == direct.scaler.transform_target(raw.y_train).tobytes()
-    assert len(got.y_train) == local.units[unit].num_train > 100
-    # and the plant context only removes training rows, never adds or changes them
-    x_direct = {r.tobytes() for r in want.x_train}
-    assert x_direct <= {r.tobytes() for r in got.x_train}
+    x_direct = {r.tobytes() for r in direct.scaler.transform(snap.x_train)}
+    assert {r.tobytes() for r in direct.units[unit].x_train} <= x_direct
 
 
 def _dataset_rows(unit: str, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,13 +92,13 @@ def _dataset_rows(unit: str, first: int, count: int) -> tuple[np.ndarray, np.nda
 
 def test_store_source_config_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="data.scaler"):
-        load_edge_config(_edge_toml(tmp_path, '[data]\nsource = "store"\nstore = "s.db"\ndevice = "d"\n'))
+        load_edge_config(_edge_toml(tmp_path, '[data]\nsource = "store"\nstore = "s.db"\ndevice = "d"\n'
+                                    'features = ["a"]\ntarget = "b"\n[data.scaler]\nfeature_mean = [0.0]\n'))
     with pytest.raises(ConfigError, match="data.device"):
         load_edge_config(_edge_toml(tmp_path, '[data]\nsource = "store"\nstore = "s.db"\n'))
-    with pytest.raises(ConfigError, match="feature_std"):
-        load_edge_config(_edge_toml(tmp_path, (
-            '[data]\nsource = "store"\nstore = "s.db"\ndevice = "d"\n'
-            "[data.scaler]\nfeature_mean = [0.0, 1.0]\nfeature_std = [1.0]\n")))
+    with pytest.raises(ConfigError, match="data.features"):
+        load_edge_config(_edge_toml(tmp_path, '[data]\nsource = "store"\nstore = "s.db"\ndevice = "d"\n'
+                                    'features = ["tan(x)"]\ntarget = "y"\n'))
 
 
 @pytest.mark.slow
@@ -126,5 +130,5 @@ def test_field_bus_demo_trains_on_rows_that_crossed_modbus(tmp_path: Path, mosqu
         assert np.array_equal(values[window][order], ref_v, equal_nan=True)
     # the gateways' configs read the store, not the data set
     edge_conf = (work / "edge-gw-R80711.toml").read_text()
-    assert 'source = "store"' in edge_conf and "[data.scaler]" in edge_conf
+    assert 'source = "store"' in edge_conf and 'features = ["Ws_avg", "sin(Wa_avg)"' in edge_conf
     assert "rows crossed Modbus" in proc.stdout
