@@ -5,6 +5,8 @@
   oversized...). The caller logs it, counts it under ``reason`` and drops the message.
 - ``ConfigError``: an operator's config is wrong; names the file, key and value.
 - ``TransportError``: the broker or the network failed; the runtime retries.
+- ``NotAuthorizedError``: the broker refused us (our certificate, or a publish on our own
+  topic): an identity or ACL problem that retrying cannot fix.
 
 Process-fatal errors map to documented exit codes (see ``EXIT_CODES``) that systemd units
 act on (``RestartPreventExitStatus`` for config errors).
@@ -57,12 +59,21 @@ class TransportError(FedgateError):
     exit_code = 69  # EX_UNAVAILABLE
 
 
+class NotAuthorizedError(FedgateError):
+    """The broker refused this service: its certificate (unknown CA, revoked, expired) or a
+    publish on its own topic (typically the configured id differs from the certificate's
+    name, which the ACL uses). Retrying cannot fix it; an operator must."""
+
+    exit_code = 77  # EX_NOPERM
+
+
 EXIT_CODES: dict[int, str] = {
     0: "clean shutdown",
     1: "unexpected error",
     69: "transport unavailable (broker unreachable after retries)",
     70: "internal error (a bug in fedgate)",
     76: "protocol error that cannot be recovered",
+    77: "not authorized by the broker (certificate refused, or ACL denies our own topic)",
     78: "configuration error (fix the config; systemd does not restart)",
     130: "interrupted (Ctrl-C)",
 }

@@ -19,6 +19,7 @@ class BrokerConfig:
     cert_file: Path | None = None
     key_file: Path | None = None
     max_payload: int = 8 * 1024 * 1024
+    file: str = ""  # the config file it came from, named in errors about its TLS files
 
 
 def broker_config(sec: Section, default_client_id: str) -> BrokerConfig:
@@ -35,6 +36,7 @@ def broker_config(sec: Section, default_client_id: str) -> BrokerConfig:
         cert_file=tls[1],
         key_file=tls[2],
         max_payload=sec.int("max_payload", 8 * 1024 * 1024, min=1024),
+        file=sec.file,
     )
     sec.reject_unknown()
     return cfg

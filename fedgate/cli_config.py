@@ -3,8 +3,18 @@
 The kind of file is recognised from its top-level tables: ``[bridge]`` or ``[[device]]``
 (an array) is a bridge register map, ``[task]`` an aggregator config, ``[device]`` (one
 table) an edge gateway config. Each kind is checked by the loader its service uses, so
-``check`` can never disagree with the service. Exit status: 0 valid, 78 invalid (the
-service's own config-error code), 2 unrecognised.
+``check`` can never disagree with the service.
+
+For edge and aggregator configs the check goes on (:mod:`fedgate.preflight`, one line per
+check): the files the config names are readable by the service's user (``--user``), the
+client certificate names the configured id, belongs to its key and to the fleet CA, the
+signing key and keyring load; with ``--live`` also the broker: TLS handshake and CONNACK
+within ``--timeout``, SUBACK for the service's subscriptions, PUBACK on its own topic.
+``--syntax-only`` checks the file's contents alone (an example written for another
+machine).
+
+Exit status: the service's own codes: 0 ready, 78 configuration error, 77 not authorized
+by the broker, 69 broker unavailable; 2 unrecognised file or bad command line.
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from fedcore.config import load_toml
-from fedcore.errors import ConfigError
+from fedcore.errors import EXIT_CODES, ConfigError
 
 _LOADERS = {
     "edge": ("edge.config", "load_edge_config"),
@@ -40,7 +50,17 @@ def register(subparsers: Any) -> None:
     )
     check.add_argument("file", help="TOML file")
     check.add_argument("--kind", choices=sorted(_LOADERS), help="skip detection")
-    check.set_defaults(func=lambda a: check_file(a.file, a.kind))
+    check.add_argument("--live", action="store_true",
+                       help="also connect to the broker: TLS, CONNACK, SUBACK and PUBACK as the service")
+    check.add_argument("--user", metavar="NAME",
+                       help="check file access as this user, the service's (default: the current user; "
+                       "another user needs root)")
+    check.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="--live: give up on the broker after this long (exit 69; default 10)")
+    check.add_argument("--syntax-only", action="store_true",
+                       help="check the file's contents only: no files, certificates or broker")
+    check.set_defaults(func=lambda a: check_file(
+        a.file, a.kind, live=a.live, user=a.user, timeout_s=a.timeout, syntax_only=a.syntax_only))
 
 
 def detect_kind(data: dict[str, Any]) -> str | None:
@@ -61,7 +81,16 @@ def _loader(kind: str) -> Callable[[str], Any] | None:
         return None
 
 
-def check_file(file: str, kind: str | None = None, out: TextIO | None = None) -> int:
+def check_file(
+    file: str,
+    kind: str | None = None,
+    out: TextIO | None = None,
+    *,
+    live: bool = False,
+    user: str | None = None,
+    timeout_s: float = 10.0,
+    syntax_only: bool = False,
+) -> int:
     out = out or sys.stdout
     try:
         root = load_toml(file)
@@ -88,7 +117,38 @@ def check_file(file: str, kind: str | None = None, out: TextIO | None = None) ->
         out.write(f"{kind} config: INVALID\n" + explain(exc) + "\n")
         return exc.exit_code
     out.write(f"{file}: valid {kind} config\n" + summary(kind, result) + "\n")
-    return 0
+    if syntax_only or kind not in ("edge", "aggregator"):
+        if live:
+            out.write(f"{file}: --live checks edge and aggregator configs only\n")
+        return 0
+    return check_environment(file, kind, result, out, live=live, user=user, timeout_s=timeout_s)
+
+
+def check_environment(
+    file: str, kind: str, config: Any, out: TextIO, *, live: bool, user: str | None, timeout_s: float
+) -> int:
+    """Files, certificates, keys and (``live``) the broker, one line per check."""
+    from fedgate import preflight
+
+    subject = (preflight.edge_subject if kind == "edge" else preflight.aggregator_subject)(config)
+    subject.user, subject.live, subject.timeout_s = user, live, timeout_s
+    try:
+        findings = preflight.run(subject)
+    except preflight.UsageError as exc:
+        out.write(f"fedgate config check: {exc}\n")
+        return 2
+    for finding in findings:
+        out.write(finding.line() + "\n")
+    code = preflight.exit_code(findings)
+    problems = sum(not f.ok for f in findings)
+    if code == 0:
+        broker = ", broker included" if live else " (the broker was not tried: add --live)"
+        out.write(f"{file}: ready to run: {len(findings)} checks passed{broker}\n")
+    else:
+        meaning = EXIT_CODES.get(code, "")
+        out.write(f"{file}: {problems} problem{'s' if problems > 1 else ''}: "
+                  f"`fedgate {kind} run` would exit {code} ({meaning})\n")
+    return code
 
 
 def explain(error: ConfigError) -> str:

@@ -20,7 +20,13 @@ Guarantees every implementation gives:
   :meth:`Transport.payload_limit` how big a chunk may be.
 - **A denied publish is visible.** With ``wait`` set, ``publish`` blocks until the PUBACK
   and returns its MQTT v5 reason code; ``PublishResult.denied`` is True for codes >= 0x80
-  (135: not authorized by the ACL).
+  (135: not authorized by the ACL). Whether or not anyone waits, a denied PUBACK is also
+  reported as a :class:`PublishDenied` event naming the topic.
+- **A failed connection attempt says why.** Every attempt that does not end in a CONNACK
+  success is reported as a :class:`ConnectFailed` event with the real reason, whether
+  retrying can help (``permanent``) and the delay before the next attempt. The transport
+  keeps retrying either way: whether to give up is the runtime's decision
+  (:mod:`fedcore.transport.connection`).
 - **A clean stop is clean.** ``stop()`` sends DISCONNECT, so the broker discards the last
   will; the will is published only when the connection dies.
 
@@ -75,7 +81,44 @@ class SubscriptionRefused:
     reason_code: int
 
 
-TransportEvent = Connected | Disconnected | MessageReceived | SubscriptionRefused
+@dataclass(frozen=True, slots=True)
+class ConnectFailed:
+    """A connection attempt failed before the broker accepted us.
+
+    ``reason`` is the real cause in words (refused, timed out, certificate not trusted...).
+    ``permanent``: retrying cannot help until someone changes a file, a certificate or the
+    broker (TLS verification, a refused certificate, a CONNACK refusal); transient causes
+    (refused port, unreachable host, timeout, DNS) may pass. ``not_authorized``: the
+    permanent cause is the broker refusing *us* (our certificate or credentials), not our
+    own configuration. ``retry_in_s``: when the transport tries again (None: unknown)."""
+
+    url: str
+    reason: str
+    permanent: bool
+    not_authorized: bool = False
+    retry_in_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.not_authorized and not self.permanent:
+            raise LocalProtocolError("ConnectFailed: not_authorized implies permanent")
+
+
+@dataclass(frozen=True, slots=True)
+class PublishDenied:
+    """The broker answered a QoS >= 1 publish with a PUBACK reason code >= 0x80 (135: not
+    authorized by the ACL). The message was dropped."""
+
+    topic: str
+    reason_code: int
+
+    @property
+    def reason(self) -> str:
+        return REASON_NAMES.get(self.reason_code, f"reason code {self.reason_code}")
+
+
+TransportEvent = (
+    Connected | Disconnected | MessageReceived | SubscriptionRefused | ConnectFailed | PublishDenied
+)
 
 # --------------------------------------------------------------------------- values
 

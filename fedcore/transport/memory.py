@@ -24,7 +24,13 @@ Semantics modelled (the ones runtimes rely on):
 - A publish on a dropped connection waits in the transport's outbox (as in paho) and is
   sent on reconnect; ``wait=`` then raises TransportError, since nothing can be acked.
 - Last will on ``kill()`` / ``drop_connection()``; none on ``stop()``.
-- ``authorize(client_id, action, topic)`` denies with reason code 135, like a Mosquitto ACL.
+- ``authorize(client_id, action, topic)`` denies with reason code 135, like a Mosquitto ACL;
+  a denied QoS >= 1 publish is also reported to the publisher as ``PublishDenied``.
+- ``refuse_connections(reason, permanent=..., not_authorized=..., client_id=...)``: connection
+  attempts (``start()``, ``reconnect()``, after ``restart()``) fail with ``ConnectFailed``
+  until ``accept_connections()``, as a down broker, a wrong CA or a revoked certificate
+  would make the paho transport report them. The transport stays disconnected; the test's
+  ``reconnect()`` is the next attempt (``retry_in_s`` is None: there is no clock here).
 - ``restart()``: like a Mosquitto restart without persistence: sessions and retained
   messages are lost, every live client sees Disconnected then Connected(False) and
   restores its subscriptions.
@@ -48,8 +54,10 @@ from fedcore.errors import LocalProtocolError, TransportError
 from fedcore.transport.base import (
     REASON_NOT_AUTHORIZED,
     Connected,
+    ConnectFailed,
     Disconnected,
     MessageReceived,
+    PublishDenied,
     PublishResult,
     SubscriptionRefused,
     TransportEvent,
@@ -117,6 +125,7 @@ class MemoryBroker:
         self.dropped = 0  # messages lost to fault injection or full queues
         self._sessions: dict[str, _Session] = {}
         self._faults: list[_Injected] = []
+        self._refusals: dict[str | None, tuple[str, bool, bool]] = {}  # client id (None: all)
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ test controls
@@ -126,6 +135,29 @@ class MemoryBroker:
         check_topic_filter(topic_filter)
         with self._lock:
             self._faults.append(_Injected(fault, topic_filter, count))
+
+    def refuse_connections(
+        self,
+        reason: str = "connection refused (is the broker running?)",
+        *,
+        permanent: bool = False,
+        not_authorized: bool = False,
+        client_id: str | None = None,
+    ) -> None:
+        """Make connection attempts fail (of ``client_id``, or of everyone) until
+        ``accept_connections()``. Live connections are not touched: pair it with
+        ``restart()`` or ``drop_connection()`` to model a broker that goes and stays away."""
+        ConnectFailed("", reason, permanent, not_authorized)  # validates the combination
+        with self._lock:
+            self._refusals[client_id] = (reason, permanent, not_authorized)
+
+    def accept_connections(self, client_id: str | None = None) -> None:
+        with self._lock:
+            self._refusals.pop(client_id, None)
+
+    def _refusal(self, client_id: str) -> tuple[str, bool, bool] | None:
+        with self._lock:
+            return self._refusals.get(client_id) or self._refusals.get(None)
 
     def connected_clients(self) -> list[str]:
         with self._lock:
@@ -254,9 +286,11 @@ class MemoryTransport:
         session_expiry: int = 3600,
         will: Will | None = None,
         max_payload: int = 8 * 1024 * 1024,
+        url: str = "mqtt://memory:1883",
     ) -> None:
         self.broker = broker
         self.client_id = client_id
+        self.url = url
         self.clean_start = clean_start
         self.session_expiry = session_expiry
         self.will = will
@@ -310,6 +344,8 @@ class MemoryTransport:
             return PublishResult(0)
         self._sent += publish_packet_size(topic, len(payload), qos)
         code = self.broker._publish(self.client_id, topic, bytes(payload), qos, retain)
+        if qos > 0 and code >= 0x80:
+            self._emit(PublishDenied(topic, code))
         return PublishResult(0, code if wait is not None and qos > 0 else None)
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
@@ -353,6 +389,11 @@ class MemoryTransport:
     # ------------------------------------------------------------------ broker side
 
     def _connect(self) -> None:
+        refusal = self.broker._refusal(self.client_id)
+        if refusal is not None:
+            reason, permanent, not_authorized = refusal
+            self._emit(ConnectFailed(self.url, reason, permanent, not_authorized))
+            return
         present = self.broker._connect(self)
         self._connected = True
         # Like the paho transport: restore everything if the session is gone, else only

@@ -13,17 +13,32 @@ runs on that thread.
   When CONNACK says the session is gone (broker restarted, session expired) we resubscribe
   every remembered filter; when it is present we only send filters added while offline.
 - **Reconnects** are paho's own loop, but the wait between attempts is ours: paho's
-  ``reconnect_delay_set`` has no jitter, so :class:`_Client` overrides paho's
+  ``reconnect_delay_set`` has no jitter, so
+  :class:`~fedcore.transport.paho_client.HookedClient` overrides paho's
   ``_reconnect_wait`` hook with :class:`~fedcore.transport.base.Backoff` (capped,
   exponential, jittered with the injected ``rng``) that ``stop()`` can interrupt. QoS 1
   messages published while offline stay in paho's queue and are sent after reconnecting.
+- **Failed attempts say why.** paho's loop catches connection errors and logs them at
+  debug level only. An attempt starts in ``_create_socket``; it fails there (TCP, DNS, TLS
+  verification of the broker), on a read before the CONNACK (TLS 1.3: the broker's alert
+  refusing our certificate), with a CONNACK refusal, or when no CONNACK comes within
+  ``connect_timeout``. Each failure becomes exactly one
+  :class:`~fedcore.transport.base.ConnectFailed` (classified by
+  :mod:`fedcore.transport.failures`) carrying the delay before the next attempt, which is
+  drawn when the attempt fails and then waited for (``paho_client.Attempts``). Each is
+  logged at INFO with that delay; the operator-facing line is the runtime's
+  (:mod:`fedcore.transport.connection`).
+- **TLS files are checked before connecting** (:func:`fedcore.transport.tls.tls_context`):
+  a missing or unreadable file raises ConfigError naming the config key.
+- **TCP_NODELAY** is set on the TCP socket (under the TLS layer when there is one): paho
+  does not, and small QoS 1 exchanges would otherwise wait for delayed ACKs (~40 ms each).
 - **PUBACK reason codes** arrive in ``on_publish``; a publish with ``wait`` blocks on a
   condition until its packet id shows up (the last acks are kept in a small bounded map
-  so a PUBACK that overtakes the waiter is not lost).
+  so a PUBACK that overtakes the waiter is not lost). A code >= 0x80 is also reported as
+  :class:`~fedcore.transport.base.PublishDenied` with the topic, remembered per packet id.
 - **Byte counters** count every MQTT byte written to / read from the connection (all
   packet types: CONNECT, PUBLISH, acks, pings), after TLS decryption; TLS records and
-  TCP/IP headers are not counted. ``_Client`` overrides paho's ``_sock_send`` /
-  ``_sock_recv`` hooks for this; both private hooks exist throughout paho 2.x (pinned <3).
+  TCP/IP headers are not counted (``HookedClient``'s ``_sock_send`` / ``_sock_recv``).
 - **Size check.** paho does not check the broker's Maximum Packet Size (an oversized QoS 1
   message loops through reconnects), so ``publish`` checks it first.
 """
@@ -32,24 +47,27 @@ from __future__ import annotations
 
 import logging
 import random
-import ssl
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fedcore.errors import LocalProtocolError, TransportError
+from fedcore.transport import failures
 from fedcore.transport.base import (
     Backoff,
     BrokerUrl,
     Connected,
+    ConnectFailed,
     Disconnected,
     MessageReceived,
+    PublishDenied,
     PublishResult,
     SubscriptionRefused,
     TlsSettings,
@@ -60,36 +78,22 @@ from fedcore.transport.base import (
     check_topic_filter,
     payload_limit_for,
 )
+from fedcore.transport.paho_client import Attempts, HookedClient
+from fedcore.transport.tls import NO_CONFIG_FILE, tls_context
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024
+DEFAULT_CONNECT_TIMEOUT = 5.0
 _ACKS_KEPT = 1024
 
 
-class _Client(mqtt.Client):
-    """paho's client with byte counting and our jittered reconnect wait."""
-
-    def __init__(self, owner: PahoTransport, client_id: str) -> None:
-        super().__init__(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        self._owner = owner
-
-    def _sock_send(self, buf: bytes | bytearray) -> int:
-        sent = super()._sock_send(buf)
-        self._owner._count(sent=sent)
-        return sent
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        data = super()._sock_recv(bufsize)
-        self._owner._count(received=len(data))
-        return data
-
-    def _reconnect_wait(self) -> None:
-        self._owner._wait_before_reconnect()
-
-
 class PahoTransport:
-    """A :class:`~fedcore.transport.base.Transport` over a real MQTT v5 broker."""
+    """A :class:`~fedcore.transport.base.Transport` over a real MQTT v5 broker.
+
+    ``connect_timeout`` bounds each step of an attempt: the TCP connect, the TLS handshake
+    and the wait for the CONNACK. ``config_file`` is named in the ConfigError raised for a
+    missing or unreadable TLS file."""
 
     def __init__(
         self,
@@ -104,24 +108,27 @@ class PahoTransport:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         backoff_min: float = 0.5,
         backoff_max: float = 30.0,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        config_file: str = NO_CONFIG_FILE,
         rng: random.Random,
     ) -> None:
         self.url = url if isinstance(url, BrokerUrl) else BrokerUrl.parse(url)
         if tls is not None and not self.url.tls:
             raise LocalProtocolError(f"TLS settings given for the plain url {self.url}")
-        if max_payload <= 0 or session_expiry < 0 or keepalive <= 0:
-            raise LocalProtocolError("max_payload and keepalive must be > 0, session_expiry >= 0")
+        if max_payload <= 0 or session_expiry < 0 or keepalive <= 0 or connect_timeout <= 0:
+            raise LocalProtocolError(
+                "max_payload, keepalive and connect_timeout must be > 0, session_expiry >= 0"
+            )
         self.client_id = client_id
         self._clean_start = clean_start
         self._session_expiry = session_expiry
         self._keepalive = keepalive
         self._max_payload = max_payload
-        self._backoff = Backoff(backoff_min, backoff_max)
-        self._rng = rng
-        self._attempt = 0
         self._stopping = threading.Event()
         self._on_event: Callable[[TransportEvent], None] | None = None
         self._broker_max_packet: int | None = None
+        self.attempts = Attempts(self.url, tls if self.url.tls else None, connect_timeout,
+                                 Backoff(backoff_min, backoff_max), rng)
 
         self._counter_lock = threading.Lock()
         self._sent = 0
@@ -134,12 +141,17 @@ class PahoTransport:
         self._unsent: set[str] = set()
         self._sub_mids: dict[int, str] = {}
 
+        # Acks: PUBACK / SUBACK codes by packet id; topics of QoS >= 1 publishes by packet id.
         self._acks = threading.Condition()
         self._ack_codes: OrderedDict[int, int] = OrderedDict()
+        self._suback_codes: OrderedDict[int, int] = OrderedDict()
+        self._mid_topics: dict[int, str] = {}
+        self._early_acks: OrderedDict[int, int] = OrderedDict()  # PUBACKs before _remember_topic
 
-        self._client = _Client(self, client_id)
+        self._client = HookedClient(self, client_id)
+        self._client.connect_timeout = connect_timeout
         if self.url.tls:
-            self._configure_tls(tls or TlsSettings())
+            self._client.tls_set_context(tls_context(tls or TlsSettings(), config_file))
         if will is not None:
             check_qos(will.qos)
             self._client.will_set(will.topic, will.payload, will.qos, will.retain)
@@ -148,15 +160,6 @@ class PahoTransport:
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
         self._client.on_subscribe = self._on_subscribe
-
-    def _configure_tls(self, tls: TlsSettings) -> None:
-        self._client.tls_set(
-            ca_certs=str(tls.ca_file) if tls.ca_file else None,
-            certfile=str(tls.cert_file) if tls.cert_file else None,
-            keyfile=str(tls.key_file) if tls.key_file else None,
-            cert_reqs=ssl.CERT_REQUIRED,
-            tls_version=ssl.PROTOCOL_TLS_CLIENT,
-        )
 
     # ------------------------------------------------------------------ public API
 
@@ -204,6 +207,7 @@ class PahoTransport:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
             raise TransportError(f"publish to {topic!r}: outgoing queue full")
+        self._remember_topic(info.mid, topic)  # QoS 0 too: paho reports it sent in on_publish
         if wait is None or qos == 0:
             return PublishResult(info.mid)
         with self._acks:
@@ -223,6 +227,24 @@ class PahoTransport:
             if self._connected:
                 self._send_subscriptions([topic_filter])
 
+    def check_subscription(self, topic_filter: str, qos: int = 1, timeout: float = 5.0) -> int:
+        """Ask the broker whether we may subscribe to ``topic_filter`` and return the SUBACK
+        reason code (0-2: granted QoS; >= 0x80: refused). Nothing is remembered or restored
+        after a reconnect, and retained messages are not sent (MQTT v5 retain handling 2):
+        for checks (``fedgate config check --live``), not for receiving."""
+        check_topic_filter(topic_filter)
+        check_qos(qos)
+        if not self._connected:
+            raise TransportError(f"cannot check the subscription {topic_filter!r}: not connected")
+        options = SubscribeOptions(qos=qos, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+        rc, mid = self._client.subscribe(topic_filter, options=options)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            raise TransportError(f"cannot send SUBSCRIBE for {topic_filter!r}: {rc}")
+        with self._acks:
+            if not self._acks.wait_for(lambda: mid in self._suback_codes, timeout=timeout):
+                raise TransportError(f"no SUBACK for {topic_filter!r} within {timeout} s")
+            return self._suback_codes.pop(mid)
+
     def stop(self) -> None:
         self._stopping.set()
         self._client.disconnect()  # DISCONNECT reason 0: the broker discards the will
@@ -230,7 +252,26 @@ class PahoTransport:
         with self._sub_lock:
             self._connected = False
 
-    # ------------------------------------------------------------------ paho thread
+    # ------------------------------------------------------------------ connection attempts
+    # Called on paho's thread by HookedClient and the callbacks below.
+
+    def _attempt_failed(self, exc: BaseException | None) -> None:
+        self._report_failure(self.attempts.failed(exc))
+
+    def _report_failure(self, event: ConnectFailed) -> None:
+        if self._stopping.is_set():
+            return
+        log.info("%s: cannot connect to %s: %s; next attempt in %.2f s",
+                 self.client_id, self.url, event.reason, event.retry_in_s)
+        self._emit(event)
+
+    def _wait_before_reconnect(self) -> None:
+        delay, announced = self.attempts.take_delay()
+        if not announced:
+            log.info("%s: reconnecting to %s in %.2f s", self.client_id, self.url, delay)
+        self._stopping.wait(delay)
+
+    # ------------------------------------------------------------------ paho callbacks
 
     def _emit(self, event: TransportEvent) -> None:
         if self._on_event is None:
@@ -245,12 +286,6 @@ class PahoTransport:
             self._sent += sent
             self._received += received
 
-    def _wait_before_reconnect(self) -> None:
-        delay = self._backoff.delay(self._attempt, self._rng)
-        self._attempt += 1
-        log.debug("%s: reconnecting in %.2f s", self.client_id, delay)
-        self._stopping.wait(delay)
-
     def _send_subscriptions(self, filters: list[str]) -> None:
         """Called with ``_sub_lock`` held."""
         for topic_filter in filters:
@@ -263,9 +298,11 @@ class PahoTransport:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
         if reason_code.is_failure:
-            log.warning("%s: broker refused connection: %s", self.client_id, reason_code)
+            code = int(reason_code.value)
+            failure = failures.connack_failure(self.url, code, str(reason_code))
+            self._report_failure(self.attempts.refused(failure))
             return
-        self._attempt = 0
+        self.attempts.succeeded()
         self._broker_max_packet = getattr(properties, "MaximumPacketSize", None)
         session_present = bool(flags.session_present)
         with self._sub_lock:
@@ -281,26 +318,66 @@ class PahoTransport:
         with self._sub_lock:
             was_connected = self._connected
             self._connected = False
-        if was_connected or self._stopping.is_set():
-            reason = "stopped" if self._stopping.is_set() else f"connection lost: {reason_code}"
-            self._emit(Disconnected(reason))
+        if self._stopping.is_set():
+            self.attempts.pending = False
+            self._emit(Disconnected("stopped"))
+        elif self.attempts.pending:  # the attempt ended before any CONNACK
+            self._attempt_failed(None)
+        elif was_connected:
+            self._emit(Disconnected(self._disconnect_reason(reason_code)))
+        self.attempts.last_socket_error = None
+
+    def _disconnect_reason(self, reason_code: Any) -> str:
+        error = self.attempts.last_socket_error
+        detail = f" ({getattr(error, 'reason', None) or error})" if error is not None else ""
+        return f"connection lost: {reason_code}{detail}"
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._emit(MessageReceived(message.topic, bytes(message.payload), bool(message.retain)))
 
+    def _remember_topic(self, mid: int, topic: str) -> None:
+        """After paho queued a publish: its PUBACK may already have been handled
+        (then its code is in ``_early_acks``). Each packet id's topic is taken exactly once,
+        so a reused packet id never reports an older message's topic."""
+        with self._acks:
+            early = self._early_acks.pop(mid, None)
+            if early is None:
+                self._mid_topics[mid] = topic
+        if early is not None and early >= 0x80:  # rare: reported from the publishing thread
+            self._denied(topic, early)
+
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
     ) -> None:
+        code = int(reason_code.value)
         with self._acks:
-            self._ack_codes[mid] = int(reason_code.value)
+            self._ack_codes[mid] = code
             self._ack_codes.move_to_end(mid)
             while len(self._ack_codes) > _ACKS_KEPT:
                 self._ack_codes.popitem(last=False)
+            topic = self._mid_topics.pop(mid, None)
+            if topic is None:
+                self._early_acks[mid] = code
+                while len(self._early_acks) > _ACKS_KEPT:
+                    self._early_acks.popitem(last=False)
             self._acks.notify_all()
+        if topic is not None and code >= 0x80:
+            self._denied(topic, code)
+
+    def _denied(self, topic: str, code: int) -> None:
+        event = PublishDenied(topic, code)
+        log.warning("%s: the broker refused our publish on %s: %s (%d)",
+                    self.client_id, topic, event.reason, code)
+        self._emit(event)
 
     def _on_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any
     ) -> None:
+        with self._acks:
+            self._suback_codes[mid] = int(reason_codes[0].value) if reason_codes else 0x80
+            while len(self._suback_codes) > _ACKS_KEPT:
+                self._suback_codes.popitem(last=False)
+            self._acks.notify_all()
         with self._sub_lock:
             topic_filter = self._sub_mids.pop(mid, None)
             refused = [rc for rc in reason_codes if rc.is_failure]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,11 +18,13 @@ from fedcore.transport.base import (
     Disconnected,
     MessageReceived,
     PayloadTooLargeError,
+    PublishDenied,
     Will,
     publish_packet_size,
 )
 from fedcore.transport.paho import PahoTransport
-from fedgate.broker import RunningBroker
+from fedgate.broker import RunningBroker, mosquitto_config
+from tests.broker.test_connect_failures import make_tls_fleet
 from tests.conftest import EventLog
 
 pytestmark = pytest.mark.broker
@@ -236,6 +239,11 @@ def test_acl_denial_returns_reason_135(
     assert allowed.reason_code == 16 and not allowed.denied  # accepted, no subscribers
     denied = t.publish(f"{topic_prefix}/forbidden", b"no", wait=5)
     assert denied.denied and denied.reason_code == 135
+    # Reported as an event too, with the topic, whether or not the publisher waits.
+    t.publish(f"{topic_prefix}/forbidden/again", b"no")
+    assert log.wait_for(PublishDenied) == PublishDenied(f"{topic_prefix}/forbidden", 135)
+    log.wait_for(PublishDenied, lambda e: e.topic == f"{topic_prefix}/forbidden/again")
+    assert not any(isinstance(e, PublishDenied) and "allowed" in e.topic for e in log.events)
 
 
 def test_reconnects_and_resubscribes_after_broker_restart(
@@ -279,3 +287,32 @@ def test_publish_wait_times_out_while_the_broker_is_down(
     log.wait_for(Disconnected)
     with pytest.raises(TransportError, match="no PUBACK"):
         t.publish(f"{topic_prefix}/x", b"x", wait=0.2)
+
+
+def nodelay(t: PahoTransport) -> int:
+    """TCP_NODELAY of the transport's live socket (for TLS, the TCP socket under it)."""
+    sock = t._client.socket()  # the adapter's own socket: nothing public exposes it
+    assert isinstance(sock, socket.socket)  # ssl.SSLSocket for TLS
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_tcp_nodelay_is_set_on_plain_and_tls_connections(
+    mosquitto: RunningBroker, mosquitto_factory: Callable[..., RunningBroker],
+    transport: Factory, tmp_path: Path, events: Callable[[], EventLog],
+) -> None:
+    plain = transport(mosquitto.url, "plain")
+    connect(plain, events())
+    assert nodelay(plain) == 1
+
+    fleet = make_tls_fleet(tmp_path / "fleet")
+    broker = mosquitto_factory(extra_config=fleet.listener())
+    log = events()
+    secure = transport(f"mqtts://127.0.0.1:{broker.port}", "secure", tls=fleet.tls(fleet.bundle("gw1")))
+    connect(secure, log)
+    assert nodelay(secure) == 1
+    mark = len(log)
+    broker.restart()  # a new socket for the reconnect: set there too
+    log.wait_for(Connected, after=mark)
+    assert nodelay(secure) == 1
+    # The demo broker sets it on its side (it belongs on both ends).
+    assert "set_tcp_nodelay true" in mosquitto_config(1883, tmp_path).splitlines()

@@ -6,12 +6,14 @@ import random
 
 import pytest
 
-from fedcore.errors import TransportError
+from fedcore.errors import LocalProtocolError, TransportError
 from fedcore.transport.base import (
     Connected,
+    ConnectFailed,
     Disconnected,
     MessageReceived,
     PayloadTooLargeError,
+    PublishDenied,
     SubscriptionRefused,
     TransportEvent,
     Will,
@@ -159,9 +161,49 @@ def test_acl_denial_is_visible(broker: MemoryBroker) -> None:
     assert dev.t.publish("u/d1", b"ok", wait=1.0).reason_code == 0
     result = dev.t.publish("u/d2", b"spoof", wait=1.0)
     assert result.denied and result.reason_code == 135
+    assert dev.events[-1] == PublishDenied("u/d2", 135)  # reported whether or not anyone waits
+    dev.t.publish("u/d3", b"spoof")
+    assert dev.events[-1] == PublishDenied("u/d3", 135)
+    dev.t.publish("u/d4", b"spoof", qos=0)  # QoS 0 has no PUBACK: nothing to report
+    assert dev.events[-1] == PublishDenied("u/d3", 135)
     dev.t.subscribe("u/+")
     assert dev.events[-1] == SubscriptionRefused("u/+", 135)
     assert [p.topic for p in acl.history] == ["u/d1"]
+
+
+def test_refused_connections_are_reported_until_accepted(broker: MemoryBroker) -> None:
+    broker.refuse_connections()
+    gw = Client(broker, "gw1", url="mqtts://broker:8883")
+    assert gw.events == [ConnectFailed("mqtts://broker:8883", "connection refused (is the broker running?)", False)]
+    assert not gw.t.connected
+    gw.t.publish("fg/x", b"queued")  # QoS 1 waits in the outbox, as paho queues it
+    gw.t.reconnect()  # the next attempt
+    assert len(gw.events) == 2 and isinstance(gw.events[1], ConnectFailed)
+    broker.accept_connections()
+    watcher = Client(broker, "watcher")
+    watcher.t.subscribe("fg/#")
+    gw.t.reconnect()
+    assert gw.events[-1] == Connected(session_present=False)
+    assert watcher.messages() == [("fg/x", b"queued", False)]
+
+
+def test_refusal_of_one_client_after_a_restart_models_a_revocation(broker: MemoryBroker) -> None:
+    stolen, honest = Client(broker, "gw3"), Client(broker, "gw1")
+    broker.refuse_connections("the broker refused our client certificate: it is revoked",
+                              permanent=True, not_authorized=True, client_id="gw3")
+    broker.restart()
+    assert isinstance(honest.events[-1], Connected)
+    assert stolen.events[-2:] == [
+        Disconnected("connection lost: broker restarted"),
+        ConnectFailed("mqtt://memory:1883", "the broker refused our client certificate: it is revoked",
+                      True, True),
+    ]
+    assert broker.connected_clients() == ["gw1"]
+
+
+def test_refusal_combinations_are_checked(broker: MemoryBroker) -> None:
+    with pytest.raises(LocalProtocolError):
+        broker.refuse_connections(not_authorized=True)  # not authorized is always permanent
 
 
 def test_injected_drop_and_duplicate(broker: MemoryBroker) -> None:
