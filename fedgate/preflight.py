@@ -70,6 +70,7 @@ class NamedPath:
     path: Path
     folder: bool = False
     note: str = ""
+    later: str = ""  # a file another service creates: why it may not exist yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +136,8 @@ def edge_subject(config: Any) -> Subject:
     topics = Topics(config.fleet, config.task)
     paths = [*_broker_paths(config.broker), *_security_paths(config.security)]
     store = getattr(config.data, "store", None) if config.data.source == "store" else None
-    if store is not None:
-        paths.append(NamedPath("data.store", store))
+    if store is not None:  # the edge waits for the bridge to create it (StoreNotReady)
+        paths.append(NamedPath("data.store", store, later="the edge waits for the bridge to write it"))
     paths.append(NamedPath("state.dir", config.state_dir, folder=True))
     return Subject(
         "edge", config.file, config, config.broker,
@@ -188,7 +189,10 @@ def check_paths(subject: Subject) -> list[Finding]:
     out = []
     for named, problem in zip(subject.paths, problems, strict=True):
         what = "writable" if named.folder else "readable"
-        if problem is None:
+        if problem == _NOT_YET:
+            out.append(Finding("file", f"{named.key} {named.path} does not exist yet: {named.later}",
+                               skipped=True))
+        elif problem is None:
             out.append(Finding("file", f"{named.key} {named.path}{named.note}: {what} by {who}"))
         else:
             out.append(subject.problem("file", named.key, named.path, f"{problem} (as {who})", EXIT_CONFIG))
@@ -418,9 +422,14 @@ def current_user() -> str:
     return pwd.getpwuid(os.geteuid()).pw_name
 
 
+_NOT_YET = "not created yet"
+
+
 def access_problem(named: NamedPath) -> str | None:
     """Why this process cannot read the file / write in the folder, or None."""
     if not named.folder:
+        if named.later and not os.path.lexists(named.path):
+            return _NOT_YET
         return read_error(named.path)
     existing = named.path
     try:

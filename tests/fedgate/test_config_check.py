@@ -205,6 +205,27 @@ def test_user_flag_checks_file_access_as_that_user(fleet: Path, open_folder: Pat
     assert not any("broker.key_file" in line for line in problems(lines))
 
 
+def store_edge_toml(path: Path, bundle: Path, store: Path) -> Path:
+    """An edge config reading the bridge's sample store (the gateway's real data source)."""
+    text = edge_toml(path, bundle).read_text()
+    data = text[text.index("[data]"):text.index("[state]")]
+    path.write_text(text.replace(data, "\n".join([
+        "[data]", 'source = "store"', f'store = "{store}"', 'device = "turbine"',
+        'task = "regression"', 'features = ["Ws_avg"]', 'target = "P_avg"', ""])))
+    return path
+
+
+def test_a_store_the_bridge_has_not_written_yet_is_not_a_problem(fleet: Path, tmp_path: Path) -> None:
+    """`fedgate edge run` waits for the bridge to create its store; so does the check."""
+    store = tmp_path / "samples.db"
+    code, lines = check(store_edge_toml(tmp_path / "edge.toml", fleet / "devices" / "gw1", store))
+    assert code == 0, lines
+    assert f"skip     file: data.store {store} does not exist yet: the edge waits for the bridge to write it" in lines
+    store.mkdir()  # there, but not a readable file
+    code, lines = check(store_edge_toml(tmp_path / "edge.toml", fleet / "devices" / "gw1", store))
+    assert code == 78 and any("key 'data.store'" in line for line in problems(lines))
+
+
 def test_unknown_user_is_a_usage_error(fleet: Path, tmp_path: Path) -> None:
     code, lines = check(edge_toml(tmp_path / "edge.toml", fleet / "devices" / "gw1"),
                         user="no-such-user-here")
