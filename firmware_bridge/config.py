@@ -96,10 +96,17 @@ class StoreSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSpec:
+    port: int = 0  # Prometheus exporter on /metrics; 0 = off
+    addr: str = "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True)
 class BridgeConfig:
     file: str
     store: StoreSpec
     devices: tuple[DeviceSpec, ...]
+    metrics: MetricsSpec = MetricsSpec()
 
 
 def load_bridge_config(path: str | Path) -> BridgeConfig:
@@ -111,25 +118,33 @@ def is_bridge_config(root: Section) -> bool:
 
 
 def parse_bridge_config(root: Section) -> BridgeConfig:
-    store = _store(root.section("bridge", required=True))
+    bridge = root.section("bridge", required=True)
+    store = _store(bridge)
+    metrics = _metrics(bridge)
+    bridge.reject_unknown()
     tables = root.sections("device")
     if not tables:
         raise root.error("device", None, "at least one [[device]] table is required")
     devices = tuple(_device(t) for t in tables)
     root.reject_unknown()
     _check_devices(tables, devices)
-    return BridgeConfig(root.file, store, devices)
+    return BridgeConfig(root.file, store, devices, metrics)
 
 
 def _store(sec: Section) -> StoreSpec:
-    spec = StoreSpec(
+    return StoreSpec(
         path=sec.path("store"),
         max_bytes=int(sec.float("max_store_mb", 256.0, min=1.0) * 1024 * 1024),
         max_age_s=sec.float("max_age_days", 30.0, min=0.001) * 86400.0,
         flush_interval=sec.float("flush_interval", 0.5, min=0.01, max=60.0),
     )
-    sec.reject_unknown()
-    return spec
+
+
+def _metrics(sec: Section) -> MetricsSpec:
+    addr = sec.str("metrics_addr", "127.0.0.1")
+    if not addr.strip():
+        raise sec.error("metrics_addr", addr, "must be an address to listen on, e.g. 127.0.0.1")
+    return MetricsSpec(sec.int("metrics_port", 0, min=0, max=65535), addr)
 
 
 def _device(sec: Section) -> DeviceSpec:

@@ -8,7 +8,7 @@ import pytest
 
 from fedcore.errors import ConfigError
 from fedgate.cli_config import check_file, detect_kind
-from firmware_bridge.config import LineLink, RtuLink, load_bridge_config
+from firmware_bridge.config import LineLink, MetricsSpec, RtuLink, load_bridge_config
 from firmware_bridge.registers import DataType, Function
 from firmware_bridge.simulator import WIND_MAP
 
@@ -146,6 +146,21 @@ def test_bad_maps_are_explained(
     assert err.value.key == key
     assert err.value.value == value
     assert problem in err.value.problem
+
+
+def test_metrics_keys(tmp_path: Path) -> None:
+    body = TCP.format(name="a", uid=1) + sig("x", 0)
+    assert load_bridge_config(write(tmp_path, HEAD + body)).metrics == MetricsSpec(0, "127.0.0.1")
+    on = HEAD + 'metrics_port = 9101\nmetrics_addr = "0.0.0.0"\n' + body
+    assert load_bridge_config(write(tmp_path, on)).metrics == MetricsSpec(9101, "0.0.0.0")
+    for extra, key, value in [
+        ("metrics_port = 70000\n", "bridge.metrics_port", 70000),
+        ('metrics_addr = ""\n', "bridge.metrics_addr", ""),
+        ("metrics_prot = 9101\n", "bridge.metrics_prot", 9101),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_bridge_config(write(tmp_path, HEAD + extra + body))
+        assert (err.value.key, err.value.value) == (key, value)
 
 
 def test_shared_rtu_line_settings_must_agree(tmp_path: Path) -> None:

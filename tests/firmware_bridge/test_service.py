@@ -1,17 +1,22 @@
-"""The bridge as a service: `fedgate bridge run` under a fake systemd notify socket, probe."""
+"""The bridge as a service: `fedgate bridge run` under a fake systemd notify socket, its
+Prometheus metrics, probe. (tests/test_unit_sandbox.py runs it under its systemd unit.)"""
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 from edge.store import SampleStore
 from fedcore.errors import EXIT_CODES
+from fedcore.samples import connect
 from firmware_bridge.probe import probe
 from firmware_bridge.simulator import (
     SimulatedDevice,
@@ -21,7 +26,7 @@ from firmware_bridge.simulator import (
     wind_bridge_toml,
 )
 
-from .conftest import free_port
+from .conftest import free_port, wait_for
 
 
 def test_run_notifies_systemd_and_stops_cleanly(tmp_path: Path, sim: SimulatorServer) -> None:
@@ -40,7 +45,8 @@ def test_run_notifies_systemd_and_stops_cleanly(tmp_path: Path, sim: SimulatorSe
     )
     try:
         messages = [sock.recv(4096).decode()]
-        assert messages[0].startswith("READY=1")
+        assert messages[0].startswith("READY=1")  # nothing before: no watchdog pings either
+        assert re.search(r"STATUS=\d+ samples written, 0 of 1 devices down", messages[0])
         while not any(m.startswith("WATCHDOG=1") for m in messages):
             messages.append(sock.recv(4096).decode())
         proc.send_signal(signal.SIGTERM)
@@ -102,3 +108,89 @@ def test_store_sink_applies_the_eviction_policy(tmp_path: Path) -> None:
     store = SampleStore(tmp_path / "s.db")
     assert store.count("d") == 40 and store.rows("d", ["x"]).time[0] == 60.0
     store.close()
+
+
+def scrape(port: int) -> dict[str, float]:
+    """``name{labels}`` -> value of every sample on the bridge's /metrics page."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = reply.read().decode()
+    return {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r"^(fedgate_bridge_\S+) (\S+)$", text, re.MULTILINE)
+    }
+
+
+def test_metrics_agree_with_the_store(tmp_path: Path, sim: SimulatorServer) -> None:
+    alive = sim.add(SimulatedTurbine("R80711", advance="read"), 0)
+    metrics_port = free_port()
+    store_path = tmp_path / "s.db"
+    cfg_path = tmp_path / "bridge.toml"
+    devices = [SimulatedDevice("alive", alive), SimulatedDevice("dead", free_port())]
+    text = wind_bridge_toml(devices, store_path, period=0.05, timeout=0.3)
+    cfg_path.write_text(text.replace("[bridge]\n", f"[bridge]\nmetrics_port = {metrics_port}\n", 1))
+    started = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "fedgate", "bridge", "run", "-c", str(cfg_path)])
+
+    def written() -> float:
+        try:
+            return scrape(metrics_port).get("fedgate_bridge_samples_written_total", 0.0)
+        except OSError:
+            return 0.0  # not listening yet
+
+    def stored() -> int:
+        conn = connect(store_path, readonly=True)
+        try:
+            return int(conn.execute("SELECT count(*) FROM samples").fetchone()[0])
+        finally:
+            conn.close()
+
+    try:
+        wait_for(lambda: written() >= 20 * 9, 30, "samples written")
+        sim.remove(alive)  # the device disappears: from now on nothing new is read
+        wait_for(
+            lambda: scrape(metrics_port)['fedgate_bridge_device_up{device="alive"}'] == 0,
+            20,
+            "the device to be seen down",
+        )
+        wait_for(lambda: written() == stored(), 20, "the last reads to be flushed")
+        m = scrape(metrics_port)
+        count = stored()
+        assert m["fedgate_bridge_samples_written_total"] == count
+        assert m['fedgate_bridge_device_good_reads_total{device="alive"}'] == count
+        assert m['fedgate_bridge_device_good_reads_total{device="dead"}'] == 0
+        assert m['fedgate_bridge_device_failed_reads_total{device="dead"}'] >= 9  # per signal
+        assert m['fedgate_bridge_device_failed_reads_total{device="alive"}'] >= 9
+        assert m['fedgate_bridge_device_up{device="dead"}'] == 0
+        assert (
+            started
+            < m['fedgate_bridge_device_last_success_timestamp_seconds{device="alive"}']
+            < time.time()
+        )
+        assert 'fedgate_bridge_device_last_success_timestamp_seconds{device="dead"}' not in m
+        wal = Path(f"{store_path}-wal")
+        assert m["fedgate_bridge_store_bytes"] == store_path.stat().st_size + wal.stat().st_size
+        assert m["fedgate_bridge_store_limit_bytes"] == 256 * 1024 * 1024
+        assert m['fedgate_bridge_rows_evicted_total{reason="age"}'] == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_metrics_port_taken_is_a_config_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg_path = tmp_path / "bridge.toml"
+        text = wind_bridge_toml([SimulatedDevice("t", free_port())], tmp_path / "s.db")
+        cfg_path.write_text(text.replace("[bridge]\n", f"[bridge]\nmetrics_port = {port}\n", 1))
+        rc = subprocess.run(
+            [sys.executable, "-m", "fedgate", "bridge", "run", "-c", str(cfg_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert rc.returncode == 78 and "bridge.metrics_port" in rc.stderr
