@@ -6,8 +6,9 @@ verified, fed to the pure :class:`~edge.participant.Participant` (rounds, lineag
 carried out. Training runs inline (it takes seconds; the transport's network thread keeps
 the connection alive meanwhile and queues what arrives).
 
-Data: before each round, and every few seconds while it waits for enough rows, the gateway
-reads what its bridge appended to the sample store (``edge.data``). A gateway with too
+Data: before each round and every few seconds in between, the gateway reads what its
+bridge appended to the sample store (``edge.data``); its status carries the rows no round
+has used yet, which the aggregator's schedule can wait for. A gateway with too
 few rows says so in its status (``waiting_for_data``, "62 of 500 training rows") and joins
 the round in progress as soon as it has enough.
 
@@ -23,6 +24,7 @@ round, not once per missed round.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import queue
@@ -65,7 +67,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedgate.edge")
 SOFTWARE = "fedgate-edge/0.2"
 TICK_S = 0.2
-WAITING_POLL_S = 5.0  # how often a gateway short of rows looks at its store again
+DATA_POLL_S = 5.0  # how often the gateway looks at its store between rounds
 
 
 class Attack(Protocol):
@@ -178,8 +180,8 @@ class EdgeService:
 
     def _tick(self, now: float) -> None:
         waiting = self.activity == "waiting_for_data"
-        if now - self._data_at >= (WAITING_POLL_S if waiting else self.config.status_interval_s):
-            self._refresh(now)
+        if now - self._data_at >= DATA_POLL_S:
+            self._refresh(now)  # new rows reach the status (the aggregator's schedule counts them)
             if waiting and self.activity != "waiting_for_data" and self.announcement is not None:
                 self._apply(self.machine.handle(pm.RoundAnnounced(now, self.announcement)))
         if now - self._status_at >= self.config.status_interval_s:
@@ -424,6 +426,7 @@ class EdgeService:
         if self.attack is not None:
             weights = self.attack.poison_weights(action.weights, weights)
         self.trained_until = max(self.trained_until, snap.newest_time)
+        self.snapshot = dataclasses.replace(snap, rows_new=0)  # all of them are used now
         self.last_rows = result.num_samples
         if self.metrics is not None:
             self.metrics.train_rows.set(result.num_samples)
