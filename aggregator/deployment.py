@@ -28,11 +28,14 @@ While an operator's pin holds, automatic candidates wait. The state is checkpoin
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedcore.protocol.messages import CanaryReport
+import numpy as np
+
+from fedcore.protocol.messages import CanaryReport, DeployedModel, ModelSpec
 
 POLICIES = ("latest", "canary")
 HISTORY_KEPT = 50
@@ -106,6 +109,8 @@ class DeploymentManager:
         if self.mode == "latest" and not self.pinned:
             if self.config.policy == "latest":
                 self.version = version
+                if self.history:  # the fleet runs it under the current record
+                    self.history[-1]["newest"] = version
                 return []
         if self.pinned or self.canary is not None or self.config.policy != "canary":
             return []
@@ -161,7 +166,9 @@ class DeploymentManager:
         """The version deployed before the current one (mode latest: the one before the
         newest), or None when there is none."""
         current = latest if self.mode == "latest" else self.version
-        earlier = [h["version"] for h in self.history if h["version"] < current and h["version"] >= 0]
+        # a "latest" record covers every version the fleet ran under it, up to "newest"
+        earlier = [min(h.get("newest", h["version"]), current - 1) for h in self.history
+                   if 0 <= h["version"] < current]
         if self.mode == "latest" and current - 1 >= 0:
             earlier.append(current - 1)
         return max(earlier) if earlier else None
@@ -223,3 +230,16 @@ class DeploymentManager:
         # reports are not kept: canaries re-send theirs when the record is re-published
         self.canary = None if c is None else _Canary(int(c["candidate"]), tuple(c["devices"]),
                                                       float(c["started"]))
+
+
+def deployed_model(spec: ModelSpec, weights: list[np.ndarray], sequence: int, lineage: str,
+                   version: int) -> DeployedModel:
+    """The body published on ``.../deployed`` for other plant systems: a float32 .tflite on
+    raw units (the fleet scaler folded in), with its SHA-256. Needs the ``litert`` extra's
+    flatbuffers and tflite schema packages (ImportError otherwise)."""
+    from fedcore.learning.models import fold_scaler
+    from fedcore.learning.tflite_export import export_float
+
+    plain, folded = fold_scaler(spec, weights)
+    tflite = export_float(plain, folded)
+    return DeployedModel(sequence, lineage, version, spec, tflite, hashlib.sha256(tflite).digest())

@@ -19,7 +19,6 @@ model as .tflite for other plant systems (``.../deployed``).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import queue
@@ -47,7 +46,6 @@ from fedcore.protocol import codec
 from fedcore.protocol.messages import (
     CanaryReport,
     DataStats,
-    DeployedModel,
     Deployment,
     Kind,
     ModelUpdate,
@@ -59,7 +57,8 @@ from fedcore.protocol.messages import (
 from fedcore.protocol.tensors import encode_tensors
 from fedcore.protocol.topics import TopicKind, Topics, parse_topic
 from fedcore.systemd import SystemdNotifier
-from fedcore.transport.base import Connected, Disconnected, MessageReceived, Transport
+from fedcore.transport.base import Connected, MessageReceived, Transport
+from fedcore.transport.connection import ConnectionWatch
 
 if TYPE_CHECKING:
     from aggregator.metrics import AggregatorMetrics
@@ -128,15 +127,24 @@ class AggregatorService:
     # ---- loop ------------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Run until the configured rounds are done (if exit_when_done) or stop() is called."""
+        """Run until the configured rounds are done (if exit_when_done) or stop() is called;
+        returns the exit code (0, or the broker watch's 69/77/78)."""
+        watch = self._connection_watch()
         self.transport.start(self.events.put)
         started = False
+        code = 0
         while not self.stopping.is_set():
             self.notifier.watchdog()
             try:
                 item = self.events.get(timeout=TICK_S)
             except queue.Empty:
                 item = None
+            verdict = watch.check(time.monotonic()) if item is None else watch.handle(item, time.monotonic())
+            if verdict is not None:
+                log.log(verdict.level, "%s", verdict.message)
+                if verdict.exit_code is not None:
+                    code = verdict.exit_code
+                    break
             now = self.clock()
             if isinstance(item, Connected):
                 self._on_connected(item)
@@ -149,8 +157,6 @@ class AggregatorService:
                     log.warning("the broker lost our session: re-publishing model, round and state")
                     self._apply(self.machine.handle(sm.BrokerSessionLost(now)))
                     self._republish_deployment()
-            elif isinstance(item, Disconnected):
-                log.warning("broker connection lost: %s", item.reason)
             elif isinstance(item, MessageReceived):
                 self._on_message(item, now)  # subscriptions start after Started
             if started:
@@ -165,7 +171,15 @@ class AggregatorService:
         self.transport.stop()
         if self.metrics is not None:
             self.metrics.close()
-        return 0
+        return code
+
+    def _connection_watch(self) -> ConnectionWatch:
+        t = self.topics
+        own = (t.round(), t.model(), t.metrics(), t.state(), t.deployment(), t.deployed(),
+               t.updates_filter(), t.status_filter())
+        timeout = self.config.broker.startup_timeout_s or None
+        return ConnectionWatch(self.config.broker.url, timeout, started_at=time.monotonic(),
+                               identity=self.config.broker.client_id, own_topics=own)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -470,14 +484,10 @@ class AggregatorService:
         if weights is None or self.machine.phase is sm.Phase.STATISTICS:
             return
         try:
-            from fedcore.learning.models import fold_scaler
-            from fedcore.learning.tflite_export import export_float
+            body = dm.deployed_model(self.machine.spec, weights, max(self.deploy.sequence, 0),
+                                     self.machine.lineage, version)
         except ImportError:  # the litert extra is not installed on this aggregator
             return
-        plain, folded = fold_scaler(self.machine.spec, weights)
-        tflite = export_float(plain, folded)
-        body = DeployedModel(max(self.deploy.sequence, 0), self.machine.lineage, version,
-                             self.machine.spec, tflite, hashlib.sha256(tflite).digest())
         self._publish(Kind.DEPLOYED, self.topics.deployed(), body, 0)
 
     # ---- the task state -------------------------------------------------------------------

@@ -59,6 +59,7 @@ from fedcore.protocol.messages import (
 from fedcore.protocol.topics import TopicKind, Topics, parse_topic
 from fedcore.systemd import SystemdNotifier
 from fedcore.transport.base import Connected, Disconnected, MessageReceived, Transport
+from fedcore.transport.connection import ConnectionWatch
 
 if TYPE_CHECKING:
     from edge.metrics import EdgeMetrics
@@ -136,20 +137,43 @@ class EdgeService:
     # ---- loop ------------------------------------------------------------------------------
 
     def run(self) -> int:
+        """Serve until stop(); returns the exit code (0, or the broker watch's 69/77/78)."""
+        watch = self._connection_watch()
         self.transport.start(self.events.put)
+        code = 0
         while not self.stopping.is_set():
             self.notifier.watchdog()
             try:
                 item = self.events.get(timeout=TICK_S)
             except queue.Empty:
                 item = None
-            if item is not None:
-                for event in self._coalesce([item, *self._drain()]):
-                    self._dispatch(event)
+            batch = [] if item is None else self._coalesce([item, *self._drain()])
+            verdicts = [watch.handle(e, time.monotonic()) for e in batch] or [watch.check(time.monotonic())]
+            for verdict in verdicts:
+                if verdict is not None:
+                    log.log(verdict.level, "%s", verdict.message)
+                    if verdict.exit_code is not None:
+                        code = verdict.exit_code
+            if code:
+                break
+            for event in batch:
+                self._dispatch(event)
             self._tick(self.clock())
         self.notifier.notify("STOPPING=1")
+        if code:
+            self.transport.stop()
+            if self.metrics is not None:
+                self.metrics.close()
+            return code
         self._goodbye()
         return 0
+
+    def _connection_watch(self) -> ConnectionWatch:
+        t, device = self.topics, self.config.device
+        timeout = self.config.broker.startup_timeout_s or None
+        return ConnectionWatch(self.config.broker.url, timeout, started_at=time.monotonic(),
+                               identity=device, own_topics=(t.status(device), t.update(device),
+                                                            t.round(), t.model(), t.deployment()))
 
     def _drain(self) -> list[object]:
         out = []
@@ -171,8 +195,7 @@ class EdgeService:
     def _dispatch(self, item: object) -> None:
         if isinstance(item, Connected):
             self._on_connected(item)
-        elif isinstance(item, Disconnected):
-            log.warning("broker connection lost: %s", item.reason)
+        elif isinstance(item, Disconnected):  # the connection watch logs it
             if self.metrics is not None:
                 self.metrics.connected.set(0)
         elif isinstance(item, MessageReceived):

@@ -20,6 +20,8 @@ class BrokerConfig:
     key_file: Path | None = None
     max_payload: int = 8 * 1024 * 1024
     file: str = ""  # the config file it came from, named in errors about its TLS files
+    # a service that has not reached the broker this long after starting exits 69 (0: never)
+    startup_timeout_s: float = 120.0
 
 
 def broker_config(sec: Section, default_client_id: str) -> BrokerConfig:
@@ -37,6 +39,7 @@ def broker_config(sec: Section, default_client_id: str) -> BrokerConfig:
         key_file=tls[2],
         max_payload=sec.int("max_payload", 8 * 1024 * 1024, min=1024),
         file=sec.file,
+        startup_timeout_s=sec.float("startup_timeout_s", 120.0, min=0.0),
     )
     sec.reject_unknown()
     return cfg

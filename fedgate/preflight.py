@@ -14,7 +14,7 @@ service meets them at start-up, so the first problem's exit code is the service'
    ACL grants topics by that name: else PUBACK 135 on every update)               -> 77;
    the key belongs to the certificate, the fleet CA accepts the certificate, the signing
    key and keyring load and agree                                                   -> 78
-3. ``EDGE_DATA_CHECKS``: the edge's local data (extension point, empty here).
+3. ``fedgate.preflight_data``: the edge's sample store gives the rows its task names.
 4. ``LIVE_CHECKS`` (``--live``): a TLS handshake and CONNACK within the timeout, judged by
    the same :class:`~fedcore.transport.connection.ConnectionWatch` as the services
    (69 unreachable, 78 our TLS settings, 77 our certificate refused); SUBACK for each
@@ -294,15 +294,6 @@ def check_signing(subject: Subject) -> list[Finding]:
                     f"(keyring: {len(keyring.devices)} devices, {len(keyring.revoked)} revoked keys)")]
 
 
-# --------------------------------------------------------------------------- 3. extension point
-
-# Checks of the edge's local data, run after the credential checks (offline and --live),
-# e.g. that data.store exists, has rows of data.device, and holds the signals the task
-# names. Append functions ``(Subject) -> list[Finding]``; ``subject.config`` is the
-# EdgeConfig. Exit code 78 for a problem matches `fedgate edge run`.
-EDGE_DATA_CHECKS: list[Check] = []
-
-
 # --------------------------------------------------------------------------- 4. live
 
 
@@ -388,7 +379,9 @@ LIVE_CHECKS: list[Check] = [check_broker, check_subscriptions, check_publish]
 
 
 def checks_for(subject: Subject) -> list[Check]:
-    data = EDGE_DATA_CHECKS if subject.kind == "edge" else []
+    from fedgate.preflight_data import EDGE_DATA_CHECKS  # the edge's sample store
+
+    data: list[Check] = list(EDGE_DATA_CHECKS) if subject.kind == "edge" else []
     return [*FILE_CHECKS, *CREDENTIAL_CHECKS, *data, *(LIVE_CHECKS if subject.live else [])]
 
 

@@ -31,9 +31,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from fedgate.processes import ProcessGroup, fedgate_argv, wait_for
+from tests.deployed_subscriber import aggregator_key, decode_and_verify, run_tflite
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -200,6 +202,13 @@ def steer(fp: FieldPath, command: str, aggregator: dict[str, str], group: Proces
                            lambda: _on_version(fp.status()), WAIT, group=group)
         assert all(g["online"] and g["last_round"] >= 1 for g in current["gateways"])
         fp.run(command, fp.broker_subs())  # the table as an operator reads it
+        # another plant system subscribes to the deployed model, with no fedgate code
+        deployed = decode_and_verify(_retained(fp, "fg/plant1/wind-power/deployed"),
+                                     aggregator_key(json.loads((fp.root / "fleet/keyring.json").read_text())))
+        assert deployed.version >= 3 and deployed.features[0] == "Ws_avg"
+        raw = np.array([[8.0, 0.5, 0.8, 10.0, 2.0], [12.0, -0.2, 0.9, 3.0, -5.0]])
+        model = fp.root / "agg" / "var" / "lib" / "fedgate-aggregator" / "models" / f"v{deployed.version}.npz"
+        assert np.allclose(run_tflite(deployed.tflite, raw), _reference(model, deployed.spec, raw), atol=0.5)
     elif command.startswith("fedgate dashboard"):
         port = free_port()
         fp.run(command, fp.broker_subs(), name="dashboard", extra=f" --port {port}")
@@ -236,6 +245,43 @@ def steer(fp: FieldPath, command: str, aggregator: dict[str, str], group: Proces
         assert "follows the newest model" in out, out
     else:
         fp.run(command, aggregator)
+
+
+def _reference(model_file: Path, spec: list[Any], raw: np.ndarray) -> np.ndarray:
+    """What the fleet's model predicts in kW for raw rows, computed from the aggregator's
+    own file of that version and the fleet scaler in the deployed spec."""
+    from fedcore.learning.models import forward
+    from fedcore.protocol.messages import ModelSpec
+
+    with np.load(model_file) as data:
+        weights = [data[f"w_{i}"] for i in range(len(data.files))]
+    s = ModelSpec(*spec)
+    x = (raw - np.array(s.feature_mean)) / np.array(s.feature_std)
+    return np.asarray(forward(s, weights, x.astype(np.float32)) * s.target_std + s.target_mean)
+
+
+def _retained(fp: FieldPath, topic: str) -> bytes:
+    """One retained message, read with paho and the operator's bundle (no fedgate code)."""
+    import ssl
+
+    import paho.mqtt.client as mqtt
+
+    bundle = fp.root / "fleet" / "operators" / "ops"
+    got: list[bytes] = []
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="plant-historian",
+                         protocol=mqtt.MQTTv5)
+    client.tls_set(ca_certs=str(bundle / "ca.crt"), certfile=str(bundle / "client.crt"),
+                   keyfile=str(bundle / "client.key"), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+    client.on_message = lambda _c, _u, m: got.append(bytes(m.payload))
+    client.connect("127.0.0.1", fp.broker_port)
+    client.loop_start()
+    try:
+        wait_for(f"the retained message on {topic}", lambda: got, 30)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return got[0]
 
 
 def _listening(port: int) -> bool:
