@@ -297,8 +297,7 @@ class EdgeService:
         self.connected_since = self.clock()
         if self.metrics is not None:
             self.metrics.connected.set(1)
-        log.info("connected to %s (session present: %s)", getattr(self.transport, "url", "broker"),
-                 event.session_present)
+        log.debug("session present: %s", event.session_present)  # the connection watch logs the connect
         self._refresh(self.clock())
         self._publish_status(force=True)
         self.notifier.notify(f"READY=1\nSTATUS=connected; {self.activity or 'ready'} "
