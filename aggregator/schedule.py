@@ -68,8 +68,24 @@ def _in_window(minute: int, window: tuple[int, int]) -> bool:
     return start <= minute < end if start < end else minute >= start or minute < end
 
 
-def _minutes_to_window(minute: int, windows: tuple[tuple[int, int], ...]) -> int:
-    return min((start - minute) % DAY_MINUTES for start, _ in windows)
+def _allowed(ts: float, windows: tuple[tuple[int, int], ...], zone: ZoneInfo) -> bool:
+    local = dt.datetime.fromtimestamp(ts, zone)
+    return any(_in_window(local.hour * 60 + local.minute, w) for w in windows)
+
+
+def _next_opening(now: float, windows: tuple[tuple[int, int], ...], zone: ZoneInfo) -> float:
+    """The first window start after ``now``, placed on each date's own wall clock: counting
+    minutes from now would be an hour off across a DST change (a 23- or 25-hour day)."""
+    today = dt.datetime.fromtimestamp(now, zone).date()
+    openings = []
+    for days in range(3):
+        day = today + dt.timedelta(days=days)
+        for start, _ in windows:
+            ts = dt.datetime(day.year, day.month, day.day, start // 60, start % 60,
+                             tzinfo=zone).timestamp()
+            if ts > now and _allowed(ts, windows, zone):  # a start in a skipped hour is later
+                openings.append(ts)
+    return min(openings, default=now + DAY_MINUTES * 60)
 
 
 def next_round(schedule: Schedule, now: float, last_start: float, new_rows: int) -> Verdict:
@@ -79,11 +95,9 @@ def next_round(schedule: Schedule, now: float, last_start: float, new_rows: int)
         at = last_start + schedule.interval_s
         return Verdict(False, f"interval: next round at {_clock(at, schedule)}", at)
     if schedule.windows:
-        local = dt.datetime.fromtimestamp(now, check_timezone(schedule.timezone))
-        minute = local.hour * 60 + local.minute
-        if not any(_in_window(minute, w) for w in schedule.windows):
-            wait = _minutes_to_window(minute, schedule.windows) * 60 - local.second
-            at = now + max(1.0, wait)
+        zone = check_timezone(schedule.timezone)
+        if not _allowed(now, schedule.windows, zone):
+            at = max(now + 1.0, _next_opening(now, schedule.windows, zone))
             return Verdict(False, f"outside the allowed windows: next at {_clock(at, schedule)}", at)
     if schedule.min_new_rows and new_rows < schedule.min_new_rows:
         return Verdict(False, f"new rows: {new_rows} of {schedule.min_new_rows}")

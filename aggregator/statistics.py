@@ -15,6 +15,7 @@ says so. Pure functions; a bad message is a ``RemoteProtocolError`` with a reaso
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable
 
 import msgspec
@@ -23,6 +24,7 @@ from fedcore.errors import RemoteProtocolError
 from fedcore.protocol.messages import DataStats, ModelSpec
 
 MAX_COUNT = 10**12
+EPSILON = sys.float_info.epsilon
 
 
 def expected_columns(spec: ModelSpec) -> tuple[str, ...]:
@@ -58,6 +60,10 @@ def fleet_scaler(spec: ModelSpec, answers: Iterable[DataStats]) -> ModelSpec:
     if n <= 0:
         raise ValueError("no rows in the statistics")
     width = len(expected_columns(spec))
+    # q / n - mean^2 cancels: for a column of equal values it leaves rounding, not 0, of
+    # up to about count * EPSILON * mean^2 (a gateway's running sums); below that the
+    # column counts as constant
+    resolution = max(1e-12, 8 * EPSILON * max(a.count for a in answers))
     means, stds = [], []
     for j in range(width):
         s = sum(a.sums[j] for a in answers)
@@ -66,7 +72,7 @@ def fleet_scaler(spec: ModelSpec, answers: Iterable[DataStats]) -> ModelSpec:
         var = max(0.0, q / n - mean * mean)
         std = math.sqrt(var)
         means.append(mean)
-        stds.append(std if std > 1e-12 * max(1.0, abs(mean)) else 1.0)
+        stds.append(std if var > resolution * (q / n) and std > 1e-12 else 1.0)
     nf = len(spec.features)
     target_mean, target_std = (means[nf], stds[nf]) if spec.task == "regression" else (0.0, 1.0)
     return msgspec.structs.replace(
