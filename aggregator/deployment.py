@@ -101,6 +101,8 @@ class DeploymentManager:
         if self.sequence >= 0:
             return []
         self.version = version
+        if self.config.policy == "canary":  # nothing runs before a canary has judged it
+            return [self._record("version", version, now, "lineage started")]
         return [self._record("latest", version, now, "lineage started")]
 
     def on_commit(self, version: int, ready: list[str], now: float,

@@ -50,6 +50,7 @@ Rules:
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from collections.abc import Callable
@@ -245,6 +246,7 @@ class RoundStateMachine:
         self.excluded: set[str] = set()  # out of privacy budget
         self.reputation = rep.ReputationState()
         self.metric, self.metric_higher_is_better = holdout_metric(spec.kind, spec.task)
+        self._resume_round = False
 
     # ---- public API --------------------------------------------------------------------
 
@@ -336,8 +338,8 @@ class RoundStateMachine:
             "parent_hash": self.parent_hash.hex(),
             "optimizer_steps": self.optimizer_state.steps,
             "last_start": self.last_start,
-            "history": self.history,
-            "rejected": self.rejected,
+            "history": copy.deepcopy(self.history),  # a held checkpoint must not follow later rounds
+            "rejected": dict(self.rejected),
             "excluded": sorted(self.excluded),
             "reputation": self.reputation.to_dict(),
             "ledger": self.ledger.to_dict() if self.ledger is not None else None,
@@ -382,6 +384,7 @@ class RoundStateMachine:
             self.model = self._make_model()
         if meta.get("phase") == Phase.FINISHED.value:
             self.phase = Phase.FINISHED
+        self._resume_round = meta.get("phase") == Phase.COLLECTING.value
 
     # ---- transitions ---------------------------------------------------------------------
 
@@ -400,6 +403,9 @@ class RoundStateMachine:
         if self._needs_statistics():
             return actions + self._start_statistics(now)
         actions.append(PublishModel(self.model))
+        if self._resume_round:  # a restart mid-round re-announces that round, schedule or not
+            self._resume_round = False
+            return actions + self._announce(now)
         return actions + self._next_round(now)
 
     def _needs_statistics(self) -> bool:
@@ -520,7 +526,10 @@ class RoundStateMachine:
         rows = sum(s.count for s in self.stats.values())
         self.stats = {}
         self.model = self._make_model()
-        actions: list[Action] = [ScalerFitted(devices, rows, self.spec), PublishModel(self.model)]
+        self.phase = Phase.WAITING  # the statistics round is over, whatever comes next
+        # the scaler is part of the lineage: saved before anyone sees a model that uses it
+        actions: list[Action] = [ScalerFitted(devices, rows, self.spec),
+                                 SaveCheckpoint(self.checkpoint()), PublishModel(self.model)]
         return actions + self._next_round(now)
 
     # ---- training rounds -----------------------------------------------------------------
@@ -649,6 +658,8 @@ class RoundStateMachine:
         del self.history[:-self.config.keep_history]
         self.round += 1
         self._forget_old_ids()
+        for device in devices:  # their rows are used; new ones arrive in their next status
+            self.rows_new[device] = 0
         self.received = {}
         # One checkpoint covers the new model and what follows: a restart resumes there.
         follow = self._next_round(now)
@@ -733,7 +744,7 @@ def _describe_change(saved: ModelSpec, configured: ModelSpec) -> str:
     diffs = []
     old, new = msgspec.to_builtins(architecture(saved)), msgspec.to_builtins(architecture(configured))
     names = ("kind", "layer_sizes", "activation", "task", "features", "target")
-    for name, a, b in zip(names, old, new, strict=True):
+    for name, a, b in zip(names, old[: len(names)], new[: len(names)], strict=True):
         if a != b:
             diffs.append(f"{name} {a!r} -> {b!r}")
     return "; ".join(diffs) or "the model differs"

@@ -43,11 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     dash.set_defaults(func=_dashboard)
 
 
-def _watch(args: argparse.Namespace) -> Any:
+def _watch(args: argparse.Namespace, watch: Any = None) -> Any:
     from fedcore.errors import TransportError
     from fedgate.fleetwatch import FleetWatch
 
-    watch = FleetWatch(args.broker, args.fleet, args.task, args.tls_dir)
+    watch = watch or FleetWatch(args.broker, args.fleet, args.task, args.tls_dir)
     watch.start()
     if not watch.wait_settled(args.timeout):
         watch.stop()
@@ -78,13 +78,17 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from fedgate.dashboard import serve
+    from fedgate.dashboard import make_server, serve
+    from fedgate.fleetwatch import FleetWatch
 
-    watch = _watch(args)
+    watch = FleetWatch(args.broker, args.fleet, args.task, args.tls_dir)
+    server = make_server(watch, args.host, args.port, args.broker)  # a taken port: 78 at once
     try:
-        return serve(watch, args.host, args.port, args.broker)
+        _watch(args, watch)
+        return serve(watch, args.host, args.port, args.broker, server=server)
     finally:
         watch.stop()
+        server.server_close()
 
 
 def _clock(ts: float | None) -> str:

@@ -233,9 +233,10 @@ def url_of(server: _Server) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{server.server_port}/"
 
 
-def serve(watch: FleetSource, host: str, port: int, broker: str) -> int:
-    """Serve the dashboard until Ctrl-C or SIGTERM; print its URL first (one line)."""
-    server = make_server(watch, host, port, broker)
+def serve(watch: FleetSource, host: str, port: int, broker: str, server: _Server | None = None) -> int:
+    """Serve the dashboard until Ctrl-C or SIGTERM; print its URL first (one line).
+    ``server``: one already bound by :func:`make_server` (the port is checked first)."""
+    server = server or make_server(watch, host, port, broker)
     stop = threading.Event()
     thread = threading.Thread(target=server.serve_forever, name="dashboard", daemon=True)
     thread.start()

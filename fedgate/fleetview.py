@@ -91,7 +91,7 @@ class FleetView:
                            "value": _finite(last.metric) if last else None},
                 "history": [{"round": p.round, "model_version": p.model_version,
                              "participants": p.participants, "rows": p.rows,
-                             "metric": _finite(p.metric), "wall_s": p.wall_s, "time": p.time}
+                             "metric": _finite(p.metric), "wall_s": _finite(p.wall_s), "time": p.time}
                             for p in s.history],
                 "updated_at": s.updated_at,
             })
@@ -101,7 +101,8 @@ class FleetView:
                 "participants": list(summary.participants), "rows": summary.num_samples,
                 "bytes_up": summary.bytes_up, "bytes_down": summary.bytes_down,
                 "wall_s": summary.wall_s, "alerts": list(summary.alerts),
-                "per_gateway": {d: dict(v) for d, v in summary.per_gateway.items()},
+                "per_gateway": {d: {k: _finite(x) for k, x in v.items()}
+                                for d, v in summary.per_gateway.items()},
             }
         if record is not None:
             out["deployment"] = {"sequence": record.sequence, "mode": record.mode,
@@ -121,7 +122,7 @@ class FleetView:
             "lineage": st.lineage, "activity": st.activity, "activity_detail": st.activity_detail,
             "rows": st.rows, "rows_new": st.rows_new, "rows_needed": st.rows_needed,
             "last_round": st.last_round, "last_rows": st.last_rows,
-            "last_eval": {k.removeprefix("eval_"): v for k, v in st.last_eval.items()},
+            "last_eval": {k.removeprefix("eval_"): _finite(v) for k, v in st.last_eval.items()},
             "deployment": st.deployment, "quarantined": quarantined,
             "budget_spent": bool(state and name in state.budget_spent),
             "epsilon": epsilon if epsilon is not None else (st.epsilon or None),

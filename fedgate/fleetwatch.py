@@ -24,7 +24,7 @@ from fedcore.errors import ConfigError, RemoteProtocolError
 from fedcore.protocol import codec, signing
 from fedcore.protocol.messages import Deployment, Kind, RoundSummary, Status, TaskState
 from fedcore.protocol.topics import TopicKind, Topics, parse_topic
-from fedcore.transport.base import Connected, MessageReceived, TlsSettings, TransportEvent
+from fedcore.transport.base import Connected, Disconnected, MessageReceived, TlsSettings, TransportEvent
 from fedcore.transport.paho import PahoTransport
 from fedgate.fleetview import FleetView
 
@@ -94,6 +94,9 @@ class FleetWatch:
             for topic_filter in self._filters():
                 self.transport.subscribe(topic_filter, qos=1)
             self.connected.set()
+        elif isinstance(event, Disconnected):
+            self.connected.clear()
+            self.changed.set()
         elif isinstance(event, MessageReceived):
             self.last_message = time.monotonic()
             if event.payload:

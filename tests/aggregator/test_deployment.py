@@ -24,7 +24,9 @@ READY = [f"gw{i:02d}" for i in range(8)]
 def manager(policy: str = "canary", metric: str = "rmse", higher_is_better: bool = False,
             **config: float) -> DeploymentManager:
     m = DeploymentManager(DeployConfig(policy=policy, **config), metric, higher_is_better)  # type: ignore[arg-type]
-    assert m.on_start(0, T0) == [PublishDeployment(0, "latest", 0, reason="lineage started")]
+    # under a canary policy nothing runs before a canary has judged it: the start pins v0
+    first = "version" if policy == "canary" else "latest"
+    assert m.on_start(0, T0) == [PublishDeployment(0, first, 0, reason="lineage started")]
     return m
 
 
