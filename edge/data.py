@@ -172,6 +172,8 @@ def scaled(snap: Snapshot, spec: ModelSpec) -> LocalData:
             return None
         if spec.task == "regression":
             return ((np.asarray(y, np.float64) - spec.target_mean) / spec.target_std).astype(np.float32)
+        if spec.task == "classification":
+            return np.asarray(y, np.float64)  # class ids: judged by _known_classes, then int64
         return np.asarray(y).astype(np.int64)
 
     x_train, y_train = fx(snap.x_train), fy(snap.y_train)
@@ -184,8 +186,9 @@ def scaled(snap: Snapshot, spec: ModelSpec) -> LocalData:
 
 
 def _known_classes(x: np.ndarray, y: np.ndarray | None, classes: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Rows whose class id the model has an output for (others cannot be learned)."""
+    """Rows whose class id the model has an output for (others cannot be learned); a value
+    that is no whole number (e.g. a class signal averaged by resampling) is no class id."""
     if y is None:
         return x, y
-    ok = (y >= 0) & (y < classes)
-    return x[ok], y[ok]
+    ok = (y >= 0) & (y < classes) & (y == np.floor(y))
+    return x[ok], y[ok].astype(np.int64)

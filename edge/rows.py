@@ -184,7 +184,8 @@ class RowWindow:
 
     Pure and incremental: :meth:`add` takes raw rows in time order (each chunk the store
     reader returns) and keeps completed rows ``time`` (n,) and ``values`` (n, columns).
-    ``late`` counts raw rows that arrived older than rows already kept (dropped)."""
+    ``late`` counts raw rows that arrived older than rows already kept (dropped); without
+    resampling or a record number, a repeat of a kept row's time is dropped as the same row."""
 
     def __init__(self, spec: RowSpec) -> None:
         self.spec = spec
@@ -226,8 +227,15 @@ class RowWindow:
             order = np.argsort(time, kind="stable")
             time, values = time[order], values[order]
         floor = self._floor()
-        fresh = time >= floor if spec.resample_s > 0 else time > floor
-        self.late += int((~fresh).sum())
+        late = time < floor
+        if spec.resample_s > 0:
+            fresh = ~late
+        else:
+            # a row's time is its key: a device clock polled faster than it ticks repeats
+            # its time, in this chunk or the last one; the first reading is the row
+            repeat = (time == floor) | np.concatenate([[False], time[1:] == time[:-1]])
+            fresh = ~late & ~repeat
+        self.late += int(late.sum())
         time, values = time[fresh], values[fresh]
         if spec.resample_s > 0:
             time, values = self._resample(time, values)
@@ -242,11 +250,17 @@ class RowWindow:
 
     def _dedupe_records(self, time: np.ndarray, values: np.ndarray, col: int) -> tuple[np.ndarray, np.ndarray]:
         record = values[:, col]
-        prev = np.concatenate([[np.nan if self._last_record is None else self._last_record], record[:-1]])
-        keep = np.isfinite(record) & (record != prev)
-        finite = record[np.isfinite(record)]
-        if finite.size:
-            self._last_record = float(finite[-1])
+        finite = np.isfinite(record)
+        # each row is compared with the last record number read before it: a reading without
+        # one (dropped) does not make the next reading of the same record new, in this chunk
+        # or across a chunk boundary
+        start = np.nan if self._last_record is None else self._last_record
+        last = np.maximum.accumulate(np.where(finite, np.arange(len(record)), -1))
+        before = np.concatenate([[-1], last[:-1]])
+        prev = np.where(before >= 0, record[np.maximum(before, 0)], start)
+        keep = finite & (record != prev)
+        if finite.any():
+            self._last_record = float(record[finite][-1])
         return time[keep], values[keep]
 
     def _resample(self, time: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -212,7 +212,8 @@ class StoreReader:
     (the window's age limit), else at the oldest sample still in the store. Progress is
     kept as the store's append order (``rowid``), never re-reading a sample; eviction only
     removes samples older than those. The file is opened read-only for each call (the
-    gateway's unit mounts the bridge's folder read-only; a replaced file is picked up)."""
+    gateway's unit mounts the bridge's folder read-only; a replaced file is picked up, and
+    read from its start when its samples end before that position)."""
 
     def __init__(self, path: str | Path, device: str, signals: Sequence[str],
                  since_s: float = 0.0, chunk: int = 200_000) -> None:
@@ -251,9 +252,15 @@ class StoreReader:
                                 f"in {self.path} yet")
         col_of = {sid: j for j, sid in enumerate(ids[s] for s in self.signals)}
         marks = ",".join("?" * len(col_of))
+        if self.last_rowid is not None:
+            top = conn.execute("SELECT max(rowid) FROM samples").fetchone()[0]
+            if (top or 0) < self.last_rowid:  # a new (or emptied) file: all of it is new
+                self.last_rowid = None
         if self.last_rowid is None:
             self.last_rowid = self._start(conn, list(col_of), marks)
-        sql = (f"SELECT rowid, signal, ts, value FROM samples WHERE rowid > ? AND signal IN "
+        # "+signal": walk the rowid range after the position (what is new), not the signals'
+        # index, which would visit every sample of the signals on every call
+        sql = (f"SELECT rowid, signal, ts, value FROM samples WHERE rowid > ? AND +signal IN "
                f"({marks}) ORDER BY rowid LIMIT ?")
         while True:
             raw = conn.execute(sql, [self.last_rowid, *col_of, self.chunk]).fetchall()
