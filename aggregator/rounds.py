@@ -92,17 +92,17 @@ from aggregator.round_events import (  # re-exported: callers use rounds.Started
     UpdateRejected,
 )
 from aggregator.schedule import Schedule, next_round
-from aggregator.statistics import check_stats, fleet_scaler
 from aggregator.server_optim import (
     ServerOptimizerConfig,
     ServerOptimizerState,
     apply_server_update,
 )
+from aggregator.statistics import check_stats, fleet_scaler
 from fedcore.errors import LocalProtocolError, RemoteProtocolError
+from fedcore.learning.metrics import holdout_metric
 from fedcore.learning.params import Params, Shapes, l2_norm, shapes_of
 from fedcore.pipeline import decode_update
 from fedcore.privacy.dpsgd import dp_steps, sampling_rate
-from fedcore.learning.metrics import holdout_metric
 from fedcore.protocol.codec import body_hash
 from fedcore.protocol.lineage import new_lineage
 from fedcore.protocol.messages import (

@@ -57,7 +57,7 @@ from fedcore.protocol.messages import (
 from fedcore.protocol.tensors import encode_tensors
 from fedcore.protocol.topics import TopicKind, Topics, parse_topic
 from fedcore.systemd import SystemdNotifier
-from fedcore.transport.base import Connected, MessageReceived, Transport
+from fedcore.transport.base import Connected, MessageReceived, Transport, TransportEvent
 from fedcore.transport.connection import ConnectionWatch
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class AggregatorService:
         self.notifier = notifier or SystemdNotifier(None)
         self.metrics = metrics
         self.topics = Topics(config.fleet, config.task)
-        self.events: queue.Queue[object] = queue.Queue()
+        self.events: queue.Queue[TransportEvent] = queue.Queue()
         self.rejected: Counter[str] = Counter()  # message-level and update rejections
         self.stopping = threading.Event()
         self.finished = False
@@ -533,7 +533,7 @@ def _ranges(values: list[int]) -> str:
     if not values:
         return "none"
     out, start, prev = [], values[0], values[0]
-    for v in values[1:] + [None]:  # type: ignore[list-item]
+    for v in [*values[1:], None]:
         if v is not None and v == prev + 1:
             prev = v
             continue

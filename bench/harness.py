@@ -213,7 +213,7 @@ class InMemoryFederation:
                 weights, result = train_local(self.spec, action.weights, g.x, g.y, action.train, g.rng)
                 self._deliver(g, edge.TrainingFinished(
                     self.now, action.round, action.base_version, weights, result.num_samples,
-                    result.loss, {}))
+                    result.loss, {}, action.lineage))
             elif isinstance(action, edge.PublishUpdate):
                 data = wire_bytes(Kind.UPDATE, action.update, g.name, action.round, self.now)
                 self.outbox.append((g.name, data))

@@ -130,6 +130,8 @@ def _store_data(dsec: Section) -> DataConfig:
         raise dsec.error("scaler", dsec.data["scaler"], "the fleet scaler now comes from the "
                          "aggregator (federated statistics, [model] scaling = \"federated\"); "
                          "remove [data.scaler]")
+    if not dsec.str("store"):
+        raise dsec.error("store", "", "the bridge's sample store file (its [bridge] store)")
     store = dsec.path("store")
     device = dsec.str("device")
     if not device:
@@ -180,6 +182,9 @@ def _store_data(dsec: Section) -> DataConfig:
         raise dsec.error("task", task, str(exc)) from None
     if rows.holdout_every == 1:
         raise dsec.error("holdout_every", 1, "would hold out every block: use 0 (no holdout) or >= 2")
+    if rows.holdout_every and rows.embargo_s >= (rows.holdout_every - 1) * rows.holdout_block_s / 2:
+        raise dsec.error("embargo_s", rows.embargo_s, "leaves no training row between two "
+                         "holdout blocks: make it shorter than the training blocks")
     if rows.min_rows > rows.window_rows:
         raise dsec.error("min_rows", rows.min_rows, f"can never be reached with window_rows = {rows.window_rows}")
     dsec.reject_unknown()

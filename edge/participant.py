@@ -113,6 +113,7 @@ class TrainingFinished:
     num_samples: int
     train_loss: float
     stats: dict[str, float]
+    lineage: str = ""  # of the StartTraining it answers: rounds restart in a new lineage
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +142,7 @@ class StartTraining:
     base_version: int
     weights: Params
     train: TrainConfig
+    lineage: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,12 +306,13 @@ class Participant:
         self.phase = ParticipantPhase.TRAINING
         self.training_round = ann.round
         self.pending = ann
-        return [StartTraining(ann.round, ann.model_version, self.weights, ann.train)]
+        return [StartTraining(ann.round, ann.model_version, self.weights, ann.train, ann.lineage)]
 
     def _on_trained(self, event: TrainingFinished) -> list[Action]:
         ann = self.pending
-        if (ann is None or event.round != self.training_round
-                or event.base_version != self.version or ann.round != event.round):
+        if (ann is None or event.round != self.training_round or event.lineage != self.lineage
+                or event.base_version != self.version or ann.round != event.round
+                or ann.lineage != event.lineage):
             # obsolete result: a newer round or model arrived meanwhile
             self.phase = ParticipantPhase.READY
             return self._restart_if_pending()

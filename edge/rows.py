@@ -47,8 +47,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedcore.datasets.base import block_split
-
 TASKS = ("regression", "classification", "anomaly")
 AGGREGATES = ("mean", "last", "min", "max")
 _SIGNAL = r"[A-Za-z0-9_.\-]{1,64}"
@@ -401,13 +399,27 @@ def _usable(spec: RowSpec, values: np.ndarray) -> np.ndarray:
     return ok
 
 
+def holdout_split(t: np.ndarray, block: float, every: int, embargo: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, holdout) masks: every ``every``-th block of ``block`` seconds is holdout;
+    training rows closer than ``embargo`` to a holdout block are in neither (any embargo,
+    also one longer than a block)."""
+    period = every * block
+    u = np.mod(np.asarray(t, np.float64), period)  # position within a period; holdout at its end
+    holdout = u >= (every - 1) * block
+    train = ~holdout
+    if embargo > 0:
+        ahead, behind = (every - 1) * block - u, u  # to the next holdout block, from the last
+        train &= (ahead > embargo) & (behind >= embargo)
+    return train, holdout
+
+
 def build(spec: RowSpec, window: RowWindow) -> Built:
     """Training and holdout arrays of the window as it is now (see the module docstring)."""
     time, values = window.time, fill_gaps(window.time, window.values, spec.fill_gap_s)
     ok = _usable(spec, values)
     if spec.holdout_every > 0:
-        train, holdout = block_split(time - spec.holdout_origin_s, spec.holdout_block_s,
-                                     spec.holdout_every, spec.embargo_s)
+        train, holdout = holdout_split(time - spec.holdout_origin_s, spec.holdout_block_s,
+                                       spec.holdout_every, spec.embargo_s)
     else:
         train, holdout = np.ones(len(time), dtype=bool), np.zeros(len(time), dtype=bool)
     train &= ok

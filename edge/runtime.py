@@ -58,7 +58,13 @@ from fedcore.protocol.messages import (
 )
 from fedcore.protocol.topics import TopicKind, Topics, parse_topic
 from fedcore.systemd import SystemdNotifier
-from fedcore.transport.base import Connected, Disconnected, MessageReceived, Transport
+from fedcore.transport.base import (
+    Connected,
+    Disconnected,
+    MessageReceived,
+    Transport,
+    TransportEvent,
+)
 from fedcore.transport.connection import ConnectionWatch
 
 if TYPE_CHECKING:
@@ -119,7 +125,7 @@ class EdgeService:
         self.deployer = dm.DeploymentFollower(config.device, remembered.deployment,
                                               remembered.deployment_lineage,
                                               security.limits.max_elements)
-        self.events: queue.Queue[object] = queue.Queue()
+        self.events: queue.Queue[TransportEvent] = queue.Queue()
         self.stopping = threading.Event()
         self.rejected: Counter[str] = Counter()
         self.eval_stats: dict[str, float] = {}
@@ -175,7 +181,7 @@ class EdgeService:
                                identity=device, own_topics=(t.status(device), t.update(device),
                                                             t.round(), t.model(), t.deployment()))
 
-    def _drain(self) -> list[object]:
+    def _drain(self) -> list[TransportEvent]:
         out = []
         while True:
             try:
@@ -183,7 +189,7 @@ class EdgeService:
             except queue.Empty:
                 return out
 
-    def _coalesce(self, events: list[object]) -> list[object]:
+    def _coalesce(self, events: list[TransportEvent]) -> list[TransportEvent]:
         """Drop every queued round announcement but the newest (a session's backlog)."""
         rounds = [i for i, e in enumerate(events) if isinstance(e, MessageReceived)
                   and e.topic == self.topics.round()]
@@ -192,7 +198,7 @@ class EdgeService:
             log.info("skipped %d queued round announcements (only the newest counts)", len(drop))
         return [e for i, e in enumerate(events) if i not in drop]
 
-    def _dispatch(self, item: object) -> None:
+    def _dispatch(self, item: TransportEvent) -> None:
         if isinstance(item, Connected):
             self._on_connected(item)
         elif isinstance(item, Disconnected):  # the connection watch logs it
@@ -460,7 +466,7 @@ class EdgeService:
         stats["train_s"] = seconds
         stats["rows_new"] = float(snap.rows_new)
         return pm.TrainingFinished(self.clock(), action.round, action.base_version, weights,
-                                   result.num_samples, result.loss, stats)
+                                   result.num_samples, result.loss, stats, action.lineage)
 
     # ---- deployment and inference ------------------------------------------------------------
 

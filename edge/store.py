@@ -243,7 +243,6 @@ class StoreReader:
             conn.close()
 
     def _read(self, conn: sqlite3.Connection) -> Iterator[RawRows]:
-        from edge.rows import RawRows
 
         ids = sample_file.signal_ids(conn, self.device, self.signals)
         if len(ids) < len(self.signals):

@@ -40,8 +40,8 @@ import numpy as np
 
 from fedcore.datasets import FederatedDataset
 from fedcore.datasets.base import DatasetError, Scaler
-from fedcore.protocol.messages import ModelSpec
 from fedcore.datasets.wind import DATA_FILE, load_wind_rows
+from fedcore.protocol.messages import ModelSpec
 from fedgate.demo_configs import DemoOptions, device_id, store_path
 
 MODES = ("modbus", "direct")

@@ -24,7 +24,13 @@ from fedcore.errors import ConfigError, RemoteProtocolError
 from fedcore.protocol import codec, signing
 from fedcore.protocol.messages import Deployment, Kind, RoundSummary, Status, TaskState
 from fedcore.protocol.topics import TopicKind, Topics, parse_topic
-from fedcore.transport.base import Connected, Disconnected, MessageReceived, TlsSettings, TransportEvent
+from fedcore.transport.base import (
+    Connected,
+    Disconnected,
+    MessageReceived,
+    TlsSettings,
+    TransportEvent,
+)
 from fedcore.transport.paho import PahoTransport
 from fedgate.fleetview import FleetView
 

@@ -80,7 +80,7 @@ class Federation:
                 trained = [w + 0.5 * (g.target - w) for w in action.weights]
                 self.deliver(g, edge.TrainingFinished(
                     self.now, action.round, action.base_version, trained, g.samples, 0.1,
-                    {"eval_loss": g.target}))
+                    {"eval_loss": g.target}, action.lineage))
             elif isinstance(action, edge.PublishUpdate):
                 self.outbox.append((g.name, action))
 

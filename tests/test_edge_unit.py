@@ -19,7 +19,12 @@ from pathlib import Path
 import pytest
 
 from fedgate.processes import ProcessGroup, fedgate_argv, wait_for
-from firmware_bridge.simulator import SimulatedDevice, SimulatedTurbine, SimulatorServer, wind_bridge_toml
+from firmware_bridge.simulator import (
+    SimulatedDevice,
+    SimulatedTurbine,
+    SimulatorServer,
+    wind_bridge_toml,
+)
 
 from .unit_sandbox import UnitSandbox
 

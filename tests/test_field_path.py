@@ -162,7 +162,7 @@ def test_the_readme_fleet_runs_learns_and_is_steered(plant_dir: Path) -> None:
                         fp.run(command, subs, name=f"turbine-{i}", extra=" --speed 6000")
                         continue
                     if command.startswith("fedgate bridge probe"):
-                        wait_for("the simulated turbine", lambda: _listening(int(subs["5020"])), WAIT)
+                        wait_for("the simulated turbine", lambda s=subs: _listening(int(s["5020"])), WAIT)
                     name = {"fedgate bridge run": f"bridge-{i}", "fedgate edge run": f"edge-{i}"}
                     fp.run(command, subs, name=next((v for k, v in name.items() if command.startswith(k)), ""))
                     if command.startswith("cp examples/bridge.toml"):

@@ -23,7 +23,8 @@ def ann(round_: int, version: int, selected: tuple[str, ...] = ()) -> RoundAnnou
 
 def trained(action: edge.StartTraining, value: float = 1.0) -> edge.TrainingFinished:
     weights = [w + value for w in action.weights]
-    return edge.TrainingFinished(0.0, action.round, action.base_version, weights, 10, 0.5, {})
+    return edge.TrainingFinished(0.0, action.round, action.base_version, weights, 10, 0.5, {},
+                                 action.lineage)
 
 
 def test_waits_for_the_announced_model_then_trains_and_publishes_the_delta() -> None:

@@ -25,7 +25,7 @@ def ann(round_: int, version: int, lineage: str, purpose: str = "train") -> Roun
 
 def trained(start: edge.StartTraining, step: float = 1.0) -> edge.TrainingFinished:
     return edge.TrainingFinished(0.0, start.round, start.base_version,
-                                 [w + step for w in start.weights], 10, 0.5, {})
+                                 [w + step for w in start.weights], 10, 0.5, {}, start.lineage)
 
 
 def kinds(actions: list[edge.Action]) -> list[type]:
