@@ -28,10 +28,14 @@ def check_store(subject: Subject) -> list[Finding]:
     if not data.store.exists():
         return [Finding(CHECK, f"{data.store} does not exist yet; the gateway waits for the bridge",
                         skipped=True)]
+    if not data.store.is_file():
+        return []  # the file check has said what is wrong with it
     try:
         conn = samples.connect(data.store, readonly=True)
     except samples.StoreUnavailable as exc:
         return [Finding(CHECK, f"{exc}; the gateway waits until it can read it", skipped=True)]
+    except OSError:
+        return []  # unreadable: the file check has said so
     try:
         recorded = {str(n) for (n,) in conn.execute("SELECT name FROM signals WHERE device = ?",
                                                     (data.device,))}

@@ -239,7 +239,9 @@ def test_edge_data_checks_extension_point(fleet: Path, tmp_path: Path, monkeypat
         seen.append(subject.config.device)
         return [subject.problem("store", "data.store", "/var/lib/x.db", "no rows of data.device", 78)]
 
-    monkeypatch.setattr(preflight, "EDGE_DATA_CHECKS", [store_has_rows])
+    from fedgate import preflight_data
+
+    monkeypatch.setattr(preflight_data, "EDGE_DATA_CHECKS", [store_has_rows])
     code, lines = check(edge_toml(tmp_path / "edge.toml", fleet / "devices" / "gw1"))
     assert seen == ["gw1"] and code == 78
     assert problems(lines) == [f"PROBLEM  store: {tmp_path / 'edge.toml'}: key 'data.store' = "
