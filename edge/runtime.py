@@ -270,9 +270,14 @@ class EdgeService:
             activity=self.activity, activity_detail=self.activity_detail,
             rows=snap.rows if snap else 0, rows_new=snap.rows_new if snap else 0,
             rows_needed=snap.rows_needed if snap else 0, last_round=self.last_round,
-            last_rows=self.last_rows, last_eval=dict(self.eval_stats),
+            last_rows=self.last_rows, last_eval={} if self._private() else dict(self.eval_stats),
             deployment=self.deployer.sequence, rejected=dict(self.rejected),
         )
+
+    def _private(self) -> bool:
+        """Under DP clear evaluation figures would leak around the noise: they stay here."""
+        ann = self.announcement
+        return ann is not None and (ann.pipeline.noise_multiplier > 0 or ann.train.dp_noise > 0)
 
     def _publish_status(self, force: bool = False) -> None:
         if not self.connected_since:

@@ -46,10 +46,7 @@ LONG_RUNNING = ("mosquitto -c", "fedgate bridge simulate", "fedgate bridge run",
 WAIT = 120.0  # generous: the machine is shared; nothing here is a timing assertion
 
 
-def readme_commands() -> list[tuple[str, str]]:
-    """(section comment, command) of every line of the README's "Running a real fleet" block."""
-    text = (REPO / "README.md").read_text()
-    block = text.split("## Running a real fleet", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+def _commands(block: str) -> list[tuple[str, str]]:
     out, section = [], ""
     for line in block.splitlines():
         line = line.strip()
@@ -57,6 +54,21 @@ def readme_commands() -> list[tuple[str, str]]:
             section = line
         elif line:
             out.append((section, line.split("  #", 1)[0].strip()))
+    return out
+
+
+def readme_commands() -> list[tuple[str, str]]:
+    """(section comment, command) of every line of the README's "Running a real fleet" block."""
+    text = (REPO / "README.md").read_text()
+    return _commands(text.split("## Running a real fleet", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0])
+
+
+def docs_commands() -> list[str]:
+    """Every command of every ```sh block in docs/ (the field path runs them all)."""
+    out = []
+    for page in sorted((REPO / "docs").glob("*.md")):
+        for block in page.read_text().split("```sh\n")[1:]:
+            out += [c for _, c in _commands(block.split("```", 1)[0])]
     return out
 
 
@@ -88,8 +100,9 @@ class FieldPath:
         self.ran: list[str] = []
 
     def run(self, command: str, subs: dict[str, str], name: str = "", timeout: float = 120,
-            extra: str = "") -> str:
-        """Run a README ``command`` with ``subs`` applied (and ``extra`` arguments of the test)."""
+            extra: str = "", cwd: Path | None = None, expect: int = 0) -> str:
+        """Run a documented ``command`` with ``subs`` applied (and ``extra`` arguments of the
+        test); returns its output, asserting its exit code is ``expect``."""
         self.ran.append(command)
         line = command + extra
         for old, new in subs.items():
@@ -98,11 +111,11 @@ class FieldPath:
             argv = shlex.split(part)
             if argv[0] == "fedgate":
                 argv = fedgate_argv(*argv[1:])
-            if any(command.startswith(p) for p in LONG_RUNNING):
-                self.group.start(name or argv[1], argv, cwd=self.root)
+            if any(command.startswith(p) for p in LONG_RUNNING) or command.endswith("--watch"):
+                self.group.start(name or argv[1], argv, cwd=cwd or self.root)
                 return ""
-            done = subprocess.run(argv, cwd=self.root, capture_output=True, text=True, timeout=timeout)
-            assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
+            done = subprocess.run(argv, cwd=cwd or self.root, capture_output=True, text=True, timeout=timeout)
+            assert done.returncode == expect, f"{line}\n{done.stdout}\n{done.stderr}"
         return done.stdout
 
     def status(self) -> dict[str, Any]:
@@ -180,7 +193,9 @@ def test_the_readme_fleet_runs_learns_and_is_steered(plant_dir: Path) -> None:
                 fp.run(command, aggregator, name="aggregator")
             elif section.startswith("# See and steer"):
                 steer(fp, command, aggregator, group, agg_etc)
+        operations(fp, aggregator, group, agg_etc)
         assert {c for _, c in commands} <= set(fp.ran), "every README command ran"
+        assert set(docs_commands()) <= set(fp.ran), set(docs_commands()) - set(fp.ran)
         # the gateways started before their stores had enough rows, waited, then trained
         for i in (1, 2):
             log = group.children[f"edge-{i}"].output()
@@ -258,6 +273,55 @@ def _reference(model_file: Path, spec: list[Any], raw: np.ndarray) -> np.ndarray
     s = ModelSpec(*spec)
     x = (raw - np.array(s.feature_mean)) / np.array(s.feature_std)
     return np.asarray(forward(s, weights, x.astype(np.float32)) * s.target_std + s.target_mean)
+
+
+def operations(fp: FieldPath, aggregator: dict[str, str], group: ProcessGroup, agg_etc: Path) -> None:
+    """The commands of docs/ (operations.md) on the same fleet, each with its check."""
+    run = {c: c for c in docs_commands()}
+    # versions 0..7 exist in this run: version 3 stands in for the page's 12
+    three = {**aggregator, " 12 ": " 3 "}
+    view = json.loads(fp.run(run["fedgate status --broker mqtts://127.0.0.1:8883 --fleet plant1 "
+                                 "--tls-dir fleet/operators/ops --json"], fp.broker_subs()))
+    assert {g["id"] for g in view["gateways"]} == {"gw-turbine-1", "gw-turbine-2"}
+    watch = [c for c in run if c.endswith("--watch")][0]
+    fp.run(watch, fp.broker_subs(), name="status-watch")
+    wait_for("the watched table", lambda: "gw-turbine-2" in group.children["status-watch"].output(),
+             WAIT, group=group, alive=["status-watch"])
+    group.stop("status-watch")
+    shown = json.loads(fp.run(run["fedgate model show 12 -c /etc/fedgate/aggregator.toml"], three,
+                              extra=" --json"))
+    assert shown["version"] == 3 and shown["parameters"] == 5 * 32 + 32 + 32 * 16 + 16 + 16 + 1
+    out = fp.run(run["fedgate model deploy 12 -c /etc/fedgate/aggregator.toml"], three)
+    assert "version 3 deployed" in out, out
+    wait_for("both gateways on version 3", lambda: _all_run(fp.status(), 3), WAIT, group=group)
+    out = fp.run(run["fedgate model rollback -c /etc/fedgate/aggregator.toml"], aggregator)
+    assert "rolled back to version" in out, out
+    fp.run(run["fedgate model deploy latest -c /etc/fedgate/aggregator.toml"], aggregator)
+    listed = fp.run(run["fedgate model list -c /etc/fedgate/aggregator.toml"], aggregator)
+    assert "(mode latest)" in listed, listed
+    audit = fp.run(run["python3 -c \"from aggregator.audit import verify_chain; "
+                       "print(verify_chain('audit.jsonl'))\""], aggregator,
+                   cwd=fp.root / "agg" / "var" / "lib" / "fedgate-aggregator")
+    assert "ok=True" in audit, audit
+    release = fp.run(run["fedgate aggregator release gw-turbine-1 -c /etc/fedgate/aggregator.toml"],
+                     aggregator, expect=1)
+    assert "gw-turbine-1 is not quarantined" in release, release
+    # a new lineage: the aggregator stopped, its state archived, started again
+    old = _task(fp.status())["lineage"]
+    group.stop("aggregator")
+    out = fp.run(run["fedgate aggregator new-lineage -c /etc/fedgate/aggregator.toml"], aggregator)
+    assert "archived" in out, out
+    fp.run("fedgate aggregator run -c /etc/fedgate/aggregator.toml", aggregator, name="aggregator")
+    view = wait_for("both gateways in a round of the new lineage", lambda: _new_lineage(fp.status(), old),
+                    WAIT, group=group, alive=["aggregator"])
+    assert all(g["lineage"] == _task(view)["lineage"] for g in view["gateways"])
+
+
+def _new_lineage(view: dict[str, Any], old: str) -> dict[str, Any] | None:
+    task = _task(view)
+    ok = (task.get("lineage", old) > old and _rounds(view, 1) is not None
+          and all(g["lineage"] == task["lineage"] and g["last_round"] >= 1 for g in view["gateways"]))
+    return view if ok else None
 
 
 def _retained(fp: FieldPath, topic: str) -> bytes:
