@@ -193,7 +193,8 @@ class DeploymentManager:
         worse = (inc - cand) if self.higher_is_better else (cand - inc)
         allowed = self.config.max_regression * max(abs(inc), 1e-12)
         promoted = worse <= allowed
-        figures = {"candidate": cand, "incumbent": inc, "reports": float(len(c.reports)), "rows": float(rows)}
+        figures = {"candidate_metric": cand, "incumbent_metric": inc, "reports": float(len(c.reports)),
+                   "rows": float(rows)}
         detail = (f"{self.metric} {cand:.4g} vs {inc:.4g} on {len(c.reports)} canaries "
                   f"({rows} holdout rows); allowed worsening {self.config.max_regression:.1%}")
         decided = DeploymentDecided(c.candidate, incumbent, promoted, detail, figures)

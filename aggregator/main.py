@@ -106,10 +106,11 @@ def build_aggregator(config_path: str | Path) -> AggregatorService:
     except IncompatibleState as exc:
         if metrics is not None:
             metrics.close()
-        raise ConfigError(config.file, "model", "", f"differs from the saved state in "
-                          f"{config.state_dir} ({exc}); to train the new model as a new lineage "
-                          f"run `fedgate aggregator new-lineage -c {config.file}` (the old state "
-                          "is archived, not deleted), or restore the old [model]") from None
+        raise ConfigError(config.file, f"model.{exc.key}" if exc.key else "model", exc.value,
+                          f"differs from the state in {config.state_dir}: {exc}; to train the new "
+                          f"model as a new lineage run `fedgate aggregator new-lineage -c "
+                          f"{config.file}` (the old state is archived, not deleted), or restore "
+                          "the old [model]") from None
 
 
 def new_lineage(config_path: str | Path) -> Path | None:

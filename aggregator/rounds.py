@@ -162,7 +162,13 @@ class Phase(Enum):
 
 
 class IncompatibleState(ValueError):
-    """The saved state belongs to another model (architecture, features, target)."""
+    """The saved state belongs to another model (architecture, features, target).
+    ``key``: the first ``[model]`` key that changed, ``value``: its configured value."""
+
+    def __init__(self, message: str, key: str = "", value: object = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.value = value
 
 
 def architecture(spec: ModelSpec) -> ModelSpec:
@@ -355,7 +361,7 @@ class RoundStateMachine:
         meta = checkpoint.meta
         saved_spec = msgspec.convert(meta["spec"], ModelSpec) if meta.get("spec") else None
         if saved_spec is not None and architecture(saved_spec) != architecture(self.spec):
-            raise IncompatibleState(_describe_change(saved_spec, self.spec))
+            raise _changed(saved_spec, self.spec, str(meta.get("lineage", "")))
         if shapes_of(checkpoint.weights) != self.shapes:
             raise IncompatibleState(f"saved weights have shapes {shapes_of(checkpoint.weights)}, "
                                     f"the configured model {self.shapes}")
@@ -740,11 +746,12 @@ def round_summary(machine: RoundStateMachine, devices: list[str], counts: list[f
     )
 
 
-def _describe_change(saved: ModelSpec, configured: ModelSpec) -> str:
-    diffs = []
-    old, new = msgspec.to_builtins(architecture(saved)), msgspec.to_builtins(architecture(configured))
+def _changed(saved: ModelSpec, configured: ModelSpec, lineage: str) -> IncompatibleState:
     names = ("kind", "layer_sizes", "activation", "task", "features", "target")
-    for name, a, b in zip(names, old[: len(names)], new[: len(names)], strict=True):
-        if a != b:
-            diffs.append(f"{name} {a!r} -> {b!r}")
-    return "; ".join(diffs) or "the model differs"
+    old = msgspec.json.decode(msgspec.json.encode(architecture(saved)))
+    new = msgspec.json.decode(msgspec.json.encode(architecture(configured)))
+    diffs = [(name, a, b) for name, a, b in zip(names, old, new, strict=False) if a != b]
+    text = "; ".join(f"{name} {a!r} -> {b!r}" for name, a, b in diffs) or "the model differs"
+    key, _, value = diffs[0] if diffs else ("", None, None)
+    return IncompatibleState(f"lineage {lineage or '?'} was trained with another model: {text}",
+                             key, value)

@@ -127,8 +127,8 @@ def test_promotion_within_max_regression(metric: str, higher_is_better: bool, in
     decision, record = decided(m.on_report(second, report(m, candidate, incumbent, metric=metric),
                                            T0 + 30))
     assert (decision.candidate, decision.incumbent, decision.promoted) == (1, 0, promoted)
-    assert decision.figures["candidate"] == pytest.approx(candidate)
-    assert decision.figures["incumbent"] == pytest.approx(incumbent)
+    assert decision.figures["candidate_metric"] == pytest.approx(candidate)
+    assert decision.figures["incumbent_metric"] == pytest.approx(incumbent)
     assert decision.figures["reports"] == 2.0
     assert record.mode == "version" and record.sequence == 2
     assert record.version == (1 if promoted else 0)
@@ -143,7 +143,7 @@ def test_the_fleet_metric_is_weighted_by_holdout_rows() -> None:
     m.on_report(first, report(m, 2.0, 1.0, rows=10), T0 + 20)
     decision, record = decided(m.on_report(second, report(m, 0.9, 1.0, rows=990),
                                            T0 + 21))
-    assert decision.figures["candidate"] == pytest.approx((2.0 * 10 + 0.9 * 990) / 1000)
+    assert decision.figures["candidate_metric"] == pytest.approx((2.0 * 10 + 0.9 * 990) / 1000)
     assert decision.figures["rows"] == 1000.0
     assert decision.promoted and record.version == 1
 

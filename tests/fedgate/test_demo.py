@@ -34,6 +34,10 @@ def test_demo_runs_rounds_and_reports_baselines(tmp_path: Path, mosquitto) -> No
     assert record["federated"] == record["rounds"][-1]["metric"]
     # the live table printed each round and the baselines
     assert "centralized" in proc.stdout and "local-only" in proc.stdout
+    # the services' logs hold what they printed: a line per round
+    aggregator_log = (tmp_path / "w" / "aggregator.log").read_text()
+    assert "round 2 committed" in aggregator_log, aggregator_log
+    assert "round 2: update sent" in (tmp_path / "w" / "edge-R80711.log").read_text()
 
 
 def test_demo_rejects_an_unknown_dataset(tmp_path: Path) -> None:

@@ -1,0 +1,61 @@
+"""A changed [model] against saved state: a one-line configuration error (exit 78) that says
+how to start a new lineage, and `fedgate aggregator new-lineage` archives the old state."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from aggregator import checkpoint as checkpoints
+from aggregator import rounds as sm
+from aggregator.config import load_aggregator_config
+from fedcore.learning.models import init_params
+
+CONFIG = """
+[task]
+fleet = "f"
+name = "t"
+[broker]
+url = "mqtt://127.0.0.1:9"
+startup_timeout_s = 2
+[model]
+layer_sizes = {sizes}
+scaling = "none"
+[state]
+dir = "state"
+"""
+
+
+def fedgate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fedgate", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_a_changed_model_is_a_config_error_until_a_new_lineage(tmp_path: Path) -> None:
+    path = tmp_path / "aggregator.toml"
+    path.write_text(CONFIG.format(sizes="[5, 8, 1]"))
+    config = load_aggregator_config(path)
+    machine = sm.RoundStateMachine(config.rounds, config.spec,
+                                   init_params(config.spec, np.random.default_rng(0)), random.Random(0))
+    machine.handle(sm.Started(1e9))
+    checkpoints.save(config.state_dir, machine.checkpoint())
+    lineage = machine.lineage
+
+    path.write_text(CONFIG.format(sizes="[5, 16, 1]"))
+    done = fedgate("aggregator", "run", "-c", str(path))
+    assert done.returncode == 78, done.stderr
+    (line,) = done.stderr.strip().splitlines()  # one line, no traceback
+    assert "model.layer_sizes" in line and "layer_sizes [5, 8, 1] -> [5, 16, 1]" in line
+    assert f"fedgate aggregator new-lineage -c {path}" in line
+
+    done = fedgate("aggregator", "new-lineage", "-c", str(path))
+    assert done.returncode == 0 and "archived" in done.stdout
+    assert (tmp_path / "state" / "lineages" / lineage / "checkpoint.npz").is_file()
+    assert checkpoints.load(tmp_path / "state") is None
+    # the config now starts a new lineage: it gets as far as the (absent) broker
+    done = fedgate("aggregator", "run", "-c", str(path))
+    assert done.returncode == 69, done.stderr
