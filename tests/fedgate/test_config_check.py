@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from fedgate import preflight
 from fedgate.cli_config import check_file
 from fedgate.preflight import Finding, Subject
 
