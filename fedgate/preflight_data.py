@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from fedgate.preflight import Finding, Subject
+from fedgate.preflight_findings import Finding, Subject
 
 CHECK = "store"
 
