@@ -178,15 +178,17 @@ def _store_data(dsec: Section) -> DataConfig:
             window_s=dsec.float("window_days", 0.0, min=0.0) * DAY,
             min_rows=dsec.int("min_rows", 200, min=1),
         )
-    except ValueError as exc:
-        raise dsec.error("task", task, str(exc)) from None
+    except ValueError as exc:  # RowSpec's own checks: the task and its target
+        raise dsec.error("target" if "target" in str(exc) else "task", target or task, str(exc)) from None
     if rows.holdout_every == 1:
         raise dsec.error("holdout_every", 1, "would hold out every block: use 0 (no holdout) or >= 2")
     if rows.holdout_every and rows.embargo_s >= (rows.holdout_every - 1) * rows.holdout_block_s / 2:
         raise dsec.error("embargo_s", rows.embargo_s, "leaves no training row between two "
                          "holdout blocks: make it shorter than the training blocks")
-    if rows.min_rows > rows.window_rows:
-        raise dsec.error("min_rows", rows.min_rows, f"can never be reached with window_rows = {rows.window_rows}")
+    trainable = rows.window_rows * ((rows.holdout_every - 1) / rows.holdout_every if rows.holdout_every else 1)
+    if rows.min_rows > trainable:
+        raise dsec.error("min_rows", rows.min_rows, f"can never be reached: window_rows = "
+                         f"{rows.window_rows} leaves at most {int(trainable)} training rows")
     dsec.reject_unknown()
     return DataConfig(source="store", store=store, device=device, rows=rows)
 

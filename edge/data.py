@@ -106,11 +106,9 @@ class StoreSource:
                         waiting=waiting)
 
     def statistics(self, snap: Snapshot, lineage: str) -> DataStats:
-        built = rowlib.Built(snap.x_train, snap.y_train, snap.x_holdout, snap.y_holdout,
-                             np.zeros(0), snap.rows, 0, snap.newest_time)
-        columns, count, sums, sums_sq = rowlib.statistics(self.spec, built)
-        return DataStats(lineage, columns, count, tuple(float(v) for v in sums),
-                         tuple(float(v) for v in sums_sq))
+        spec = self.spec
+        return _stats(lineage, *rowlib.statistics(spec.task, spec.feature_names, spec.target,
+                                                  snap.x_train, snap.y_train))
 
 
 class DatasetSource:
@@ -133,14 +131,15 @@ class DatasetSource:
                         scaled_already=True, target_scale=d.target_scale)
 
     def statistics(self, snap: Snapshot, lineage: str) -> DataStats:
-        data = np.asarray(snap.x_train, np.float64)
-        columns = self.feature_names or tuple(f"x{i}" for i in range(data.shape[1]))
-        if self.task == "regression" and snap.y_train is not None:
-            data = np.column_stack([data, snap.y_train])
-            columns = (*columns, self.target or "y")
-        return DataStats(lineage, tuple(columns), int(data.shape[0]),
-                         tuple(float(v) for v in data.sum(axis=0)),
-                         tuple(float(v) for v in np.square(data).sum(axis=0)))
+        names = self.feature_names or tuple(f"x{i}" for i in range(snap.x_train.shape[1]))
+        return _stats(lineage, *rowlib.statistics(self.task, names, self.target or "y",
+                                                  snap.x_train, snap.y_train))
+
+
+def _stats(lineage: str, columns: tuple[str, ...], count: int, sums: np.ndarray,
+           sums_sq: np.ndarray) -> DataStats:
+    return DataStats(lineage, columns, count, tuple(float(v) for v in sums),
+                     tuple(float(v) for v in sums_sq))
 
 
 class ScalingError(Exception):
@@ -172,9 +171,7 @@ def scaled(snap: Snapshot, spec: ModelSpec) -> LocalData:
             return None
         if spec.task == "regression":
             return ((np.asarray(y, np.float64) - spec.target_mean) / spec.target_std).astype(np.float32)
-        if spec.task == "classification":
-            return np.asarray(y, np.float64)  # class ids: judged by _known_classes, then int64
-        return np.asarray(y).astype(np.int64)
+        return np.asarray(y, np.float64)  # class ids: judged by _known_classes, then int64
 
     x_train, y_train = fx(snap.x_train), fy(snap.y_train)
     x_test, y_test = fx(snap.x_holdout), fy(snap.y_holdout)

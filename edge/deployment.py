@@ -16,7 +16,8 @@ Records are ordered by (lineage, sequence): the sequence grows by one per record
 lineage and starts again in a new one. A record not after the one applied is a retained
 redelivery (the same: nothing to do) or a replay (older: refused), so an old deployment
 cannot be brought back by replaying its message. The position survives restarts (the
-runtime persists it). A record of an older lineage than the gateway follows is refused; of
+runtime persists it), and the record at that position is applied again once after a
+restart - a pinned version, a roll-back or a canary trial holds across a gateway reboot. A record of an older lineage than the gateway follows is refused; of
 a newer one, it is applied (the participant follows that lineage as its model arrives).
 """
 
@@ -78,6 +79,7 @@ class DeploymentFollower:
         self.max_elements = max_elements
         self.running = Running(-1, None, "latest")
         self.mode = "latest"
+        self.applied = False  # a record was applied by this process (the position may be older)
 
     def on_record(self, record: Deployment, lineage: str) -> list[DeploymentAction]:
         """Apply ``record``; ``lineage``: the one the gateway's participant follows."""
@@ -86,7 +88,7 @@ class DeploymentFollower:
         if record.lineage == self.lineage or not is_newer(record.lineage, self.lineage):
             if record.lineage != self.lineage:
                 return [DeploymentRefused(record.sequence, "old_lineage")]
-            if record.sequence == self.sequence:
+            if record.sequence == self.sequence and self.applied:
                 return []  # the retained record again
             if record.sequence < self.sequence:
                 return [DeploymentRefused(record.sequence, "replayed")]
@@ -98,6 +100,7 @@ class DeploymentFollower:
             return [DeploymentRefused(record.sequence, exc.reason)]
         self.sequence, self.lineage = record.sequence, record.lineage
         self.mode = record.mode
+        self.applied = True
         return actions
 
     def _apply(self, record: Deployment) -> list[DeploymentAction]:

@@ -220,7 +220,7 @@ class Participant:
     def _follow(self, lineage: str) -> list[Action]:
         """Switch to a newer lineage: nothing of the old one is kept."""
         old, self.lineage = self.lineage, lineage
-        self.phase = ParticipantPhase.WAITING_MODEL
+        self.phase = ParticipantPhase.WAITING_MODEL  # a running training's result is obsolete
         self.model, self.model_hash, self.weights = None, b"", None
         self.training_round = -1
         self.last_sent, self.last_sent_base = None, -1

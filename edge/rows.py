@@ -434,13 +434,13 @@ def build(spec: RowSpec, window: RowWindow) -> Built:
     )
 
 
-def statistics(spec: RowSpec, built: Built) -> tuple[tuple[str, ...], int, np.ndarray, np.ndarray]:
-    """(columns, count, sums, sums of squares) of the training rows: the features and, for
-    regression, the target - all a fleet scaler needs, and no row."""
-    columns: Sequence[str] = spec.feature_names
-    data = built.x_train
-    if spec.task == "regression" and built.y_train is not None:
-        columns = (*columns, spec.target)
-        data = np.column_stack([data, built.y_train])
-    data = np.asarray(data, np.float64)
-    return tuple(columns), int(data.shape[0]), data.sum(axis=0), np.square(data).sum(axis=0)
+def statistics(task: str, features: Sequence[str], target: str, x: np.ndarray,
+               y: np.ndarray | None) -> tuple[tuple[str, ...], int, np.ndarray, np.ndarray]:
+    """(columns, count, sums, sums of squares) of training rows ``x`` (and ``y``): the
+    features and, for regression, the target - all a fleet scaler needs, and no row."""
+    columns = tuple(features)
+    data = np.asarray(x, np.float64)
+    if task == "regression" and y is not None:
+        columns = (*columns, target)
+        data = np.column_stack([data, np.asarray(y, np.float64)])
+    return columns, int(data.shape[0]), data.sum(axis=0), np.square(data).sum(axis=0)

@@ -122,6 +122,7 @@ class EdgeService:
         self.metrics = metrics
         remembered = saved_state.load(config.state_dir)
         self.machine = pm.Participant(config.device, encode=encode, lineage=remembered.lineage)
+        self.private = remembered.private
         self.deployer = dm.DeploymentFollower(config.device, remembered.deployment,
                                               remembered.deployment_lineage,
                                               security.limits.max_elements)
@@ -130,7 +131,7 @@ class EdgeService:
         self.rejected: Counter[str] = Counter()
         self.eval_stats: dict[str, float] = {}
         self.snapshot: Snapshot | None = None
-        self.trained_until = -math.inf  # newest row time of the last round trained
+        self.trained_until = remembered.trained_until  # newest row time of the last round trained
         self.last_round, self.last_rows = -1, 0
         self.activity, self.activity_detail = "", ""
         self.connected_since = 0.0
@@ -275,9 +276,16 @@ class EdgeService:
         )
 
     def _private(self) -> bool:
-        """Under DP clear evaluation figures would leak around the noise: they stay here."""
+        """Under DP clear evaluation figures would leak around the noise: they stay here.
+        Until a round is announced, the last one's setting holds (it is remembered)."""
         ann = self.announcement
-        return ann is not None and (ann.pipeline.noise_multiplier > 0 or ann.train.dp_noise > 0)
+        if ann is None:
+            return self.private
+        private = ann.pipeline.noise_multiplier > 0 or ann.train.dp_noise > 0
+        if private != self.private:
+            self.private = private
+            self._remember()
+        return private
 
     def _publish_status(self, force: bool = False) -> None:
         if not self.connected_since:
@@ -293,7 +301,7 @@ class EdgeService:
 
     def _remember(self) -> None:
         state = saved_state.EdgeState(self.machine.lineage, self.deployer.sequence,
-                                      self.deployer.lineage)
+                                      self.deployer.lineage, self.trained_until, self.private)
         try:
             saved_state.save(self.config.state_dir, state)
         except OSError as exc:
@@ -303,7 +311,8 @@ class EdgeService:
     # ---- inbound -----------------------------------------------------------------------------
 
     def _on_connected(self, event: Connected) -> None:
-        for topic in (self.topics.model(), self.topics.round(), self.topics.deployment()):
+        # the round first: whether rounds are private is known before the model is evaluated
+        for topic in (self.topics.round(), self.topics.model(), self.topics.deployment()):
             self.transport.subscribe(topic, qos=1)
         self.connected_since = self.clock()
         if self.metrics is not None:
@@ -348,6 +357,8 @@ class EdgeService:
                 log.info("following lineage %s (was %s)", action.new, action.old or "none")
                 self.trained_until, self.last_round, self.last_rows = -math.inf, -1, 0
                 self.eval_stats = {}
+                if self.server is not None:
+                    self.server.reset()  # versions count again in the new lineage
                 self._remember()
             elif isinstance(action, pm.InstallModel):
                 self._install(action)
@@ -398,7 +409,11 @@ class EdgeService:
     def _scaled(self, spec: ModelSpec) -> LocalData | None:
         snap = self.snapshot or self._refresh(self.clock())
         try:
-            return scaled(snap, spec)
+            data = scaled(snap, spec)
+            if self.activity == "incompatible":
+                log.info("the fleet's model fits this gateway's task again")
+                self._set_activity("ready")
+            return data
         except ScalingError as exc:
             if self.activity != "incompatible":
                 log.error("cannot use the fleet's model: %s", exc)
@@ -460,6 +475,7 @@ class EdgeService:
             weights = self.attack.poison_weights(action.weights, weights)
         self.trained_until = max(self.trained_until, snap.newest_time)
         self.snapshot = dataclasses.replace(snap, rows_new=0)  # all of them are used now
+        self._remember()  # a restart must not count these rows as new
         self.last_rows = result.num_samples
         if self.metrics is not None:
             self.metrics.train_rows.set(result.num_samples)
@@ -536,9 +552,9 @@ class EdgeService:
         if data is None or len(data.x_train) == 0:
             return
         try:
-            if version != self.server.version:
-                self.server.load(model.spec, version, weights, data.x_train, data.y_train,
-                                 data.target_scale)
+            if (self.machine.lineage, version) != self.server.loaded:
+                self.server.load(model.spec, self.machine.lineage, version, weights, data.x_train,
+                                 data.y_train, data.target_scale)
             body = self.server.score(data.x_test, data.y_test, data.target_scale)
         except (RemoteProtocolError, ValueError, RuntimeError) as exc:
             log.error("model version %d cannot run in LiteRT: %s", version, exc)

@@ -2,8 +2,8 @@
 
 :class:`ModelServer` holds the engine of the model the gateway runs (``edge.deployment``
 says which). Loading a model exports it to a full-integer int8 .tflite calibrated on this
-gateway's own training rows, writes it to ``state_dir/models/v{version}.tflite`` (the
-newest ``keep`` files are kept, older ones deleted) and loads it into the interpreter.
+gateway's own training rows, writes it to ``state_dir/models/v{version}-{lineage}.tflite`` (the
+``keep`` files written last are kept, older ones deleted) and loads it into the interpreter.
 :meth:`score` runs the newest rows through it: the anomaly scores, with an alert threshold
 at the 99th percentile of the scores on the calibration rows, go into a telemetry body.
 
@@ -31,24 +31,30 @@ class ModelServer:
         self.folder = folder
         self.keep = keep
         self.version = -1
+        self.loaded: tuple[str, int] = ("", -1)  # (lineage, version): versions repeat across lineages
         self.spec: ModelSpec | None = None
         self.engine: InferenceEngine | None = None
         self.threshold: float | None = None
         self.size = 0
 
-    def load(self, spec: ModelSpec, version: int, weights: Params, x_train: np.ndarray,
-             y_train: np.ndarray | None, target_scale: float) -> None:
+    def reset(self) -> None:
+        """Forget the running model (a new lineage)."""
+        self.version, self.loaded, self.engine, self.spec = -1, ("", -1), None, None
+
+    def load(self, spec: ModelSpec, lineage: str, version: int, weights: Params,
+             x_train: np.ndarray, y_train: np.ndarray | None, target_scale: float) -> None:
         """Export and load ``weights``; raises on a model LiteRT refuses."""
         from fedcore.learning.tflite_export import export_int8
 
         calibration = x_train[-CALIBRATION_ROWS:]
         tflite = export_int8(spec, weights, calibration_x=calibration)
         engine = InferenceEngine.from_bytes(tflite)
-        self._write(version, tflite)
+        self._write(f"v{version}-{lineage or 'none'}.tflite", tflite)
         observed = None if y_train is None else y_train[-CALIBRATION_ROWS:]
         reference = anomaly_scores(spec, engine.predict(calibration), calibration, observed) * target_scale
         self.threshold = float(np.percentile(reference, 99)) if reference.size else None
         self.engine, self.spec, self.version, self.size = engine, spec, version, len(tflite)
+        self.loaded = (lineage, version)
 
     def score(self, x: np.ndarray, y: np.ndarray | None, target_scale: float) -> Telemetry | None:
         """Telemetry for the newest rows ``x`` (scaled), or None when nothing is loaded."""
@@ -58,20 +64,13 @@ class ModelServer:
         scores = anomaly_scores(self.spec, self.engine.predict(x), x, y) * target_scale
         return telemetry(self.version, scores, self.threshold)
 
-    def _write(self, version: int, tflite: bytes) -> None:
+    def _write(self, name: str, tflite: bytes) -> None:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            (self.folder / f"v{version}.tflite").write_bytes(tflite)
-            files = sorted(self.folder.glob("v*.tflite"), key=_version_of)
-            for old in files[: max(0, len(files) - self.keep)]:
+            (self.folder / name).write_bytes(tflite)
+            files = sorted(self.folder.glob("v*.tflite"), key=lambda p: p.stat().st_mtime_ns)
+            for old in files[: max(0, len(files) - self.keep)]:  # the oldest written go
                 old.unlink(missing_ok=True)
         except OSError as exc:
-            log.error("cannot write %s/v%d.tflite: %s; the model runs from memory",
-                      self.folder, version, exc.strerror or exc)
-
-
-def _version_of(path: Path) -> int:
-    try:
-        return int(path.stem.removeprefix("v"))
-    except ValueError:
-        return -1
+            log.error("cannot write %s/%s: %s; the model runs from memory", self.folder, name,
+                      exc.strerror or exc)

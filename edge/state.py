@@ -1,6 +1,8 @@
-"""What a gateway remembers across restarts: the lineage it follows and the last deployment
-record it applied (``state_dir/edge-state.json``). Both only ever move forward, and keeping
-them is what lets a restarted gateway refuse a replayed older lineage or deployment.
+"""What a gateway remembers across restarts (``state_dir/edge-state.json``): the lineage it
+follows and the last deployment record it applied - both only ever move forward, which is
+what lets a restarted gateway refuse a replayed older lineage or deployment - the newest row
+time it trained on (so a restart does not count old rows as new) and whether the rounds it
+takes part in are private (so no evaluation leaks in its first status after a restart).
 
 Written atomically (temporary file, fsync, rename). A write that fails (a full disk) is
 reported by the caller and retried at the next change; the gateway keeps running.
@@ -21,6 +23,8 @@ class EdgeState:
     lineage: str = ""  # the lineage the participant follows
     deployment: int = -1  # sequence of the last deployment record applied
     deployment_lineage: str = ""  # and its lineage
+    trained_until: float = float("-inf")  # newest row time trained on (rows after it are new)
+    private: bool = False  # the last round announced DP noise: evaluations stay on the gateway
 
 
 def load(state_dir: Path) -> EdgeState:
@@ -28,7 +32,9 @@ def load(state_dir: Path) -> EdgeState:
     try:
         data = json.loads((state_dir / FILE).read_text("utf-8"))
         return EdgeState(str(data.get("lineage", "")), int(data.get("deployment", -1)),
-                         str(data.get("deployment_lineage", "")))
+                         str(data.get("deployment_lineage", "")),
+                         float(data.get("trained_until", float("-inf"))),
+                         bool(data.get("private", False)))
     except (OSError, ValueError, TypeError, AttributeError):
         return EdgeState()
 
@@ -39,7 +45,7 @@ def save(state_dir: Path, state: EdgeState) -> None:
     path = state_dir / FILE
     tmp = path.with_name(FILE + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(asdict(state), f)
+        json.dump(asdict(state), f)  # -inf is written as -Infinity, which json reads back
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

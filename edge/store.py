@@ -1,27 +1,17 @@
-"""The edge sample store: the gateway's bounded, crash-safe history of its machines.
+"""Reading the sample store the bridge writes (schema and writer: :mod:`fedcore.samples`).
 
-Theory of operation
--------------------
-The store is one SQLite file in WAL mode. ``firmware_bridge`` appends to it (through
-:class:`fedcore.samples.SampleWriter`); this module reads training data from it and keeps it
-bounded. The schema, the connection settings and the eviction policy are defined once in
-:mod:`fedcore.samples` (read its docstring for the layout, the durability guarantees and the
-policy: delete by age first, then oldest 10 % at a time until the pages in use fit
-``max_bytes``). WAL lets the bridge write while the trainer reads, without either waiting
-for the other for more than one transaction.
+:class:`StoreReader` is the gateway's training path: read-only (the gateway's unit mounts
+the bridge's folder read-only), incremental (each call returns what was appended since the
+last, by the store's append order ``rowid``) and bounded (chunks of at most ``chunk``
+samples; the rows are kept by ``edge.rows.RowWindow``). It turns the long table back into
+raw rows: every value read by one Modbus request shares its ``ts``, so a raw row is the set
+of the task's signals with one ``ts`` (a signal missing from it is NaN there). What a row
+means - device time, record numbers, resampling, the task's columns - is ``edge.rows``'s.
 
-Reading turns the long table back into rows: every value read by one Modbus request shares
-its ``ts``, so a *row* is the set of the requested signals with the same ``ts``; rows missing
-any requested signal are dropped. When the device numbers its records (``seq_signal``, e.g.
-``row_seq`` of the wind turbine simulator), rows are kept one per record, in record order,
-so polling faster than the device updates does not duplicate data; when it carries its own
-clock (``time_signal``, e.g. ``row_time``), that clock is the row's time (and, without a
-record number, the key for dropping repeats).
-
-:meth:`SampleStore.training_windows` then builds sliding windows: the feature vector of row
-``i`` is the ``window`` consecutive rows ending at ``i`` (oldest first, features in the given
-order, flattened), its label the target ``horizon`` rows later. Windows touching a NaN or a
-time gap wider than ``max_step`` seconds are dropped.
+:class:`SampleStore` is the tool view of a store (tests, the field-bus demo's check that
+every row crossed the bus intact): counts, signals, wide rows with a record number or a
+device clock as key, appends and eviction. A store that cannot be read yet is
+:class:`StoreNotReady` for the gateway - a reason to wait, never to fail.
 """
 
 from __future__ import annotations
@@ -41,8 +31,6 @@ from fedcore.samples import EvictionResult, Sample
 if TYPE_CHECKING:
     from edge.rows import RawRows
 
-# The wind data set's columns, in the order of fedcore/datasets/data/la_haute_borne.npz.
-WIND_COLUMNS = ("Ba_avg", "P_avg", "Ws_avg", "Va_avg", "Ot_avg", "Ya_avg", "Wa_avg")
 
 
 @dataclass(frozen=True)
@@ -164,31 +152,6 @@ class SampleStore:
         device_time = table[:, wanted.index(time_signal)].astype(np.int64)
         return Rows(tuple(columns), device_time, table[:, :k].astype(np.float32))
 
-    def training_windows(
-        self,
-        device: str,
-        features: Sequence[str],
-        target: str,
-        window: int,
-        *,
-        horizon: int = 0,
-        stride: int = 1,
-        time_signal: str | None = None,
-        seq_signal: str | None = None,
-        max_step: float | None = None,
-        since: float | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """``X`` (n, window * len(features)) and ``y`` (n,), float32, oldest window first."""
-        if window < 1 or stride < 1 or horizon < 0:
-            raise LocalProtocolError("window and stride must be >= 1, horizon >= 0")
-        columns = list(dict.fromkeys([*features, target]))
-        rows = self.rows(
-            device, columns, time_signal=time_signal, since=since, seq_signal=seq_signal
-        )
-        return make_windows(
-            rows, features, target, window, horizon=horizon, stride=stride, max_step=max_step
-        )
-
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
@@ -227,7 +190,12 @@ class StoreReader:
 
     def read_new(self) -> Iterator[RawRows]:
         """Raw rows appended since the last call, chunk by chunk; raises StoreNotReady."""
-        if not self.path.exists():
+        try:
+            exists = self.path.exists()
+        except OSError as exc:  # a folder on the way this user may not search
+            raise StoreNotReady(f"cannot reach store {self.path}: {exc.strerror or exc} (is this "
+                                "service's user in the bridge's group?)") from None
+        if not exists:
             raise StoreNotReady(f"store {self.path} does not exist yet (is the bridge running?)")
         try:
             conn = sample_file.connect(self.path, readonly=True)
@@ -269,10 +237,11 @@ class StoreReader:
             rowid = np.fromiter((r[0] for r in raw), np.int64, len(raw))
             ts = np.fromiter((r[2] for r in raw), np.float64, len(raw))
             if full:  # the last timestamp may continue in the next chunk: read it again then
-                tail = ts == ts[-1]
-                if tail.all():
+                same = ts == ts[-1]
+                start = len(ts) - int(np.argmin(same[::-1])) if not same.all() else 0
+                if start == 0:
                     raise StoreNotReady(f"{self.chunk} samples share one timestamp in {self.path}")
-                raw, rowid, ts = [r for r, t in zip(raw, tail, strict=True) if not t], rowid[~tail], ts[~tail]
+                raw, rowid, ts = raw[:start], rowid[:start], ts[:start]  # only the trailing run
             self.last_rowid = int(rowid[-1])
             self.samples_read += len(raw)
             yield _wide(raw, ts, col_of, len(self.signals))
@@ -305,60 +274,6 @@ def _wide(raw: list[tuple[int, int, float, float | None]], ts: np.ndarray,
     return RawRows(stamps, table)
 
 
-def make_windows(
-    rows: Rows,
-    features: Sequence[str],
-    target: str,
-    window: int,
-    *,
-    horizon: int = 0,
-    stride: int = 1,
-    max_step: float | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pure: sliding windows over ``rows`` (see :meth:`SampleStore.training_windows`)."""
-    nf = len(features)
-    n = len(rows.time) - window - horizon + 1
-    if n <= 0:
-        return np.zeros((0, window * nf), np.float32), np.zeros((0,), np.float32)
-    fi = [rows.columns.index(f) for f in features]
-    ti = rows.columns.index(target)
-    ends = np.arange(window - 1, window - 1 + n, stride)
-    idx = ends[:, None] + np.arange(-window + 1, 1)[None, :]  # (m, window) row indexes
-    x = rows.values[idx][:, :, fi].reshape(len(ends), window * nf)
-    y = rows.values[ends + horizon, ti]
-    keep = np.isfinite(x).all(axis=1) & np.isfinite(y)
-    if max_step is not None:
-        t = rows.time.astype(np.float64)
-        span_idx = ends[:, None] + np.arange(-window + 1, horizon + 1)[None, :]
-        steps = np.diff(t[span_idx], axis=1) if span_idx.shape[1] > 1 else np.zeros((len(ends), 0))
-        keep &= (steps <= max_step).all(axis=1)
-    return x[keep].astype(np.float32), y[keep].astype(np.float32)
-
-
 def _empty(columns: Sequence[str], time_signal: str | None) -> Rows:
     dtype = np.int64 if time_signal else np.float64
     return Rows(tuple(columns), np.zeros((0,), dtype), np.zeros((0, len(columns)), np.float32))
-
-
-def wind_rows(
-    path: str | Path,
-    device: str,
-    time_signal: str = "row_time",
-    seq_signal: str | None = "row_seq",
-    since: float | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of one turbine as the wind data set holds them.
-
-    Returns ``time`` (n,) int64 Unix seconds (the turbine's own row time) and ``values``
-    (n, 7) float32 in :data:`WIND_COLUMNS` order, raw (unscaled), one row per record in
-    record order — so repeated timestamps of the SCADA export are kept, as in the data set —
-    with NaN rows kept. Scale and split them as the data set's direct path does.
-    """
-    store = SampleStore(path)
-    try:
-        rows = store.rows(
-            device, WIND_COLUMNS, time_signal=time_signal, since=since, seq_signal=seq_signal
-        )
-    finally:
-        store.close()
-    return rows.time.astype(np.int64), rows.values

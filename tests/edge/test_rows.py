@@ -425,7 +425,8 @@ def test_statistics_are_the_sums_over_the_training_rows(task: str) -> None:
     y = rng.integers(0, 3, n).astype(float)
     given = {"w": w, "d": d, **({"y": y} if target else {})}
     built = rowlib.build(s, fed(s, [raw(s, np.arange(n, dtype=float), **given)]))
-    columns, count, sums, squares = rowlib.statistics(s, built)
+    columns, count, sums, squares = rowlib.statistics(s.task, s.feature_names, s.target,
+                                                      built.x_train, built.y_train)
     # the training rows, found without the window: valid w, outside every 4th block of 50 s
     train = (w >= 0) & (w <= 25) & ((np.arange(n) // 50) % 4 != 3)
     data = np.column_stack([w, np.sin(np.deg2rad(d)), np.cos(np.deg2rad(d))])[train]

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.store import Rows, SampleStore, make_windows, wind_rows
+from edge.store import SampleStore
+from fedgate.fieldbus_demo import store_rows
 from fedcore.samples import Sample, SampleWriter, used_bytes
 
 
@@ -73,32 +74,6 @@ def test_record_number_keeps_repeated_device_times(tmp_path: Path) -> None:
     assert rows.values[:, 0].tolist() == [1.0, 2.0, 4.0, 5.0]
     by_clock = store.rows("d", ["x"], time_signal="clock")
     assert by_clock.time.tolist() == [600, 1200, 1800]
-    store.close()
-
-
-def test_windows() -> None:
-    t = np.arange(6, dtype=np.float64) * 600
-    t[4:] += 3000  # a gap between rows 3 and 4
-    v = np.stack([np.arange(6), 100 + np.arange(6)], axis=1).astype(np.float32)
-    v[1, 0] = np.nan
-    rows = Rows(("a", "b"), t, v)
-    x, y = make_windows(rows, ["a", "b"], "b", 2)
-    # windows ending at 1 and 2 touch the NaN; 3, 4, 5 remain
-    np.testing.assert_array_equal(x, [[2, 102, 3, 103], [3, 103, 4, 104], [4, 104, 5, 105]])
-    np.testing.assert_array_equal(y, [103, 104, 105])
-    x, y = make_windows(rows, ["a"], "b", 1, horizon=1, max_step=600)
-    np.testing.assert_array_equal(x[:, 0], [0, 2, 4])  # 1 is NaN, 3->4 crosses the gap
-    np.testing.assert_array_equal(y, [101, 103, 105])
-    assert make_windows(rows, ["a"], "b", 10)[0].shape == (0, 10)
-
-
-def test_training_windows_from_store(tmp_path: Path) -> None:
-    store = SampleStore(tmp_path / "s.db")
-    store.append(_rows(10))
-    x, y = store.training_windows("d", ["x"], "y", 3, stride=2)
-    assert x.dtype == np.float32 and y.dtype == np.float32
-    np.testing.assert_array_equal(x, [[0, 1, 2], [2, 3, 4], [4, 5, 6], [6, 7, 8]])
-    np.testing.assert_array_equal(y, [20, 40, 60, 80])
     store.close()
 
 
@@ -164,7 +139,7 @@ def test_kill_9_mid_stream_loses_at_most_the_batch_in_flight(
     w.close()
 
 
-def test_wind_rows_shape(tmp_path: Path) -> None:
+def test_store_rows_of_a_simulated_turbine(tmp_path: Path) -> None:
     w = SampleWriter(tmp_path / "s.db")
     cols = [
         "row_time",
@@ -189,6 +164,7 @@ def test_wind_rows_shape(tmp_path: Path) -> None:
         ]
     )
     w.close()
-    t, v = wind_rows(tmp_path / "s.db", "t")
+    seq, t, v = store_rows(tmp_path / "s.db", "t")
+    assert seq.tolist() == [0]
     assert t.dtype == np.int64 and t.tolist() == [1388534400]
     assert v.dtype == np.float32 and v.tolist() == [[1, 2, 3, 4, 5, 6, 7]]

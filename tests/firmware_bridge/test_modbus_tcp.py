@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.store import wind_rows
+from fedgate.fieldbus_demo import store_rows
 from firmware_bridge.runtime import Bridge, NullSink, run_bridge
 from firmware_bridge.simulator import (
     Fault,
@@ -33,7 +33,7 @@ def test_rows_cross_modbus_unchanged(tmp_path: Path, sim: SimulatorServer) -> No
     assert stats.written >= 2 * 9 * 130
     with np.load(wind_data_path()) as data:
         for unit, first in (("R80711", 0), ("R80790", 12600)):
-            t, v = wind_rows(tmp_path / "s.db", unit)
+            _, t, v = store_rows(tmp_path / "s.db", unit)
             assert len(t) >= 130 and v.dtype == np.float32 and v.shape == (len(t), 7)
             # Every row is the data set's row, bit for bit, in order, none skipped.
             np.testing.assert_array_equal(t, data[f"{unit}_time"][first : first + len(t)])
