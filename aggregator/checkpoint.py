@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -101,12 +102,33 @@ def prune_models(directory: Path, keep: int, protect: set[int]) -> list[int]:
     return removed
 
 
+def set_aside_models(directory: Path, lineage: str) -> Path | None:
+    """Model files of an earlier lineage (its checkpoint was lost) move to
+    ``lineages/before-LINEAGE/models``: version numbers start again in a new lineage."""
+    models = directory / "models"
+    if not models.is_dir() or not any(models.iterdir()):
+        return None
+    target = directory / "lineages" / f"before-{lineage}"
+    target.mkdir(parents=True, exist_ok=True)
+    models.rename(target / "models")
+    return target / "models"
+
+
+class DamagedCheckpoint(Exception):
+    """The checkpoint file cannot be read back (names the file and why)."""
+
+
 def load(directory: Path) -> Checkpoint | None:
     path = directory / FILE
     if not path.exists():
         return None
-    with np.load(path, allow_pickle=False) as data:
-        meta = json.loads(bytes(data["meta"]).decode())
-        weights = [np.asarray(data[f"w_{i}"]) for i in range(sum(k.startswith("w_") for k in data.files))]
-        arrays = {k: np.asarray(data[k]) for k in data.files if k.startswith("opt_")}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(bytes(data["meta"]).decode())
+            weights = [np.asarray(data[f"w_{i}"]) for i in range(sum(k.startswith("w_") for k in data.files))]
+            arrays = {k: np.asarray(data[k]) for k in data.files if k.startswith("opt_")}
+        for key in ("round", "version", "parent_hash"):
+            meta[key]  # noqa: B018 - the fields a restore cannot do without
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        raise DamagedCheckpoint(f"{path}: {type(exc).__name__}: {exc}") from None
     return Checkpoint(weights, meta, arrays)

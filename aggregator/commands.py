@@ -26,7 +26,9 @@ def _folder(state_dir: Path) -> Path:
 
 
 def submit(state_dir: Path, command: dict[str, Any]) -> str:
-    """Queue ``command`` (``{"command": NAME, ...}``); returns its id."""
+    """Queue ``command`` (``{"command": NAME, ...}``); returns its id. Run as root (an
+    operator's sudo), the files are handed to the state folder's owner - the aggregator's
+    user must be able to take them. Raises OSError when the folder is not writable."""
     if command.get("command") not in COMMANDS:
         raise ValueError(f"unknown command {command.get('command')!r}")
     folder = _folder(state_dir)
@@ -34,8 +36,17 @@ def submit(state_dir: Path, command: dict[str, Any]) -> str:
     ident = f"{time.time_ns():x}-{os.getpid()}"
     tmp = folder / f".{ident}.tmp"
     tmp.write_text(json.dumps(command), "utf-8")
+    _same_owner(state_dir, folder, tmp)
     os.replace(tmp, folder / f"{ident}.json")
     return ident
+
+
+def _same_owner(state_dir: Path, *paths: Path) -> None:
+    if os.geteuid() != 0:
+        return
+    owner = state_dir.stat()
+    for path in paths:
+        os.chown(path, owner.st_uid, owner.st_gid)
 
 
 def wait_result(state_dir: Path, ident: str, timeout: float) -> dict[str, Any] | None:
@@ -69,9 +80,19 @@ def take_pending(state_dir: Path) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def answer(state_dir: Path, ident: str, ok: bool, message: str) -> None:
+RESULTS_KEPT_S = 60.0  # answers nobody collected (the command timed out) are removed after this
+
+
+def answer(state_dir: Path, ident: str, ok: bool, message: str, now: float | None = None) -> None:
     folder = _folder(state_dir) / "results"
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{ident}.tmp"
     tmp.write_text(json.dumps({"ok": ok, "message": message}), "utf-8")
     os.replace(tmp, folder / f"{ident}.json")
+    cut = (time.time() if now is None else now) - RESULTS_KEPT_S
+    for old in folder.glob("*.json"):
+        try:
+            if old.stat().st_mtime < cut:
+                old.unlink()
+        except OSError:
+            continue

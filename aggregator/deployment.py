@@ -17,9 +17,11 @@ Modes of the signed ``Deployment`` record (one sequence number per record, never
 - ``canary``: policy ``"canary"``: each new model (every ``every`` versions) first goes to
   ``canary_fraction`` of the ready gateways (at least one), which evaluate it and the
   incumbent on their own holdout rows and report. When every canary reported, or at
-  ``canary_timeout_s`` with at least one report, the candidate is promoted if the
-  row-weighted fleet metric is not worse than the incumbent's by more than
-  ``max_regression`` (relative); otherwise the fleet stays on the incumbent (rolled back).
+  ``canary_timeout_s`` with at least one report, the candidate is promoted if the (upper) median
+  of the canaries' relative worsening (candidate against incumbent, each on its own holdout
+  rows) is at most ``max_regression``; otherwise the fleet stays on the incumbent (rolled
+  back). Reports with non-finite or negative metrics are refused. The reports in are
+  checkpointed, so a restarted aggregator decides on them.
   No report at all by the timeout: rolled back (no evidence is not good evidence). Either
   way an audit entry records the decision and the figures.
 
@@ -29,10 +31,12 @@ While an operator's pin holds, automatic candidates wait. The state is checkpoin
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from fedcore.protocol.messages import CanaryReport, DeployedModel, ModelSpec
@@ -137,7 +141,8 @@ class DeploymentManager:
             return "not_canary"
         if report.candidate != c.candidate or report.incumbent != self.version:
             return "wrong_versions"
-        if self.metric not in report.candidate_metrics or self.metric not in report.incumbent_metrics:
+        values = (report.candidate_metrics.get(self.metric), report.incumbent_metrics.get(self.metric))
+        if any(v is None or not math.isfinite(v) or v < 0 for v in values) or report.num_rows < 1:
             return "bad_report"
         c.reports[device] = report
         if set(c.reports) >= set(c.devices):
@@ -164,6 +169,17 @@ class DeploymentManager:
         self.version = latest
         return [self._record("latest", latest, now, "operator: deploy latest")]
 
+    def needed(self) -> set[int]:
+        """Versions whose model files must be kept: deployed now or lately, on trial."""
+        out = {self.version}
+        if self.canary is not None:
+            out.add(self.canary.candidate)
+        for h in self.history[-10:]:
+            out.add(int(h["version"]))
+            if int(h.get("candidate", -1)) >= 0:
+                out.add(int(h["candidate"]))
+        return {v for v in out if v >= 0}
+
     def rollback_target(self, latest: int) -> int | None:
         """The version deployed before the current one (mode latest: the one before the
         newest), or None when there is none."""
@@ -187,16 +203,21 @@ class DeploymentManager:
                                         f"no canary reported within {self.config.canary_timeout_s:g} s")
             return [decided, self._record("version", incumbent, now,
                                           f"candidate {c.candidate} rolled back: no canary report")]
-        rows = sum(max(1, r.num_rows) for r in c.reports.values())
-        cand = sum(r.candidate_metrics[self.metric] * max(1, r.num_rows) for r in c.reports.values()) / rows
-        inc = sum(r.incumbent_metrics[self.metric] * max(1, r.num_rows) for r in c.reports.values()) / rows
-        worse = (inc - cand) if self.higher_is_better else (cand - inc)
-        allowed = self.config.max_regression * max(abs(inc), 1e-12)
-        promoted = worse <= allowed
-        figures = {"candidate_metric": cand, "incumbent_metric": inc, "reports": float(len(c.reports)),
-                   "rows": float(rows)}
-        detail = (f"{self.metric} {cand:.4g} vs {inc:.4g} on {len(c.reports)} canaries "
-                  f"({rows} holdout rows); allowed worsening {self.config.max_regression:.1%}")
+        # each canary's own verdict (its relative worsening), the median decides: no single
+        # canary - a broken or a lying one - can force a promotion or a roll-back
+        reports = list(c.reports.values())
+        worsening = sorted(_worsening(r.candidate_metrics[self.metric], r.incumbent_metrics[self.metric],
+                                      self.higher_is_better) for r in reports)
+        median = worsening[len(worsening) // 2]  # the upper median: a tie is not a promotion
+        promoted = median <= self.config.max_regression
+        cand = sum(r.candidate_metrics[self.metric] for r in reports) / len(reports)
+        inc = sum(r.incumbent_metrics[self.metric] for r in reports) / len(reports)
+        rows = sum(min(r.num_rows, 10**9) for r in reports)
+        figures = {"candidate_metric": cand, "incumbent_metric": inc, "median_worsening": median,
+                   "reports": float(len(reports)), "rows": float(rows)}
+        detail = (f"{self.metric} {cand:.4g} vs {inc:.4g} (mean of {len(reports)} canaries, "
+                  f"{rows} holdout rows), median worsening {median:.1%}; allowed "
+                  f"{self.config.max_regression:.1%}")
         decided = DeploymentDecided(c.candidate, incumbent, promoted, detail, figures)
         if promoted:
             self.version = c.candidate
@@ -219,8 +240,9 @@ class DeploymentManager:
         return {
             "sequence": self.sequence, "mode": self.mode, "version": self.version,
             "pinned": self.pinned, "history": self.history,
-            "canary": None if c is None else {"candidate": c.candidate, "devices": list(c.devices),
-                                              "started": c.started},
+            "canary": None if c is None else {
+                "candidate": c.candidate, "devices": list(c.devices), "started": c.started,
+                "reports": {d: msgspec.to_builtins(r) for d, r in c.reports.items()}},
         }
 
     def restore(self, data: dict[str, Any]) -> None:
@@ -230,9 +252,15 @@ class DeploymentManager:
         self.pinned = bool(data.get("pinned", False))
         self.history = list(data.get("history", []))[-HISTORY_KEPT:]
         c = data.get("canary")
-        # reports are not kept: canaries re-send theirs when the record is re-published
-        self.canary = None if c is None else _Canary(int(c["candidate"]), tuple(c["devices"]),
-                                                      float(c["started"]))
+        self.canary = None if c is None else _Canary(
+            int(c["candidate"]), tuple(c["devices"]), float(c["started"]),
+            {d: msgspec.convert(r, CanaryReport) for d, r in c.get("reports", {}).items()})
+
+
+def _worsening(candidate: float, incumbent: float, higher_is_better: bool) -> float:
+    """How much worse the candidate is, relative to the incumbent (negative: better)."""
+    worse = (incumbent - candidate) if higher_is_better else (candidate - incumbent)
+    return worse / max(abs(incumbent), 1e-12)
 
 
 def deployed_model(spec: ModelSpec, weights: list[np.ndarray], sequence: int, lineage: str,

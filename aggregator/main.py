@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -103,6 +104,13 @@ def build_aggregator(config_path: str | Path) -> AggregatorService:
         return AggregatorService(config, transport, security, ledger=make_ledger(config),
                                  server_update=root_update(config),
                                  notifier=SystemdNotifier.from_environment(), metrics=metrics)
+    except checkpoints.DamagedCheckpoint as exc:
+        if metrics is not None:
+            metrics.close()
+        raise ConfigError(config.file, "state.dir", str(config.state_dir),
+                          f"the saved state cannot be read ({exc}); move it aside with "
+                          f"`fedgate aggregator new-lineage -c {config.file}` to start a new "
+                          "lineage, or restore it from a backup") from None
     except IncompatibleState as exc:
         if metrics is not None:
             metrics.close()
@@ -119,10 +127,13 @@ def new_lineage(config_path: str | Path) -> Path | None:
     hash chain spans lineages."""
     config = load_aggregator_config(config_path)
     state = config.state_dir
-    saved = checkpoints.load(state)
-    if saved is None:
+    try:
+        saved = checkpoints.load(state)
+        lineage = str(saved.meta.get("lineage") or "before-lineages") if saved else ""
+    except checkpoints.DamagedCheckpoint:  # archived as it is
+        lineage = time.strftime("damaged-%Y%m%dT%H%M%SZ", time.gmtime())
+    if not lineage:
         return None
-    lineage = str(saved.meta.get("lineage") or "before-lineages")
     archive = state / "lineages" / lineage
     archive.mkdir(parents=True, exist_ok=True)
     for name in (checkpoints.FILE, "models"):

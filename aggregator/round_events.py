@@ -27,6 +27,7 @@ from fedcore.protocol.messages import (
 @dataclass(frozen=True, slots=True)
 class Started:
     now: float
+    entropy: bytes = b""  # random bytes for a new lineage's id (the machine has no OS randomness)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +91,13 @@ class PublishRound:
 @dataclass(frozen=True, slots=True)
 class PublishModel:
     model: GlobalModel
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCommitted:
+    """A round made a new version (not a re-publication of one): deploy and audit it."""
+
+    version: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +183,7 @@ class RoundWaiting:
 
 
 Action = (
-    PublishRound | PublishModel | PublishMetrics | SaveCheckpoint | UpdateRejected
+    PublishRound | PublishModel | ModelCommitted | PublishMetrics | SaveCheckpoint | UpdateRejected
     | UpdateAccepted | QuorumMissed | GatewayQuarantined | GatewayReleased | RunFinished
     | RunContinued | LineageStarted | ScalerFitted | RoundWaiting
 )

@@ -75,6 +75,7 @@ from aggregator.round_events import (  # re-exported: callers use rounds.Started
     GatewayQuarantined,
     GatewayReleased,
     LineageStarted,
+    ModelCommitted,
     PublishMetrics,
     PublishModel,
     PublishRound,
@@ -119,7 +120,8 @@ from fedcore.protocol.messages import (
 
 __all__ = [
     "Action", "BrokerSessionLost", "Checkpoint", "DeviceOffline", "DeviceOnline", "Event",
-    "GatewayQuarantined", "GatewayReleased", "LineageStarted", "PublishMetrics", "PublishModel",
+    "GatewayQuarantined", "GatewayReleased", "LineageStarted", "ModelCommitted", "PublishMetrics",
+    "PublishModel",
     "PublishRound", "QuorumMissed", "RoundWaiting", "RunContinued", "RunFinished",
     "SaveCheckpoint", "ScalerFitted", "Started", "StatsReceived", "Tick", "UpdateAccepted",
     "UpdateReceived", "UpdateRejected", "RoundStateMachine", "RoundConfig", "Phase",
@@ -127,8 +129,11 @@ __all__ = [
 ]
 
 MAX_SAMPLES = 10**9  # a gateway claiming more rows is lying (FedAvg weighs by this count)
-MAX_STATS = 32  # statistics kept per update (evaluation figures, timings)
+MAX_STATS = 32  # statistics per update (evaluation figures, timings)
 MAX_STAT_KEY = 64
+# what of an update's statistics goes into summaries and history (the rest is dropped: a
+# gateway must not grow the checkpoint with keys of its own invention)
+KEPT_STATS = ("train_s", "rows_new", "pre_clip_norm", "clip_indicator")
 
 # (updates, sample counts, previous global weights) -> fused delta, per-client info
 FuseFn = Callable[[list[Params], list[float], Params], Params]
@@ -362,6 +367,10 @@ class RoundStateMachine:
         saved_spec = msgspec.convert(meta["spec"], ModelSpec) if meta.get("spec") else None
         if saved_spec is not None and architecture(saved_spec) != architecture(self.spec):
             raise _changed(saved_spec, self.spec, str(meta.get("lineage", "")))
+        if saved_spec is not None and self._scaling_changed(saved_spec, int(meta["version"])):
+            raise IncompatibleState(f"lineage {meta.get('lineage', '?')} was trained with scaling "
+                                    f"{'federated' if saved_spec.has_scaler else 'none'}",
+                                    "scaling", self.config.scaling)
         if shapes_of(checkpoint.weights) != self.shapes:
             raise IncompatibleState(f"saved weights have shapes {shapes_of(checkpoint.weights)}, "
                                     f"the configured model {self.shapes}")
@@ -392,6 +401,13 @@ class RoundStateMachine:
             self.phase = Phase.FINISHED
         self._resume_round = meta.get("phase") == Phase.COLLECTING.value
 
+    def _scaling_changed(self, saved: ModelSpec, version: int) -> bool:
+        """A lineage keeps the scaling it was trained with (a statistics round still in
+        progress - no scaler, version 0 - may go on)."""
+        if self.config.scaling == "none":
+            return saved.has_scaler
+        return not saved.has_scaler and version > 0
+
     # ---- transitions ---------------------------------------------------------------------
 
     def _on_started(self, event: Started) -> list[Action]:
@@ -403,7 +419,7 @@ class RoundStateMachine:
             self.phase = Phase.IDLE
             actions.append(RunContinued(self.round, self.version))
         if not self.lineage:
-            self.lineage = new_lineage(now, self.rng.randbytes(2))
+            self.lineage = new_lineage(now, event.entropy[:8] or self.rng.randbytes(2))
             self.model = self._make_model()
             actions.append(LineageStarted(self.lineage, self._needs_statistics()))
         if self._needs_statistics():
@@ -672,7 +688,8 @@ class RoundStateMachine:
         saves = [a for a in follow if isinstance(a, SaveCheckpoint)]
         rest = [a for a in follow if not isinstance(a, SaveCheckpoint)]
         checkpoint = saves[0] if saves else SaveCheckpoint(self.checkpoint())
-        return [*judged, checkpoint, PublishModel(self.model), PublishMetrics(summary), *rest]
+        return [*judged, checkpoint, PublishModel(self.model), ModelCommitted(self.version),
+                PublishMetrics(summary), *rest]
 
     def _judge(self, devices: list[str], deltas: list[Params], fused: Params) -> list[Action]:
         """Update reputations from each update's distance to the fused one; quarantine."""
@@ -713,7 +730,8 @@ def round_summary(machine: RoundStateMachine, devices: list[str], counts: list[f
     received = machine.received
     metrics: dict[str, float] = {}
     total = sum(counts)
-    keys = {k for d in devices for k in received[d].update.stats}
+    keys = {k for d in devices for k in received[d].update.stats
+            if k.startswith("eval_") or k in KEPT_STATS}
     for key in sorted(keys):
         pairs = [(received[d].update.stats[key], c) for d, c in zip(devices, counts, strict=True)
                  if key in received[d].update.stats]

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import random
 import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -69,6 +70,7 @@ RETRY_WRITE_S = 5.0
 STATE_EVERY_S = 30.0
 STATE_HISTORY = 200  # rounds in the retained task state (the dashboard's charts)
 NOT_READY = ("waiting_for_data", "incompatible")
+Carried = sm.Action | dm.DeployAction  # what the loop carries out, in order
 
 
 class AggregatorService:
@@ -108,7 +110,7 @@ class AggregatorService:
         )
         self.deploy = dm.DeploymentManager(config.deploy, self.machine.metric,
                                            self.machine.metric_higher_is_better)
-        saved = checkpoints.load(config.state_dir)
+        saved = checkpoints.load(config.state_dir)  # DamagedCheckpoint: a config error (main)
         if saved is not None:
             self.machine.restore(saved)  # IncompatibleState: the caller makes it a config error
             security.restore(saved.meta)
@@ -117,7 +119,8 @@ class AggregatorService:
             log.info("resumed lineage %s from %s: round %s, model version %s",
                      self.machine.lineage or "(none)", config.state_dir, saved.meta["round"],
                      saved.meta["version"])
-        self._held: list[sm.Action] = []  # actions waiting for a checkpoint that failed
+        self._held: list[Carried] = []  # actions waiting for a checkpoint that failed
+        self._command_error = False
         self._write_failed_at = 0.0
         self._state_key = b""
         self._state_at = 0.0
@@ -150,7 +153,7 @@ class AggregatorService:
                 self._on_connected(item)
                 if not started:
                     started = True
-                    self._apply(self.machine.handle(sm.Started(now)))
+                    self._apply(self.machine.handle(sm.Started(now, os.urandom(4))))
                     self._apply_deploy(self.deploy.on_start(self.machine.version, now))
                     self._publish_deployed()
                 elif not item.session_present:
@@ -226,7 +229,8 @@ class AggregatorService:
                      env.sender, report.candidate, self.machine.metric,
                      report.candidate_metrics.get(self.machine.metric, math.nan), report.incumbent,
                      report.incumbent_metrics.get(self.machine.metric, math.nan))
-            self._apply_deploy(outcome)
+            # a report is kept in the checkpoint: a restarted aggregator decides on it too
+            self._apply([sm.SaveCheckpoint(self.machine.checkpoint()), *outcome])
         else:
             update = codec.decode_body(env, ModelUpdate)
             if env.round != update.round:
@@ -243,6 +247,8 @@ class AggregatorService:
         if not msg.payload:
             return  # a cleared retained status, or a preflight check's empty message
         env = self.security.open(msg.payload, device, Kind.STATUS)
+        if env.task != self.config.task:
+            return  # a gateway of another task of the fleet: not ours to wait for
         status = codec.decode_body(env, Status)
         if status.state == "online":
             ready = status.activity not in NOT_READY
@@ -263,8 +269,20 @@ class AggregatorService:
     # ---- operator commands -------------------------------------------------------------------
 
     def _operator_commands(self, now: float) -> None:
-        for ident, command in commands.take_pending(self.config.state_dir):
+        try:
+            pending = commands.take_pending(self.config.state_dir)
+        except OSError as exc:
+            if not self._command_error:
+                log.error("cannot take operator commands from %s/commands: %s", self.config.state_dir,
+                          exc.strerror or exc)
+            self._command_error = True
+            return
+        self._command_error = False
+        for ident, command in pending:
             ok, message = self._command(command, now)
+            if ok and self._held:
+                message += ("; held: the state cannot be written now (disk full?), it takes "
+                            "effect once it can")
             (log.info if ok else log.warning)("operator command %s: %s", command.get("command"), message)
             try:
                 commands.answer(self.config.state_dir, ident, ok, message)
@@ -311,7 +329,7 @@ class AggregatorService:
         checkpoint.meta["deployment"] = self.deploy.to_dict()
         try:
             checkpoints.save(self.config.state_dir, checkpoint)
-            protect = {h["version"] for h in self.deploy.history[-5:]} | {self.deploy.version}
+            protect = {self.deploy.version, *self.deploy.needed()}
             checkpoints.prune_models(self.config.state_dir, self.config.keep_models, protect)
         except OSError as exc:
             if not self._write_failed_at:
@@ -334,7 +352,7 @@ class AggregatorService:
             held, self._held = self._held, []
             self._apply(held)
 
-    def _apply(self, actions: list[sm.Action]) -> None:
+    def _apply(self, actions: Sequence[Carried]) -> None:
         if self._held:
             self._held.extend(actions)  # keep the order: nothing overtakes a failed write
             return
@@ -346,14 +364,24 @@ class AggregatorService:
             else:
                 self._carry_out(action)
 
-    def _carry_out(self, action: sm.Action) -> None:
-        if isinstance(action, sm.PublishModel):
+    def _carry_out(self, action: Carried) -> None:
+        if isinstance(action, dm.PublishDeployment):
+            self._publish_deployment(action)
+        elif isinstance(action, dm.DeploymentDecided):
+            verb = "promoted" if action.promoted else "rolled back"
+            log.info("candidate %d %s: %s", action.candidate, verb, action.detail)
+            self.security.audit("deployment_decision", self.clock(), candidate=action.candidate,
+                                incumbent=action.incumbent, promoted=action.promoted,
+                                detail=action.detail, **action.figures)
+        elif isinstance(action, sm.PublishModel):  # a new version, or the current one again
             size = self._publish(Kind.MODEL, self.topics.model(), action.model, action.model.round)
             self._last_down = (size, self._last_down[1])
-            self.security.audit("model_commit", self.clock(), version=action.model.version,
-                                parent=action.model.parent_hash.hex(), lineage=self.machine.lineage)
+        elif isinstance(action, sm.ModelCommitted):
+            model = self.machine.model
+            self.security.audit("model_commit", self.clock(), version=action.version,
+                                parent=model.parent_hash.hex(), lineage=self.machine.lineage)
             if self.deploy.sequence >= 0:
-                self._apply_deploy(self.deploy.on_commit(action.model.version, sorted(self.machine.ready),
+                self._apply_deploy(self.deploy.on_commit(action.version, sorted(self.machine.ready),
                                                          self.clock(), self.rng))
                 if self.deploy.mode == "latest":
                     self._publish_deployed()
@@ -394,6 +422,7 @@ class AggregatorService:
         elif isinstance(action, sm.LineageStarted):
             log.info("new lineage %s%s", action.lineage,
                      ": a statistics round comes first (fleet scaler)" if action.statistics else "")
+            checkpoints.set_aside_models(self.config.state_dir, action.lineage)
             self.security.audit("lineage", self.clock(), lineage=action.lineage)
         elif isinstance(action, sm.ScalerFitted):
             log.info("fleet scaler fitted on %d rows of %d gateways (%s)", action.rows,
@@ -424,20 +453,10 @@ class AggregatorService:
     # ---- deployment ----------------------------------------------------------------------
 
     def _apply_deploy(self, actions: list[dm.DeployAction]) -> None:
-        for action in actions:
-            if isinstance(action, dm.DeploymentDecided):
-                verb = "promoted" if action.promoted else "rolled back"
-                log.info("candidate %d %s: %s", action.candidate, verb, action.detail)
-                self.security.audit("deployment_decision", self.clock(), candidate=action.candidate,
-                                    incumbent=action.incumbent, promoted=action.promoted,
-                                    detail=action.detail, **action.figures)
-            elif isinstance(action, dm.PublishDeployment):
-                self._publish_deployment(action)
+        """Deployment records go out after the checkpoint that holds their sequence (a record
+        must never be re-used with other content after a restart)."""
         if actions:
-            self._save_deploy_state()
-
-    def _save_deploy_state(self) -> None:
-        self._apply([sm.SaveCheckpoint(self.machine.checkpoint())])
+            self._apply([sm.SaveCheckpoint(self.machine.checkpoint()), *actions])
 
     def _publish_deployment(self, action: dm.PublishDeployment) -> None:
         tensors: tuple = ()
@@ -446,6 +465,9 @@ class AggregatorService:
             tensors = self._tensors(action.version)
         if action.candidate >= 0:
             candidate_tensors = self._tensors(action.candidate)
+        if (action.mode != "latest" and not tensors) or (action.candidate >= 0 and not candidate_tensors):
+            log.error("deployment %d not published: a model file it needs is gone", action.sequence)
+            return
         record = Deployment(action.sequence, self.machine.lineage, action.mode, action.version,
                             tensors, action.candidate, candidate_tensors, action.canary,
                             action.reason, self.clock())
@@ -460,13 +482,14 @@ class AggregatorService:
         self._publish_deployed()
 
     def _republish_deployment(self) -> None:
-        """After the broker lost its state: the current record again, as a new record."""
+        """After the broker lost its retained messages: the current record again (same
+        sequence: gateways that applied it ignore it) and the deployed model."""
         if self.deploy.sequence < 0:
             return
-        if self.deploy.mode == "latest" or self.deploy.canary is None:
-            mode = self.deploy.mode
-            action = dm.PublishDeployment(self.deploy.sequence, mode, self.deploy.version, reason="re-published")
-            self._publish_deployment(action)
+        canary = self.deploy.canary
+        self._publish_deployment(dm.PublishDeployment(
+            self.deploy.sequence, self.deploy.mode, self.deploy.version,
+            canary.candidate if canary else -1, canary.devices if canary else (), "re-published"))
 
     def _tensors(self, version: int) -> tuple:
         weights = (self.machine.weights if version == self.machine.version

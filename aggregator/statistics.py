@@ -23,7 +23,7 @@ import msgspec
 from fedcore.errors import RemoteProtocolError
 from fedcore.protocol.messages import DataStats, ModelSpec
 
-MAX_COUNT = 10**12
+MAX_COUNT = 10**9  # as an update's sample count (aggregator.rounds.MAX_SAMPLES)
 EPSILON = sys.float_info.epsilon
 
 

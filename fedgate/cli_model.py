@@ -42,7 +42,10 @@ def _state(config_file: str) -> tuple[Any, dict[str, Any]]:
     from fedcore.errors import ConfigError
 
     config = load_aggregator_config(config_file)
-    saved = checkpoints.load(config.state_dir)
+    try:
+        saved = checkpoints.load(config.state_dir)
+    except checkpoints.DamagedCheckpoint as exc:
+        raise ConfigError(config.file, "state.dir", str(config.state_dir), f"damaged: {exc}") from None
     if saved is None:
         raise ConfigError(config.file, "state.dir", str(config.state_dir),
                           "holds no aggregator state yet (has the aggregator run?)")
@@ -115,6 +118,9 @@ def _show(args: argparse.Namespace) -> int:
                           f"not kept in {config.state_dir / 'models'} (see `fedgate model list`)")
     history = {int(h.get("version", h["round"])): h for h in meta.get("history", [])}
     h = history.get(args.version, {})
+    # the holdout figures of a version come from the round that trained from it
+    judged: dict[str, Any] = next(
+        (j for j in meta.get("history", []) if j.get("evaluated_version") == args.version), {})
     digest = hashlib.sha256(b"".join(w.astype("<f4").tobytes() for w in weights)).hexdigest()
     names = ("kind", "layer_sizes", "activation", "task", "features", "target", "feature_mean",
              "feature_std", "target_mean", "target_std")
@@ -124,7 +130,8 @@ def _show(args: argparse.Namespace) -> int:
         "parameters": int(sum(w.size for w in weights)), "weights_sha256": digest,
         "file": str(checkpoints.model_path(config.state_dir, args.version)),
         "round": h.get("round"), "participants": h.get("participants"), "rows": h.get("rows"),
-        "metrics": h.get("metrics", {}), "committed_at": h.get("time"),
+        "metrics": {k: v for k, v in judged.get("metrics", {}).items() if k.startswith("eval_")},
+        "committed_at": h.get("time"),
     }
     if args.json:
         print(json.dumps(info, indent=2))

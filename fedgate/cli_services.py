@@ -44,7 +44,14 @@ def send_command(config_file: str, command: dict[str, object]) -> int:
     from fedcore.errors import TransportError
 
     config = load_aggregator_config(config_file)
-    ident = commands.submit(config.state_dir, command)
+    try:
+        ident = commands.submit(config.state_dir, command)
+    except OSError as exc:
+        from fedcore.errors import ConfigError
+
+        raise ConfigError(config_file, "state.dir", str(config.state_dir),
+                          f"cannot hand the aggregator a command: {exc.strerror or exc} (run as "
+                          "its user or root)") from None
     result = commands.wait_result(config.state_dir, ident, COMMAND_TIMEOUT_S)
     if result is None:
         (config.state_dir / "commands" / f"{ident}.json").unlink(missing_ok=True)

@@ -97,10 +97,11 @@ def _clock(ts: float | None) -> str:
     return t.strftime("%H:%M:%S") if t.date() == dt.date.today() else t.strftime("%Y-%m-%d %H:%M")
 
 
-def _eval(metrics: dict[str, float]) -> str:
+def _eval(metrics: dict[str, float | None]) -> str:
     for key in ("rmse", "accuracy", "mse"):
-        if key in metrics:
-            return f"{key} {metrics[key]:.4g}"
+        value = metrics.get(key)
+        if value is not None:
+            return f"{key} {value:.4g}"
     return "-"
 
 

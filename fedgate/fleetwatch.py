@@ -84,7 +84,8 @@ class FleetWatch:
         self.transport.stop()
 
     def wait_settled(self, timeout: float, quiet: float = 0.5) -> bool:
-        """Wait until connected and no retained message arrived for ``quiet`` seconds."""
+        """Wait until connected and no retained message arrived for ``quiet`` seconds (or
+        ``timeout`` passed); False only when it never connected."""
         deadline = time.monotonic() + timeout
         if not self.connected.wait(timeout):
             return False

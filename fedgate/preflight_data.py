@@ -10,6 +10,7 @@ gateway would wait forever (exit 78, as a configuration error).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from fedgate.preflight_findings import Finding, Subject
 
@@ -46,8 +47,8 @@ def check_store(subject: Subject) -> list[Finding]:
                         "gateway waits for the bridge", skipped=True)]
     missing = [s for s in rows.signals if s not in recorded]
     if missing:
-        return [subject.problem(CHECK, "data.features", ", ".join(missing),
-                                f"device {data.device!r} records no such signal (it records: "
+        return [subject.problem(CHECK, _key_naming(rows, missing[0]), missing[0],
+                                f"device {data.device!r} records no signal {missing[0]!r} (it records: "
                                 f"{', '.join(sorted(recorded))}); the gateway would wait forever", 78)]
     source = StoreSource(rows, StoreReader(data.store, data.device, rows.signals, since_s=rows.window_s))
     try:
@@ -59,6 +60,18 @@ def check_store(subject: Subject) -> list[Finding]:
     if not snap.ready:
         return [Finding(CHECK, f"{summary}: waiting for data ({snap.waiting})", skipped=True)]
     return [Finding(CHECK, f"{summary}; every signal of the task is recorded")]
+
+
+def _key_naming(rows: Any, signal: str) -> str:
+    """The [data] key that names ``signal``, for the error message."""
+    if signal in (f.signal for f in rows.features):
+        return "data.features"
+    for key in ("target", "time_signal", "record_signal"):
+        if getattr(rows, key) == signal:
+            return f"data.{key}"
+    if signal in (s for s, _, _ in rows.valid):
+        return f"data.valid.{signal}"
+    return "data.exclude_when"
 
 
 EDGE_DATA_CHECKS = [check_store]

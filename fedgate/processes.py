@@ -1,9 +1,9 @@
 """Services as child processes, owned by one object that stops them on every exit path.
 
 :class:`ProcessGroup` starts commands (``fedgate ...``, ``mosquitto ...``) in their own
-session with their output in a log file each, and stops every one of them - SIGTERM, then
-SIGKILL after a grace period - when the ``with`` block ends, whatever ended it. Tests,
-benchmarks and the demo use it so that no run leaves a service behind.
+session with their output in a log file each, and stops every one of them - SIGTERM to the
+child's whole process group, then SIGKILL after a grace period - when the ``with`` block
+ends, whatever ended it. Tests and benchmarks use it so that no run leaves a service behind.
 """
 
 from __future__ import annotations
@@ -81,24 +81,24 @@ class ProcessGroup:
         """Signal one child and wait for it; returns its exit code."""
         child = self.children[name]
         if child.running:
-            child.proc.send_signal(sig)
+            _signal_group(child, sig)
             try:
                 child.proc.wait(self.grace_s)
             except subprocess.TimeoutExpired:
-                child.proc.kill()
+                _signal_group(child, signal.SIGKILL)
                 child.proc.wait()
         return int(child.proc.returncode)
 
     def stop_all(self) -> None:
         for child in self.children.values():
             if child.running:
-                child.proc.send_signal(signal.SIGTERM)
+                _signal_group(child, signal.SIGTERM)
         deadline = time.monotonic() + self.grace_s
         for child in self.children.values():
             try:
                 child.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                child.proc.kill()
+                _signal_group(child, signal.SIGKILL)
                 child.proc.wait()
 
     def died(self) -> list[Child]:
@@ -111,6 +111,18 @@ class ProcessGroup:
             parts.append(f"--- {child.name} ({'running' if child.running else f'exit {child.proc.returncode}'})")
             parts += lines
         return "\n".join(parts)
+
+
+def _signal_group(child: Child, sig: int) -> None:
+    """The child leads its own session: its own children (a shell's) get the signal too."""
+    try:
+        os.killpg(child.proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class WaitFailed(AssertionError):
+    """What ``wait_for`` waited for did not happen (an assertion, for tests and benches)."""
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: float = 0.5,
@@ -126,5 +138,5 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: fl
         if dead or time.monotonic() > deadline:
             why = f"{', '.join(dead)} exited" if dead else f"not within {timeout:g} s"
             logs = f"\n{group.logs_text()}" if group is not None else ""
-            raise AssertionError(f"waiting for {what}: {why}{logs}")
+            raise WaitFailed(f"waiting for {what}: {why}{logs}")
         time.sleep(every)

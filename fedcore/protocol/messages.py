@@ -146,7 +146,7 @@ class Status(msgspec.Struct, frozen=True, array_like=True):
     lineage: str = ""
     trained_version: int = -1  # the global model it trains from
     since: float = 0.0  # unix time the connection state began
-    # "waiting_for_data" | "ready" | "training" | "sitting_out" | "incompatible" | ""
+    # "waiting_for_data" | "ready" | "training" | "incompatible" | ""
     activity: str = ""
     activity_detail: str = ""  # e.g. "62 of 500 rows"
     rows: int = 0  # rows held for training now (training + holdout)
@@ -155,7 +155,7 @@ class Status(msgspec.Struct, frozen=True, array_like=True):
     last_round: int = -1  # last round it sent an update for
     last_rows: int = 0  # training rows of that update
     last_eval: dict[str, float] = {}  # its holdout evaluation of its training model
-    epsilon: float = 0.0  # privacy budget spent, by its own count
+    epsilon: float = 0.0  # reserved for the gateway's own privacy ledger (the aggregator's is in TaskState)
     deployment: int = -1  # sequence of the deployment record it follows
     rejected: dict[str, int] = {}  # messages it refused, by reason
 

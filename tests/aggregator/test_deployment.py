@@ -136,16 +136,23 @@ def test_promotion_within_max_regression(metric: str, higher_is_better: bool, in
     assert m.version == record.version and m.canary is None and not m.pinned
 
 
-def test_the_fleet_metric_is_weighted_by_holdout_rows() -> None:
+def test_each_canary_counts_alike_and_the_median_decides() -> None:
     m = manager(canary_fraction=0.25, max_regression=0.02)
     first, second = canary_started(m).canary
-    # one small canary sees a big loss, the large one a small gain: the fleet is better off
-    m.on_report(first, report(m, 2.0, 1.0, rows=10), T0 + 20)
-    decision, record = decided(m.on_report(second, report(m, 0.9, 1.0, rows=990),
-                                           T0 + 21))
-    assert decision.figures["candidate_metric"] == pytest.approx((2.0 * 10 + 0.9 * 990) / 1000)
-    assert decision.figures["rows"] == 1000.0
-    assert decision.promoted and record.version == 1
+    # a canary claiming a huge gain on a huge holdout cannot outvote one that sees a loss
+    m.on_report(first, report(m, 0.01, 1.0, rows=10**12), T0 + 20)
+    decision, record = decided(m.on_report(second, report(m, 2.0, 1.0, rows=10), T0 + 21))
+    assert decision.figures["median_worsening"] == pytest.approx(1.0)  # the upper of two
+    assert decision.figures["rows"] == 10**9 + 10  # a claim is capped
+    assert not decision.promoted and record.version == 0
+
+
+def test_a_report_with_a_non_finite_or_negative_metric_is_refused() -> None:
+    m = manager(canary_fraction=0.25)
+    first, _ = canary_started(m).canary
+    for bad in (float("inf"), float("nan"), -1.0):
+        assert m.on_report(first, report(m, 1.0, bad), T0 + 20) == "bad_report"
+    assert m.on_report(first, report(m, 1.0, 1.0, rows=0), T0 + 20) == "bad_report"
 
 
 def test_no_report_by_the_timeout_rolls_back() -> None:

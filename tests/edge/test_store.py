@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from edge.store import SampleStore
-from fedgate.fieldbus_demo import store_rows
 from fedcore.samples import Sample, SampleWriter, used_bytes
+from fedgate.fieldbus_demo import store_rows
 
 
 def _rows(n: int, device: str = "d", t0: float = 1000.0, step: float = 1.0) -> list[Sample]:

@@ -393,7 +393,8 @@ def test_a_taken_port_is_a_one_line_config_error(mosquitto: RunningBroker) -> No
 
 
 def test_an_unreachable_broker_is_a_one_line_error() -> None:
-    done = _run("--broker", f"mqtt://127.0.0.1:{free_port()}", "--fleet", "plant1", "--timeout", "1")
+    done = _run("--broker", f"mqtt://127.0.0.1:{free_port()}", "--fleet", "plant1", "--timeout", "1",
+                "--port", "0")
     assert done.returncode == 69, done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert "cannot reach the broker" in done.stderr
