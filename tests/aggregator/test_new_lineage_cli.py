@@ -59,3 +59,20 @@ def test_a_changed_model_is_a_config_error_until_a_new_lineage(tmp_path: Path) -
     # the config now starts a new lineage: it gets as far as the (absent) broker
     done = fedgate("aggregator", "run", "-c", str(path))
     assert done.returncode == 69, done.stderr
+
+
+def test_a_damaged_checkpoint_is_a_config_error_and_can_be_set_aside(tmp_path: Path) -> None:
+    path = tmp_path / "aggregator.toml"
+    path.write_text(CONFIG.format(sizes="[5, 8, 1]"))
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "checkpoint.npz").write_bytes(b"PK\x03\x04 torn by a power cut")
+    done = fedgate("aggregator", "run", "-c", str(path))
+    assert done.returncode == 78, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "checkpoint.npz" in line and "new-lineage" in line
+    listed = fedgate("model", "list", "-c", str(path))
+    assert listed.returncode == 78 and "damaged" in listed.stderr
+    done = fedgate("aggregator", "new-lineage", "-c", str(path))
+    assert done.returncode == 0
+    (archived,) = (tmp_path / "state" / "lineages").glob("damaged-*/checkpoint.npz")
+    assert archived.read_bytes().startswith(b"PK")

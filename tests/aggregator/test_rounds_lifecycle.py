@@ -571,3 +571,34 @@ def test_a_checkpoint_is_not_changed_by_later_rounds() -> None:
     d.run_round()
     d.run_round()
     assert ([dict(h) for h in saved.meta["history"]], dict(saved.meta["rejected"])) == before
+
+
+# ---- commits vs re-publications, scaling kept by a lineage ----------------------------------------
+
+
+def test_only_a_round_commits_a_version_re_publications_do_not() -> None:
+    d = Driver(agg.RoundConfig(rounds=0, min_participants=1, downlink="delta"))
+    d.start()
+    d.online("a")
+    d.update("a")
+    assert [a.version for a in d.actions if isinstance(a, agg.ModelCommitted)] == [1]
+    before = len(d.actions)
+    d.feed(agg.BrokerSessionLost(d.now))  # re-publishes model and round
+    d.online("b")  # a newcomer while the retained model is a delta: re-sent in full
+    again = d.actions[before:]
+    assert any(isinstance(a, agg.PublishModel) for a in again)
+    assert not any(isinstance(a, agg.ModelCommitted) for a in again)
+
+
+@pytest.mark.parametrize("saved_scaler,configured", [(True, "none"), (False, "federated")])
+def test_a_lineage_keeps_the_scaling_it_was_trained_with(saved_scaler: bool, configured: str) -> None:
+    spec = msgspec.structs.replace(SPEC, feature_mean=(0.0, 0.0), feature_std=(1.0, 1.0)) if saved_scaler else SPEC
+    d = Driver(agg.RoundConfig(rounds=0, scaling="none" if saved_scaler else "none"), spec)
+    d.start()
+    d.online("a")
+    d.update("a")  # version 1: trained with the saved lineage's scaling
+    saved = d.machine.checkpoint()
+    fresh = agg.RoundStateMachine(agg.RoundConfig(scaling=configured), SPEC, zeros(), random.Random(0))
+    with pytest.raises(agg.IncompatibleState) as err:
+        fresh.restore(saved)
+    assert err.value.key == "scaling" and err.value.value == configured
