@@ -64,6 +64,7 @@ import numpy as np
 from aggregator import reputation as rep
 from aggregator import robust
 from aggregator.downlink import Downlink
+from aggregator.model_change import IncompatibleState, architecture, changed
 from aggregator.robust import outlier_distances
 from aggregator.round_events import (  # re-exported: callers use rounds.Started etc.
     Action,
@@ -99,6 +100,7 @@ from aggregator.server_optim import (
     apply_server_update,
 )
 from aggregator.statistics import check_stats, fleet_scaler
+from aggregator.summary import KEPT_STATS, round_summary
 from fedcore.errors import LocalProtocolError, RemoteProtocolError
 from fedcore.learning.metrics import holdout_metric
 from fedcore.learning.params import Params, Shapes, l2_norm, shapes_of
@@ -114,7 +116,6 @@ from fedcore.protocol.messages import (
     ModelUpdate,
     PipelineConfig,
     RoundAnnouncement,
-    RoundSummary,
     TrainConfig,
 )
 
@@ -125,15 +126,12 @@ __all__ = [
     "PublishRound", "QuorumMissed", "RoundWaiting", "RunContinued", "RunFinished",
     "SaveCheckpoint", "ScalerFitted", "Started", "StatsReceived", "Tick", "UpdateAccepted",
     "UpdateReceived", "UpdateRejected", "RoundStateMachine", "RoundConfig", "Phase",
-    "IncompatibleState",
+    "IncompatibleState", "KEPT_STATS",
 ]
 
 MAX_SAMPLES = 10**9  # a gateway claiming more rows is lying (FedAvg weighs by this count)
 MAX_STATS = 32  # statistics per update (evaluation figures, timings)
 MAX_STAT_KEY = 64
-# what of an update's statistics goes into summaries and history (the rest is dropped: a
-# gateway must not grow the checkpoint with keys of its own invention)
-KEPT_STATS = ("train_s", "rows_new", "pre_clip_norm", "clip_indicator")
 
 # (updates, sample counts, previous global weights) -> fused delta, per-client info
 FuseFn = Callable[[list[Params], list[float], Params], Params]
@@ -164,22 +162,6 @@ class Phase(Enum):
     COLLECTING = "collecting"  # a training round: collecting updates
     WAITING = "waiting"  # between rounds, until the schedule allows the next one
     FINISHED = "finished"
-
-
-class IncompatibleState(ValueError):
-    """The saved state belongs to another model (architecture, features, target).
-    ``key``: the first ``[model]`` key that changed, ``value``: its configured value."""
-
-    def __init__(self, message: str, key: str = "", value: object = None) -> None:
-        super().__init__(message)
-        self.key = key
-        self.value = value
-
-
-def architecture(spec: ModelSpec) -> ModelSpec:
-    """The parts of a spec a saved lineage must share with the config (not the scaler)."""
-    return ModelSpec(spec.kind, tuple(spec.layer_sizes), spec.activation, spec.task,
-                     tuple(spec.features), spec.target)
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,7 +348,7 @@ class RoundStateMachine:
         meta = checkpoint.meta
         saved_spec = msgspec.convert(meta["spec"], ModelSpec) if meta.get("spec") else None
         if saved_spec is not None and architecture(saved_spec) != architecture(self.spec):
-            raise _changed(saved_spec, self.spec, str(meta.get("lineage", "")))
+            raise changed(saved_spec, self.spec, str(meta.get("lineage", "")))
         if saved_spec is not None and self._scaling_changed(saved_spec, int(meta["version"])):
             raise IncompatibleState(f"lineage {meta.get('lineage', '?')} was trained with scaling "
                                     f"{'federated' if saved_spec.has_scaler else 'none'}",
@@ -721,55 +703,3 @@ class RoundStateMachine:
             return []
         self.model = self.downlink.resync(self.version, self.parent_hash, self.spec, self.lineage)
         return [PublishModel(self.model)]
-
-
-def round_summary(machine: RoundStateMachine, devices: list[str], counts: list[float],
-                  now: float) -> RoundSummary:
-    """The published summary of the round being committed: sample-weighted means of the
-    gateways' own figures, each gateway's evaluation, bytes, rejections, privacy."""
-    received = machine.received
-    metrics: dict[str, float] = {}
-    total = sum(counts)
-    keys = {k for d in devices for k in received[d].update.stats
-            if k.startswith("eval_") or k in KEPT_STATS}
-    for key in sorted(keys):
-        pairs = [(received[d].update.stats[key], c) for d, c in zip(devices, counts, strict=True)
-                 if key in received[d].update.stats]
-        weight = sum(c for _, c in pairs)
-        if weight > 0:
-            metrics[key] = float(sum(v * c for v, c in pairs) / weight)
-        if key.endswith("_s"):  # timings: the slowest gateway bounds the round
-            metrics[f"{key}_max"] = float(max(v for v, _ in pairs))
-    metrics["train_loss"] = float(
-        sum(received[d].update.train_loss * c for d, c in zip(devices, counts, strict=True)) / total
-    )
-    per_gateway = {
-        d: {**{k: float(v) for k, v in received[d].update.stats.items() if k.startswith("eval_")},
-            "rows": float(received[d].update.num_samples)}
-        for d in devices
-    }
-    return RoundSummary(
-        round=machine.round,
-        model_version=machine.version,
-        participants=tuple(devices),
-        num_samples=int(total),
-        metrics=metrics,
-        bytes_up=sum(received[d].wire_bytes for d in devices),
-        wall_s=now - machine.announced_at,
-        rejected=dict(machine.rejected),
-        epsilon=machine.ledger.spent() if machine.ledger is not None else {},
-        alerts=tuple(machine.alerts),
-        lineage=machine.lineage,
-        per_gateway=per_gateway,
-    )
-
-
-def _changed(saved: ModelSpec, configured: ModelSpec, lineage: str) -> IncompatibleState:
-    names = ("kind", "layer_sizes", "activation", "task", "features", "target")
-    old = msgspec.json.decode(msgspec.json.encode(architecture(saved)))
-    new = msgspec.json.decode(msgspec.json.encode(architecture(configured)))
-    diffs = [(name, a, b) for name, a, b in zip(names, old, new, strict=False) if a != b]
-    text = "; ".join(f"{name} {a!r} -> {b!r}" for name, a, b in diffs) or "the model differs"
-    key, _, value = diffs[0] if diffs else ("", None, None)
-    return IncompatibleState(f"lineage {lineage or '?'} was trained with another model: {text}",
-                             key, value)
