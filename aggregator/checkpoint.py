@@ -132,3 +132,38 @@ def load(directory: Path) -> Checkpoint | None:
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
         raise DamagedCheckpoint(f"{path}: {type(exc).__name__}: {exc}") from None
     return Checkpoint(weights, meta, arrays)
+
+
+class StateInUse(Exception):
+    """Another process holds the state folder (names it and its pid)."""
+
+
+class StateLock:
+    """An exclusive lock on the state folder (``aggregator.lock``, an fcntl lock the kernel
+    drops when its process dies): one aggregator per state, and nobody archives the state
+    of a running aggregator."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "aggregator.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> StateLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StateInUse(f"{self.path.parent} is in use by another aggregator (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

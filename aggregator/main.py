@@ -19,6 +19,7 @@ from aggregator.security import AggregatorSecurity
 from fedcore.errors import ConfigError
 from fedcore.systemd import SystemdNotifier
 from fedcore.transport.factory import transport_from_config
+from fedcore.transport.tls import check_identity
 
 log = logging.getLogger("fedgate.aggregator")
 
@@ -93,13 +94,28 @@ def root_update(config: AggregatorConfig) -> ServerUpdateFn | None:
 
 def build_aggregator(config_path: str | Path) -> AggregatorService:
     config = with_calibrated_noise(load_aggregator_config(config_path))
+    if config.broker.url.startswith("mqtts://"):
+        check_identity(config.broker.cert_file, config.file,
+                       [("broker.client_id", config.broker.client_id)])
+    try:  # held until the process ends: one aggregator per state folder
+        checkpoints.StateLock(config.state_dir).acquire()
+    except checkpoints.StateInUse as exc:
+        raise ConfigError(config.file, "state.dir", str(config.state_dir), str(exc)) from None
+    except OSError as exc:
+        raise ConfigError(config.file, "state.dir", str(config.state_dir),
+                          f"cannot use the state folder: {exc.strerror or exc}") from None
     transport = transport_from_config(config.broker, seed=config.seed)
     security = AggregatorSecurity.from_paths(config.file, config.security, config.state_dir / "audit.jsonl")
     metrics = None
     if config.metrics_port:
         from aggregator.metrics import AggregatorMetrics
 
-        metrics = AggregatorMetrics(config.metrics_port, config.metrics_addr)
+        try:
+            metrics = AggregatorMetrics(config.metrics_port, config.metrics_addr)
+        except OSError as exc:
+            raise ConfigError(config.file, "state.metrics_port", config.metrics_port,
+                              f"cannot listen on {config.metrics_addr}:{config.metrics_port}: "
+                              f"{exc.strerror or exc}") from None
     try:
         return AggregatorService(config, transport, security, ledger=make_ledger(config),
                                  server_update=root_update(config),
@@ -128,6 +144,17 @@ def new_lineage(config_path: str | Path) -> Path | None:
     config = load_aggregator_config(config_path)
     state = config.state_dir
     try:
+        lock = checkpoints.StateLock(state).acquire()
+    except checkpoints.StateInUse as exc:
+        raise ConfigError(config.file, "state.dir", str(state), f"{exc}: stop it first") from None
+    try:
+        return _archive(state)
+    finally:
+        lock.release()
+
+
+def _archive(state: Path) -> Path | None:
+    try:
         saved = checkpoints.load(state)
         lineage = str(saved.meta.get("lineage") or "before-lineages") if saved else ""
     except checkpoints.DamagedCheckpoint:  # archived as it is
@@ -135,8 +162,12 @@ def new_lineage(config_path: str | Path) -> Path | None:
     if not lineage:
         return None
     archive = state / "lineages" / lineage
-    archive.mkdir(parents=True, exist_ok=True)
-    for name in (checkpoints.FILE, "models"):
+    n = 1
+    while archive.exists():  # archived before (a restored backup, a second run): keep both
+        n += 1
+        archive = state / "lineages" / f"{lineage}.{n}"
+    archive.mkdir(parents=True)
+    for name in ("models", checkpoints.FILE):  # the checkpoint last: a half-done run is redone
         if (state / name).exists():
             (state / name).rename(archive / name)
     return archive

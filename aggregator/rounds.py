@@ -21,7 +21,8 @@ Rules:
    after ``rounds`` committed rounds (``rounds = 0``: never); otherwise the schedule
    (``aggregator.schedule``: interval, time windows, fleet-wide new rows) either lets round
    ``r`` start or the machine *waits* (``RoundWaiting``, re-checked on ``Tick`` and on the
-   gateways' status). A checkpoint is taken *before* each announcement so that a restarted
+   gateways' status); waiting replaces the retained announcement with one of purpose
+   ``"wait"``, so a gateway that reconnects meanwhile does not answer the committed round. A checkpoint is taken *before* each announcement so that a restarted
    aggregator re-announces the same round (gateways that already trained resend their
    cached update; duplicates are dropped by message id). A finished run restarted with more
    rounds continues (``RunContinued``).
@@ -249,6 +250,10 @@ class RoundStateMachine:
                 return [self._reject(event.device, event.update.round, "finished", "run is over")]
             if isinstance(event, Started):
                 return self._on_started(event)
+            if isinstance(event, DeviceOnline):  # who is there, for the operator
+                self.online.add(event.device)
+            elif isinstance(event, DeviceOffline):
+                self.online.discard(event.device)
             return []
         if isinstance(event, Started):
             return self._on_started(event)
@@ -434,10 +439,14 @@ class RoundStateMachine:
         new_rows = sum(n for d, n in self.rows_new.items() if d in self.ready)
         verdict = next_round(self.config.schedule, now, self.last_start, new_rows)
         if not verdict.start:
-            changed = self.phase is not Phase.WAITING or verdict.waiting_for != self.waiting_for
+            entering = self.phase is not Phase.WAITING
+            changed = entering or verdict.waiting_for != self.waiting_for
             self.phase = Phase.WAITING
             self.waiting_for, self.next_check = verdict.waiting_for, verdict.check_at
-            return [RoundWaiting(self.round, verdict.waiting_for)] if changed else []
+            actions: list[Action] = [RoundWaiting(self.round, verdict.waiting_for)] if changed else []
+            if entering:  # replaces the retained announcement of the round just committed
+                actions.append(PublishRound(self._announcement()))
+            return actions
         self.waiting_for, self.next_check = "", 0.0
         self.last_start = now
         return self._announce(now)
@@ -467,6 +476,9 @@ class RoundStateMachine:
         if self.phase is Phase.STATISTICS:
             return RoundAnnouncement(round=0, model_version=-1, deadline=self.deadline,
                                      lineage=self.lineage, purpose="statistics")
+        if self.phase is Phase.WAITING:  # nothing to do until the schedule allows round r
+            return RoundAnnouncement(round=self.round, model_version=self.version,
+                                     deadline=self.next_check, lineage=self.lineage, purpose="wait")
         return RoundAnnouncement(
             round=self.round,
             model_version=self.version,
@@ -477,7 +489,7 @@ class RoundStateMachine:
             lineage=self.lineage,
         )
 
-    def _expected(self) -> set[str]:
+    def expected(self) -> set[str]:
         pool = set(self.selected) if self.selected else self.ready
         return pool - self.ignored
 
@@ -489,7 +501,7 @@ class RoundStateMachine:
         if event.now < self.deadline:
             return []
         answered = len(self.stats) if self.phase is Phase.STATISTICS else len(self.received)
-        if answered >= self._quorum():
+        if answered >= self.quorum():
             if self.phase is Phase.STATISTICS:
                 return self._fit_scaler(event.now)
             return self._aggregate(event.now)
@@ -500,7 +512,7 @@ class RoundStateMachine:
             self.selected = tuple(sorted(set(self.selected) | set(self._select())))
         round_ = 0 if self.phase is Phase.STATISTICS else self.round
         return [
-            QuorumMissed(round_, answered, self._quorum()),
+            QuorumMissed(round_, answered, self.quorum()),
             PublishRound(self._announcement()),
         ]
 
@@ -618,7 +630,7 @@ class RoundStateMachine:
         self.ledger.record(device, z, q, steps)
         return None
 
-    def _quorum(self) -> int:
+    def quorum(self) -> int:
         """``min_participants``, less the gateways whose updates are no longer used: a
         quarantined or budget-spent gateway must not block every later round."""
         usable = len(self.known - self.ignored)
@@ -626,15 +638,15 @@ class RoundStateMachine:
 
     def _maybe_close(self, now: float) -> list[Action]:
         if self.phase is Phase.STATISTICS:
-            if len(self.stats) >= self._quorum() and self._expected() <= set(self.stats) | self.refused:
+            if len(self.stats) >= self.quorum() and self.expected() <= set(self.stats) | self.refused:
                 return self._fit_scaler(now)
             return []
         if self.phase is not Phase.COLLECTING:
             return []
         got = len(self.received)
-        if got < self._quorum():
+        if got < self.quorum():
             return []
-        if self._expected() <= set(self.received) | self.refused:
+        if self.expected() <= set(self.received) | self.refused:
             return self._aggregate(now)
         return []
 

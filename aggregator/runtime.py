@@ -393,6 +393,8 @@ class AggregatorService:
             if ann.purpose == "statistics":
                 log.info("statistics round of lineage %s announced (deadline in %.0f s)",
                          ann.lineage, ann.deadline - self.clock())
+            elif ann.purpose == "wait":
+                pass  # RoundWaiting said why
             else:
                 log.info("round %d announced on model version %d (%d gateways ready)", ann.round,
                          ann.model_version, len(self.machine.ready))
@@ -523,7 +525,7 @@ class AggregatorService:
                        float(h.get("time", 0.0)))
             for h in m.history[-STATE_HISTORY:]
         )
-        waiting = m.waiting_for if m.phase is sm.Phase.WAITING else ""
+        waiting = self._waiting_for(m)
         if self._held:
             waiting = f"cannot write the state to {self.config.state_dir} (disk full?)"
         canary = self.deploy.canary
@@ -539,6 +541,21 @@ class AggregatorService:
             epsilon=m.ledger.spent() if m.ledger is not None else {}, metric=m.metric,
             metric_higher_is_better=m.metric_higher_is_better, history=history, updated_at=now,
         )
+
+    @staticmethod
+    def _waiting_for(m: sm.RoundStateMachine) -> str:
+        """What the operator waits for, in words."""
+        if m.phase is sm.Phase.WAITING:
+            return m.waiting_for
+        unready = len(m.unready & m.online)
+        not_ready = f"; {unready} online but not ready (waiting for data)" if unready else ""
+        if m.phase is sm.Phase.STATISTICS:
+            return (f"statistics from {len(m.stats)} of {len(m.expected())} ready gateways "
+                    f"(at least {m.quorum()}){not_ready}")
+        if m.phase is sm.Phase.COLLECTING:
+            return (f"updates from {len(m.received)} of {len(m.expected())} ready gateways "
+                    f"(at least {m.quorum()}){not_ready}")
+        return ""
 
     def _publish_state(self, now: float) -> None:
         state = self.task_state(now)

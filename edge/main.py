@@ -14,11 +14,13 @@ from edge.data import DatasetSource, DataSource, StoreSource
 from edge.runtime import EdgeService, offline_status
 from edge.security import EdgeSecurity
 from edge.store import StoreReader
+from fedcore.errors import ConfigError
 from fedcore.pipeline import EdgePipelineState, make_encoder
 from fedcore.protocol.topics import Topics
 from fedcore.systemd import SystemdNotifier
 from fedcore.transport.base import Will
 from fedcore.transport.factory import transport_from_config
+from fedcore.transport.tls import check_identity
 
 log = logging.getLogger("fedgate.edge")
 
@@ -36,7 +38,6 @@ def make_source(config: EdgeConfig) -> DataSource:
 
 def dataset_source(config: EdgeConfig) -> DatasetSource:
     from fedcore.datasets import load_dataset
-    from fedcore.errors import ConfigError
 
     d = config.data
     options: dict[str, Any] = {}
@@ -64,6 +65,9 @@ def dataset_source(config: EdgeConfig) -> DatasetSource:
 
 def build_edge(config_path: str | Path) -> EdgeService:
     config = load_edge_config(config_path)
+    if config.broker.url.startswith("mqtts://"):
+        check_identity(config.broker.cert_file, config.file,
+                       [("device.id", config.device), ("broker.client_id", config.broker.client_id)])
     source = make_source(config)
     security = EdgeSecurity.from_paths(config.file, config.security)
     topics = Topics(config.fleet, config.task)
@@ -87,7 +91,12 @@ def build_edge(config_path: str | Path) -> EdgeService:
     if config.metrics_port:
         from edge.metrics import EdgeMetrics
 
-        metrics = EdgeMetrics(config.metrics_port, config.metrics_addr)
+        try:
+            metrics = EdgeMetrics(config.metrics_port, config.metrics_addr)
+        except OSError as exc:
+            raise ConfigError(config.file, "state.metrics_port", config.metrics_port,
+                              f"cannot listen on {config.metrics_addr}:{config.metrics_port}: "
+                              f"{exc.strerror or exc}") from None
     return EdgeService(config, transport, source, security, encode=encode, attack=attack,
                        notifier=SystemdNotifier.from_environment(), server=server, metrics=metrics)
 

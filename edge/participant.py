@@ -28,7 +28,8 @@ result back as ``TrainingFinished``.
   (``LineageChanged``). A message of an older lineage is refused (``old_lineage``), so a
   replayed or stale retained message cannot take the gateway back.
 - ``RoundAnnounced`` with ``purpose == "statistics"`` (a lineage's first step): answer with
-  this gateway's row statistics (``SendStatistics``); no model is needed for it.
+  this gateway's row statistics (``SendStatistics``); no model is needed for it. With
+  ``purpose == "wait"`` (the aggregator waits for its schedule) there is nothing to do.
 
 Because the round and model topics are retained, a gateway that was offline catches up
 from the latest announcement and model as soon as it reconnects.
@@ -281,6 +282,8 @@ class Participant:
     def _on_round(self, ann: RoundAnnouncement) -> list[Action]:
         if ann.lineage != self.lineage and not is_newer(ann.lineage, self.lineage):
             return [SatOut(ann.round, "old_lineage")]
+        if ann.purpose == "wait":
+            return []  # the aggregator waits for its schedule: nothing to train
         if ann.selected and self.device not in ann.selected:
             return [SatOut(ann.round, "not_selected")]
         if ann.purpose == "statistics":

@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _watch(args: argparse.Namespace, watch: Any = None) -> Any:
-    from fedcore.errors import TransportError
+    from fedcore.errors import NotAuthorizedError, TransportError
     from fedgate.fleetwatch import FleetWatch
 
     watch = watch or FleetWatch(args.broker, args.fleet, args.task, args.tls_dir)
@@ -51,6 +51,11 @@ def _watch(args: argparse.Namespace, watch: Any = None) -> Any:
     if not watch.wait_settled(args.timeout):
         watch.stop()
         raise TransportError(f"cannot reach the broker at {args.broker} within {args.timeout:g} s")
+    if watch.refused:
+        watch.stop()
+        raise NotAuthorizedError(f"the broker refused to let this identity read "
+                                 f"{', '.join(watch.refused)}: --tls-dir must be an operator "
+                                 "bundle (fedgate provision operator NAME)")
     return watch
 
 
@@ -90,11 +95,12 @@ def _dashboard(args: argparse.Namespace) -> int:
         server.server_close()
 
 
-def _clock(ts: float | None) -> str:
+def _clock(ts: float | None, zone: bool = False) -> str:
     if not ts:
         return "-"
-    t = dt.datetime.fromtimestamp(ts)
-    return t.strftime("%H:%M:%S") if t.date() == dt.date.today() else t.strftime("%Y-%m-%d %H:%M")
+    t = dt.datetime.fromtimestamp(ts).astimezone()  # local time, the zone named where it matters
+    text = t.strftime("%H:%M:%S") if t.date() == dt.date.today() else t.strftime("%Y-%m-%d %H:%M")
+    return f"{text} {t.strftime('%Z')}" if zone else text
 
 
 def _eval(metrics: dict[str, float | None]) -> str:
@@ -107,17 +113,15 @@ def _eval(metrics: dict[str, float | None]) -> str:
 
 def render(view: dict[str, Any], broker: str) -> str:
     """The human table of a fleet view (see fedgate.fleetview)."""
-    lines = [f"fleet {view['fleet']} on {broker} at {_clock(view['time'])}"]
+    lines = [f"fleet {view['fleet']} on {broker} at {_clock(view['time'], zone=True)}"]
     for t in view["tasks"]:
         metric = t.get("metric") or {}
         value = metric.get("value")
-        planned = t.get("rounds_planned")
         lines.append(
-            f"task {t['task']}: lineage {t.get('lineage', '?')}, {t.get('phase', '?')} round "
-            f"{t.get('round', '?')}{f' of {planned}' if planned else ''}, model v{t.get('model_version', '?')}, "
-            f"deployed v{t.get('deployed_version', '?')} ({t.get('deployment_mode', '?')}), "
-            f"{metric.get('name', 'metric')} {f'{value:.4g}' if value is not None else '-'}, "
-            f"{len(t.get('online', []))} online")
+            f"task {t['task']}: lineage {t.get('lineage', '?')}, {_phase(t)}, model "
+            f"v{t.get('model_version', '?')}, deployed v{t.get('deployed_version', '?')} "
+            f"({_mode(t.get('deployment_mode', '?'))}), {metric.get('name', 'metric')} "
+            f"{f'{value:.4g}' if value is not None else '-'}, {len(t.get('online', []))} online")
         if t.get("waiting_for"):
             lines.append(f"  waiting for: {t['waiting_for']}")
         if t.get("candidate", -1) >= 0:
@@ -125,24 +129,40 @@ def render(view: dict[str, Any], broker: str) -> str:
         if t.get("rejected"):
             lines.append("  rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(t["rejected"].items())))
     if not view["tasks"]:
-        lines.append("no task state published yet (is the aggregator running?)")
-    header = (f"{'gateway':20} {'state':8} {'since':9} {'runs':>5} {'trains':>6} {'activity':30} "
+        lines.append(f"no task state on fleet {view['fleet']!r} (is the aggregator running? "
+                     "are --fleet and --task right?)")
+    header = (f"{'gateway':20} {'state':8} {'since':9} {'runs':>5} {'trains':>6} {'activity':18} "
               f"{'rows':>7} {'new':>6} {'round':>6} {'holdout':16} {'quar.':5} {'eps':>6}")
     lines += ["", header]
     for g in view["gateways"]:
-        activity = g["activity"] + (f": {g['activity_detail']}" if g["activity_detail"] else "")
         eps = f"{g['epsilon']:.3g}" if g.get("epsilon") else "-"
         lines.append(
             f"{g['id'][:20]:20} {'online' if g['online'] else 'OFFLINE':8} {_clock(g['since']):9} "
-            f"{_v(g['model_version']):>5} {_v(g['trained_version']):>6} {activity[:30]:30} "
+            f"{_v(g['model_version']):>5} {_v(g['trained_version']):>6} {g['activity'][:18]:18} "
             f"{g['rows']:>7} {g['rows_new']:>6} {g['last_round'] if g['last_round'] >= 0 else '-':>6} "
             f"{_eval(g['last_eval']):16} {'YES' if g['quarantined'] else 'no':5} {eps:>6}")
+        if g["activity_detail"]:
+            lines.append(f"{'':20}   {g['activity_detail']}")  # the whole reason, on its own line
     if not view["gateways"]:
-        lines.append("no gateway has reported on this fleet yet")
+        lines.append(f"no gateway has reported on fleet {view['fleet']!r} (check --fleet, and that "
+                     "--tls-dir is an operator's bundle: others may not read statuses)")
     if view["rejected"]:
         lines.append("messages this viewer refused: " +
                      ", ".join(f"{k} {v}" for k, v in sorted(view["rejected"].items())))
     return "\n".join(lines)
+
+
+def _phase(t: dict[str, Any]) -> str:
+    phase, round_, planned = t.get("phase", "?"), t.get("round", 0), t.get("rounds_planned")
+    if phase == "statistics":
+        return "statistics round (the fleet scaler)"
+    if phase == "finished":
+        return f"finished after round {round_ - 1}"
+    return f"{phase} round {round_}{f' of {planned}' if planned else ''}"
+
+
+def _mode(mode: str) -> str:
+    return {"latest": "the newest", "version": "pinned", "canary": "canary trial"}.get(mode, mode)
 
 
 def _v(version: int) -> str:

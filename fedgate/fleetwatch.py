@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from fedcore.errors import ConfigError, RemoteProtocolError
+from fedcore.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from fedcore.protocol import codec, signing
 from fedcore.protocol.messages import Deployment, Kind, RoundSummary, Status, TaskState
 from fedcore.protocol.topics import TopicKind, Topics, parse_topic
@@ -28,6 +28,7 @@ from fedcore.transport.base import (
     Connected,
     Disconnected,
     MessageReceived,
+    SubscriptionRefused,
     TlsSettings,
     TransportEvent,
 )
@@ -66,9 +67,16 @@ class FleetWatch:
         if url.startswith("mqtts://") and tls is None:
             raise ConfigError("<command line>", "--tls-dir", None,
                               "an mqtts:// broker needs the operator bundle (fedgate provision operator)")
-        self.transport = PahoTransport(url, f"fedgate-watch-{os.urandom(4).hex()}",
-                                       clean_start=True, session_expiry=0, tls=tls,
-                                       rng=random.Random())
+        if url.startswith("mqtt://") and tls is not None:
+            raise ConfigError("<command line>", "--tls-dir", str(bundle),
+                              f"is for a TLS broker; {url} is plain MQTT (use mqtts://)")
+        try:
+            self.transport = PahoTransport(url, f"fedgate-watch-{os.urandom(4).hex()}",
+                                           clean_start=True, session_expiry=0, tls=tls,
+                                           rng=random.Random())
+        except LocalProtocolError as exc:  # a malformed URL: the operator's to fix
+            raise ConfigError("<command line>", "--broker", url, str(exc)) from None
+        self.refused: list[str] = []  # subscriptions the broker refused
 
     def _filters(self) -> list[str]:
         topics = Topics(self.fleet, self.task or "x")
@@ -101,6 +109,9 @@ class FleetWatch:
             for topic_filter in self._filters():
                 self.transport.subscribe(topic_filter, qos=1)
             self.connected.set()
+        elif isinstance(event, SubscriptionRefused):
+            self.refused.append(event.topic_filter)
+            self.changed.set()
         elif isinstance(event, Disconnected):
             self.connected.clear()
             self.changed.set()

@@ -308,9 +308,9 @@ LIVE_CHECKS: list[Check] = [check_broker, check_subscriptions, check_publish]
 
 
 def checks_for(subject: Subject) -> list[Check]:
-    from fedgate.preflight_data import EDGE_DATA_CHECKS  # the edge's sample store
+    from fedgate.preflight_data import EDGE_DATA_CHECKS, SERVICE_CHECKS
 
-    data: list[Check] = list(EDGE_DATA_CHECKS) if subject.kind == "edge" else []
+    data: list[Check] = [*SERVICE_CHECKS, *(EDGE_DATA_CHECKS if subject.kind == "edge" else [])]
     return [*FILE_CHECKS, *CREDENTIAL_CHECKS, *data, *(LIVE_CHECKS if subject.live else [])]
 
 

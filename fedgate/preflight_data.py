@@ -1,7 +1,8 @@
-"""Preflight of a gateway's own data: does its sample store give the rows its task names?
+"""Preflight of a service's own resources: a gateway's sample store, the metrics port, the
+aggregator's saved state.
 
-Part of ``fedgate config check FILE`` (offline and ``--live``) for edge configs with
-``data.source = "store"``. A store the bridge has not written yet, or one with fewer
+Part of ``fedgate config check FILE`` (offline and ``--live``). For edge configs with
+``data.source = "store"``: does the store give the rows the task names? A store the bridge has not written yet, or one with fewer
 training rows than ``min_rows``, is not a problem: ``fedgate edge run`` waits and says so in
 its status. A task that names a signal the bridge's device does not record is one: the
 gateway would wait forever (exit 78, as a configuration error).
@@ -74,4 +75,53 @@ def _key_naming(rows: Any, signal: str) -> str:
     return "data.exclude_when"
 
 
+def check_metrics_port(subject: Subject) -> list[Finding]:
+    """The Prometheus port can be listened on (the service exits 78 when it cannot)."""
+    import socket
+
+    port, addr = subject.config.metrics_port, subject.config.metrics_addr
+    if not port:
+        return []
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as s:
+            s.bind((addr, port))
+    except OSError as exc:
+        return [subject.problem("metrics", "state.metrics_port", port,
+                                f"cannot listen on {addr}:{port}: {exc.strerror or exc}", 78)]
+    return [Finding("metrics", f"{addr}:{port} is free")]
+
+
+def check_saved_state(subject: Subject) -> list[Finding]:
+    """The aggregator's saved state can be resumed with the configured [model]."""
+    if subject.kind != "aggregator":
+        return []
+    import random
+
+    from aggregator import checkpoint as checkpoints
+    from aggregator import rounds as sm
+    from fedcore.learning.models import init_params
+
+    config = subject.config
+    try:
+        saved = checkpoints.load(config.state_dir)
+    except checkpoints.DamagedCheckpoint as exc:
+        return [subject.problem("saved state", "state.dir", str(config.state_dir),
+                                f"cannot be read ({exc}); `fedgate aggregator new-lineage` sets it aside", 78)]
+    if saved is None:
+        return [Finding("saved state", f"none in {config.state_dir}: the first start opens a new lineage")]
+    import numpy as np
+
+    machine = sm.RoundStateMachine(config.rounds, config.spec,
+                                   init_params(config.spec, np.random.default_rng(0)), random.Random(0))
+    try:
+        machine.restore(saved)
+    except sm.IncompatibleState as exc:
+        key = f"model.{exc.key}" if exc.key else "model"
+        return [subject.problem("saved state", key, exc.value, f"{exc}; start a new lineage with "
+                                f"`fedgate aggregator new-lineage -c {subject.file}`", 78)]
+    return [Finding("saved state", f"lineage {machine.lineage}, round {machine.round}, model "
+                    f"version {machine.version}: resumes")]
+
+
 EDGE_DATA_CHECKS = [check_store]
+SERVICE_CHECKS = [check_metrics_port, check_saved_state]

@@ -83,7 +83,8 @@ class RoundAnnouncement(msgspec.Struct, frozen=True, array_like=True):
     pipeline: PipelineConfig = PipelineConfig()
     selected: tuple[str, ...] = ()  # empty = every gateway may take part
     lineage: str = ""  # the model lineage this round belongs to (fedcore.protocol.lineage)
-    # "train": send a ModelUpdate; "statistics": send DataStats (the lineage's first step)
+    # "train": send a ModelUpdate; "statistics": send DataStats (the lineage's first step);
+    # "wait": no round runs until ``deadline`` (the schedule), ``round`` is the next one
     purpose: str = "train"
 
 

@@ -146,3 +146,27 @@ def certificate_names(path: Path) -> tuple[str, str]:
 
 def _stdlib_cn(name: tuple[tuple[tuple[str, str], ...], ...]) -> str:
     return next((value for rdn in name for key, value in rdn if key == "commonName"), "")
+
+
+def check_identity(cert_file: Path | None, config_file: str,
+                   identities: list[tuple[str, str]]) -> None:
+    """Before connecting: the client certificate's CN must be each configured id (the broker's
+    ACL grants topics by that name, and an MQTT client id is a session: connecting under
+    another gateway's id would push that gateway off the broker). Raises
+    ``NotAuthorizedError`` (exit 77) naming the key, the id and the certificate's name; a
+    certificate that cannot be read is left to the TLS setup to report."""
+    from fedcore.errors import NotAuthorizedError
+
+    if cert_file is None:
+        return
+    try:
+        cn = certificate_names(cert_file)[0]
+    except (OSError, ValueError):
+        return
+    for key, configured in identities:
+        if configured != cn:
+            raise NotAuthorizedError(
+                f"{config_file}: key '{key}' = {configured!r}: the client certificate {cert_file} "
+                f"is issued to {cn!r}; the broker would refuse this service's topics and the id "
+                f"would take over another client's session. Set {key} = \"{cn}\", or provision "
+                f"a certificate for {configured!r}")

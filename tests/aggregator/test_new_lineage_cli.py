@@ -76,3 +76,17 @@ def test_a_damaged_checkpoint_is_a_config_error_and_can_be_set_aside(tmp_path: P
     assert done.returncode == 0
     (archived,) = (tmp_path / "state" / "lineages").glob("damaged-*/checkpoint.npz")
     assert archived.read_bytes().startswith(b"PK")
+
+
+def test_the_state_of_a_running_aggregator_is_not_archived_or_shared(tmp_path: Path) -> None:
+    path = tmp_path / "aggregator.toml"
+    path.write_text(CONFIG.format(sizes="[5, 8, 1]"))
+    held = checkpoints.StateLock(tmp_path / "state").acquire()  # as a running aggregator holds it
+    try:
+        done = fedgate("aggregator", "new-lineage", "-c", str(path))
+        assert done.returncode == 78 and "in use by another aggregator" in done.stderr
+        assert "stop it first" in done.stderr
+        done = fedgate("aggregator", "run", "-c", str(path))
+        assert done.returncode == 78 and "in use by another aggregator" in done.stderr
+    finally:
+        held.release()

@@ -329,7 +329,9 @@ def test_the_interval_puts_the_machine_in_waiting_until_a_tick_allows_the_round(
     committed = d.run_round()
     (waiting,) = d.of(agg.RoundWaiting, committed)
     assert waiting.round == 2 and waiting.reason.startswith("interval: next round at")
-    assert d.of(agg.PublishRound, committed) == []
+    # the committed round's retained announcement is replaced by one that says "wait"
+    (wait,) = d.of(agg.PublishRound, committed)
+    assert (wait.announcement.purpose, wait.announcement.round) == ("wait", 2)
     assert d.machine.phase is agg.Phase.WAITING and d.machine.next_check == T0 + 600
     assert d.tick(T0 + 599) == []
     assert d.update("gw1")[0].reason == "late"  # nothing is collected while waiting
@@ -342,8 +344,9 @@ def test_a_time_window_holds_the_round_until_it_opens() -> None:
     schedule = Schedule(windows=(parse_window("22:00-06:00"),), timezone="Europe/Berlin")
     d = Driver(agg.RoundConfig(rounds=2, min_participants=1, schedule=schedule))
     started = d.start()  # 17:06 in Berlin
-    assert kinds(started) == [agg.LineageStarted, agg.PublishModel, agg.RoundWaiting]
-    assert "outside the allowed windows" in started[-1].reason
+    assert kinds(started) == [agg.LineageStarted, agg.PublishModel, agg.RoundWaiting, agg.PublishRound]
+    assert "outside the allowed windows" in started[2].reason
+    assert started[3].announcement.purpose == "wait"
     opening = dt.datetime(2025, 6, 15, 22, 0, tzinfo=dt.timezone(dt.timedelta(hours=2))).timestamp()
     assert d.machine.next_check == opening
     d.online("gw1")
@@ -354,7 +357,7 @@ def test_a_time_window_holds_the_round_until_it_opens() -> None:
 def test_min_new_rows_waits_for_ready_gateways_rows() -> None:
     d = Driver(agg.RoundConfig(rounds=3, min_participants=1, schedule=Schedule(min_new_rows=100)))
     started = d.start()
-    assert started[-1] == agg.RoundWaiting(1, "new rows: 0 of 100")
+    assert started[-2] == agg.RoundWaiting(1, "new rows: 0 of 100")
     assert d.online("gw1", rows_new=60) == [agg.RoundWaiting(1, "new rows: 60 of 100")]
     assert d.online("gw2", ready=False, rows_new=500) == []  # not ready: its rows do not count
     assert d.tick(T0 + 3600) == []  # the clock alone cannot change the answer
@@ -370,7 +373,8 @@ def test_rows_used_by_a_round_do_not_start_the_next() -> None:
     assert d.machine.phase is agg.Phase.COLLECTING
     committed = d.update("gw1")
     assert d.of(agg.PublishMetrics, committed)
-    assert d.of(agg.PublishRound, committed) == [], "round 2 announced on rows round 1 used"
+    assert [a.announcement.purpose for a in d.of(agg.PublishRound, committed)] == ["wait"], \
+        "round 2 announced on rows round 1 used"
     assert d.of(agg.RoundWaiting, committed) == [agg.RoundWaiting(2, "new rows: 0 of 100")]
 
 
