@@ -20,7 +20,9 @@ Modes of the signed ``Deployment`` record (one sequence number per record, never
   ``canary_timeout_s`` with at least one report, the candidate is promoted if the (upper) median
   of the canaries' relative worsening (candidate against incumbent, each on its own holdout
   rows) is at most ``max_regression``; otherwise the fleet stays on the incumbent (rolled
-  back). Reports with non-finite or negative metrics are refused. The reports in are
+  back). A canary without holdout rows abstains (an empty report); with no judging canary
+  the candidate is rolled back at once. Reports with non-finite or negative metrics are
+  refused. The reports in are
   checkpointed, so a restarted aggregator decides on them.
   No report at all by the timeout: rolled back (no evidence is not good evidence). Either
   way an audit entry records the decision and the figures.
@@ -141,9 +143,12 @@ class DeploymentManager:
             return "not_canary"
         if report.candidate != c.candidate or report.incumbent != self.version:
             return "wrong_versions"
-        values = (report.candidate_metrics.get(self.metric), report.incumbent_metrics.get(self.metric))
-        if any(v is None or not math.isfinite(v) or v < 0 for v in values) or report.num_rows < 1:
-            return "bad_report"
+        if report.num_rows == 0 and not report.candidate_metrics and not report.incumbent_metrics:
+            pass  # this canary has no holdout rows: it abstains (counted, not judged)
+        else:
+            values = (report.candidate_metrics.get(self.metric), report.incumbent_metrics.get(self.metric))
+            if any(v is None or not math.isfinite(v) or v < 0 for v in values) or report.num_rows < 1:
+                return "bad_report"
         c.reports[device] = report
         if set(c.reports) >= set(c.devices):
             return self._decide(now)
@@ -198,14 +203,15 @@ class DeploymentManager:
         assert c is not None
         self.canary = None
         incumbent = self.version
-        if not c.reports:
-            decided = DeploymentDecided(c.candidate, incumbent, False,
-                                        f"no canary reported within {self.config.canary_timeout_s:g} s")
+        reports = [r for r in c.reports.values() if r.num_rows > 0]
+        if not reports:
+            why = (f"no canary has holdout rows to judge it ({len(c.reports)} answered)" if c.reports
+                   else f"no canary reported within {self.config.canary_timeout_s:g} s")
+            decided = DeploymentDecided(c.candidate, incumbent, False, why)
             return [decided, self._record("version", incumbent, now,
-                                          f"candidate {c.candidate} rolled back: no canary report")]
+                                          f"candidate {c.candidate} rolled back: {why}")]
         # each canary's own verdict (its relative worsening), the median decides: no single
         # canary - a broken or a lying one - can force a promotion or a roll-back
-        reports = list(c.reports.values())
         worsening = sorted(_worsening(r.candidate_metrics[self.metric], r.incumbent_metrics[self.metric],
                                       self.higher_is_better) for r in reports)
         median = worsening[len(worsening) // 2]  # the upper median: a tie is not a promotion

@@ -104,7 +104,7 @@ def build_aggregator(config_path: str | Path) -> AggregatorService:
     except OSError as exc:
         raise ConfigError(config.file, "state.dir", str(config.state_dir),
                           f"cannot use the state folder: {exc.strerror or exc}") from None
-    transport = transport_from_config(config.broker, seed=config.seed)
+    transport = transport_from_config(config.broker)
     security = AggregatorSecurity.from_paths(config.file, config.security, config.state_dir / "audit.jsonl")
     metrics = None
     if config.metrics_port:

@@ -171,6 +171,8 @@ class AggregatorService:
             if self.finished and self.config.exit_when_done:
                 break
         self.notifier.notify("STOPPING=1")
+        log.info("stopping at round %d, model version %d (exit %d)", self.machine.round,
+                 self.machine.version, code)
         self.transport.stop()
         if self.metrics is not None:
             self.metrics.close()

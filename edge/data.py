@@ -85,12 +85,22 @@ class StoreSource:
 
     def refresh(self) -> None:
         """Fold what the bridge appended since the last call into the window."""
+        resets = self.window.record_resets
         try:
             for raw in self.reader.read_new():
                 self.window.add(raw)
             self.problem = ""
+            if self.window.record_resets > resets:
+                log.warning("the device's record numbers went back (%d times): it restarted or "
+                            "replays its records; repeated records count as new rows",
+                            self.window.record_resets - resets)
         except StoreNotReady as exc:
             self.problem = str(exc)  # the runtime reports it (status and log)
+
+    @property
+    def samples_read(self) -> int:
+        """Samples read from the store so far (grows while the bridge writes)."""
+        return self.reader.samples_read
 
     def snapshot(self, trained_until: float) -> Snapshot:
         self.refresh()

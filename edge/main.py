@@ -73,7 +73,7 @@ def build_edge(config_path: str | Path) -> EdgeService:
     topics = Topics(config.fleet, config.task)
     # the will is signed once at start-up; its content ("offline") does not go stale
     will = Will(topics.status(config.device), offline_status(config, security, time.time()))
-    transport = transport_from_config(config.broker, will=will, seed=config.seed)
+    transport = transport_from_config(config.broker, will=will)
     # the pipeline's randomness (noise, stochastic rounding) is separate from training's
     encode = make_encoder(EdgePipelineState(), np.random.default_rng([config.seed, 1]))
     attack = None

@@ -192,6 +192,7 @@ class RowWindow:
         self.values = np.zeros((0, width))
         self.late = 0
         self.added = 0  # rows completed since start (eviction does not lower it)
+        self.record_resets = 0  # times the device's record number went back (a restart, a replay)
         self._open: _Bucket | None = None
         self._last_record: float | None = None
 
@@ -257,6 +258,7 @@ class RowWindow:
         before = np.concatenate([[-1], last[:-1]])
         prev = np.where(before >= 0, record[np.maximum(before, 0)], start)
         keep = finite & (record != prev)
+        self.record_resets += int((finite & (record < prev)).sum())  # NaN prev compares False
         if finite.any():
             self._last_record = float(record[finite][-1])
         return time[keep], values[keep]

@@ -75,6 +75,7 @@ log = logging.getLogger("fedgate.edge")
 SOFTWARE = "fedgate-edge/0.2"
 TICK_S = 0.2
 DATA_POLL_S = 5.0  # how often the gateway looks at its store between rounds
+STALE_AFTER_S = 600.0  # no new samples for this long: said in the status and the log
 
 
 class Attack(Protocol):
@@ -140,6 +141,7 @@ class EdgeService:
         self._status_at = 0.0
         self._data_at = 0.0
         self._waiting_logged = 0.0
+        self._samples_read, self._samples_at = -1, clock()  # when the store last grew
 
     # ---- loop ------------------------------------------------------------------------------
 
@@ -167,6 +169,7 @@ class EdgeService:
                 self._dispatch(event)
             self._tick(self.clock())
         self.notifier.notify("STOPPING=1")
+        log.info("stopping (exit %d)", code)
         if code:
             self.transport.stop()
             if self.metrics is not None:
@@ -252,12 +255,29 @@ class EdgeService:
             log.info("enough data: %d training rows (%d holdout); taking part from the next round",
                      len(snap.x_train), len(snap.x_holdout))
             self._set_activity("ready")
+        self._check_stale(now)
         if self.metrics is not None:
             self.metrics.rows.set(snap.rows)
             self.metrics.rows_new.set(snap.rows_new)
             self.metrics.waiting.set(0 if snap.ready else 1)
         self._publish_status()
         return snap
+
+    def _check_stale(self, now: float) -> None:
+        """A bridge that stopped writing: say so (the gateway keeps its rows and takes part)."""
+        read = getattr(self.source, "samples_read", None)
+        if read is None:
+            return  # a data set does not grow
+        if read != self._samples_read:
+            if self.activity_detail.startswith("no new samples"):
+                log.info("samples arrive again")
+                self._set_activity(self.activity)
+            self._samples_read, self._samples_at = read, now
+        elif now - self._samples_at >= STALE_AFTER_S and self.activity != "waiting_for_data" \
+                and not self.activity_detail.startswith("no new samples"):
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self._samples_at))
+            log.warning("no new samples from the bridge since %s: is it running?", since)
+            self._set_activity(self.activity or "ready", f"no new samples since {since} (is the bridge running?)")
 
     def _set_activity(self, activity: str, detail: str = "") -> None:
         self.activity, self.activity_detail = activity, detail
@@ -440,8 +460,12 @@ class EdgeService:
                             if k in ("eval_rmse", "eval_mae", "eval_accuracy", "eval_f1", "eval_mse"))
         log.info("model version %d installed%s", action.model.version,
                  f"; holdout {summary}" if summary else "")
-        if self.deployer.running.weights is None:
+        running = self.deployer.running
+        if running.weights is None:
             self._serve(action.model.version, action.weights)
+        elif self.deployer.lineage == self.machine.lineage and self.server is not None \
+                and self.server.loaded != (self.machine.lineage, running.version):
+            self._serve(running.version, running.weights)  # a record that came before its model
 
     def _train(self, action: pm.StartTraining) -> pm.TrainingFinished | pm.TrainingFailed:
         model = self.machine.model
@@ -502,7 +526,7 @@ class EdgeService:
                 log.info("deployment %d (%s): running %s", record.sequence, record.mode,
                          "the newest model" if running.weights is None
                          else f"version {running.version} ({running.role})")
-                if running.weights is not None:
+                if running.weights is not None and record.lineage == self.machine.lineage:
                     self._serve(running.version, running.weights)
                 elif self.machine.weights is not None:
                     self._serve(self.machine.version, self.machine.weights)
@@ -520,7 +544,11 @@ class EdgeService:
         model = self.machine.model
         data = self._scaled(model.spec) if model is not None else None
         if model is None or data is None or len(data.x_test) == 0:
+            # say so at once (an empty report): the aggregator need not wait for its timeout
             log.warning("canary of version %d: no holdout rows to judge it on", action.candidate)
+            self._set_activity(self.activity or "ready",
+                               f"canary of version {action.candidate}: no holdout rows to judge it")
+            self._send_canary(CanaryReport(action.sequence, action.candidate, action.incumbent))
             return
         spec = model.spec
         try:
@@ -531,15 +559,17 @@ class EdgeService:
         except ValueError as exc:
             log.warning("canary of version %d: cannot evaluate: %s", action.candidate, exc)
             return
-        body = CanaryReport(action.sequence, action.candidate, action.incumbent,
-                            {k: float(v) for k, v in cand.items()},
-                            {k: float(v) for k, v in inc.items()}, len(data.x_test))
+        self._send_canary(CanaryReport(action.sequence, action.candidate, action.incumbent,
+                                       {k: float(v) for k, v in cand.items()},
+                                       {k: float(v) for k, v in inc.items()}, len(data.x_test)))
+        log.info("canary report: version %d %s vs version %d %s on %d holdout rows",
+                 action.candidate, _brief(cand), action.incumbent, _brief(inc), len(data.x_test))
+
+    def _send_canary(self, body: CanaryReport) -> None:
         env = codec.make_envelope(Kind.CANARY, self.config.fleet, self.config.task, 0,
                                   self.config.device, body, self.clock())
         self.transport.publish(self.topics.update(self.config.device),
                                codec.encode(self.security.sign(env)), qos=1)
-        log.info("canary report: version %d %s vs version %d %s on %d holdout rows",
-                 action.candidate, _brief(cand), action.incumbent, _brief(inc), len(data.x_test))
 
     def _serve(self, version: int, weights: list[np.ndarray]) -> None:
         """Run ``version`` in LiteRT (when inference is on) and publish its scores."""

@@ -26,7 +26,7 @@ def register(subparsers: Any) -> None:
     probe = sub.add_parser("probe", help="print live decoded values of every signal")
     probe.add_argument("-c", "--config", required=True, help="bridge TOML file")
     probe.add_argument(
-        "--once", action="store_true", help="print one snapshot and exit (0 if all signals read)"
+        "--once", action="store_true", help="print one snapshot and exit (0 if every signal read, 69 if not)"
     )
     probe.add_argument("--refresh", type=float, default=1.0, help="seconds between refreshes")
     probe.set_defaults(func=_probe)

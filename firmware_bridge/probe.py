@@ -63,7 +63,7 @@ def probe(
 ) -> int:
     """Print live values; with ``once``, one snapshot after every signal answered or failed.
 
-    Returns 0 when every signal has a value, 1 otherwise (for scripts)."""
+    Returns 0 when every signal has a value, 69 otherwise (unavailable; for scripts)."""
     out = out or sys.stdout
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # the table shows the errors
     bridge = Bridge(config, sink=NullSink())
@@ -93,4 +93,4 @@ def probe(
     good = all(
         s.last_good is not None for h in bridge.health().values() for s in h.signals.values()
     )
-    return 0 if good else 1
+    return 0 if good else 69  # a device that does not answer: unavailable (EX_UNAVAILABLE)

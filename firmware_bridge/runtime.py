@@ -155,7 +155,7 @@ def _log_transition(spec: DeviceSpec, was_up: bool, health: DeviceHealth) -> Non
             "device %s down (%s); retrying with backoff", spec.name, errs[-1] if errs else "?"
         )
     elif not was_up and health.up:
-        log.warning("device %s is back", spec.name)
+        log.info("device %s is back", spec.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,12 +403,14 @@ def serve(
     metrics = BridgeMetrics(registry, config) if config.metrics.port else None
     server = _serve_metrics(registry, config) if metrics else None
     try:
-        return Bridge(config, seed=os.getpid()).run(
+        stats = Bridge(config, seed=os.getpid()).run(
             stop=stop,
             notifier=SystemdNotifier(notify_socket),
             watchdog_s=watchdog_s,
             metrics=metrics,
         )
+        log.info("bridge stopped: %d samples written in %.0f s", stats.written, stats.seconds)
+        return stats
     finally:
         if server:
             server.close()

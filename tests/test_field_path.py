@@ -186,7 +186,7 @@ def test_the_readme_fleet_runs_learns_and_is_steered(plant_dir: Path) -> None:
                     _edit(agg_etc / "aggregator.toml", {
                         "/var/lib/": f"{root}/agg/var/lib/", "127.0.0.1:8883": f"127.0.0.1:{fp.broker_port}",
                         "rounds = 0 ": "rounds = 4 ", "interval_s = 600": "interval_s = 2",
-                        "min_new_rows = 300": "min_new_rows = 20", 'policy = "canary"': 'policy = "latest"',
+                        "min_new_rows = 300": "min_new_rows = 20",
                         "metrics_port = 9470": f"metrics_port = {free_port()}"})
                     wait_for("both gateways online", lambda: _online(fp.status(), 2), WAIT, group=group)
                     continue

@@ -213,7 +213,7 @@ class ConnectionWatch:
             return Verdict(logging.INFO, f"connected to {self.url}{after}")
         offline = f" after {now - self._offline_since:.0f} s offline" if self._offline_since is not None else ""
         self._offline_since = None
-        return Verdict(logging.WARNING, f"reconnected to {self.url}{offline}")
+        return Verdict(logging.INFO, f"reconnected to {self.url}{offline}")
 
     def _failed(self, event: ConnectFailed, now: float) -> Verdict:
         retry = f"; retrying in {event.retry_in_s:.1f} s" if event.retry_in_s is not None else "; retrying"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 from fedcore.errors import ConfigError, LocalProtocolError
@@ -40,7 +41,9 @@ def transport_from_config(
     naming ``broker.FILE_KEY`` in ``broker.file`` before anything connects.
 
     ``client_id`` and the session options exist for ``fedgate config check --live``, which
-    connects beside a running service without taking over its session."""
+    connects beside a running service without taking over its session. The reconnect jitter
+    comes from the OS unless ``seed`` is given (tests): a fleet that restarts together must
+    not retry in lockstep."""
     return PahoTransport(
         broker_url(broker),
         broker.client_id if client_id is None else client_id,
@@ -53,5 +56,5 @@ def transport_from_config(
         backoff_min=backoff[0],
         backoff_max=backoff[1],
         config_file=broker.file or NO_CONFIG_FILE,
-        rng=random.Random(seed),
+        rng=random.Random(seed if seed is not None else os.urandom(8)),
     )

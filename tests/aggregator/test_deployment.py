@@ -316,3 +316,13 @@ def test_history_is_bounded() -> None:
     again = DeploymentManager(m.config, m.metric, m.higher_is_better)
     again.restore(long)
     assert len(again.history) == HISTORY_KEPT
+
+
+def test_canaries_without_holdout_rows_abstain_and_the_candidate_waits_for_evidence() -> None:
+    m = manager(canary_fraction=0.25)
+    first, second = canary_started(m).canary
+    empty = CanaryReport(m.sequence, 1, m.version)  # no holdout rows on that gateway
+    assert m.on_report(first, empty, T0 + 20) == []
+    decision, record = decided(m.on_report(second, empty, T0 + 21))  # decided at once, no timeout
+    assert not decision.promoted and "no canary has holdout rows to judge it" in decision.detail
+    assert (record.mode, record.version) == ("version", 0)

@@ -436,3 +436,10 @@ def test_statistics_are_the_sums_over_the_training_rows(task: str) -> None:
     assert columns == names and count == int(train.sum())
     np.testing.assert_allclose(sums, data.sum(axis=0), rtol=1e-12)
     np.testing.assert_allclose(squares, np.square(data).sum(axis=0), rtol=1e-12)
+
+
+def test_a_record_counter_that_goes_back_is_counted() -> None:
+    s = spec(("a",), record_signal="seq")
+    window = fed(s, [raw(s, [1, 2, 3], a=[1, 2, 3], y=[0, 0, 0], seq=[10, 11, 12]),
+                     raw(s, [4, 5], a=[4, 5], y=[0, 0], seq=[0, 1])])  # the device restarted
+    assert window.record_resets == 1 and len(window) == 5
