@@ -59,6 +59,7 @@ class AggregatorConfig:
     metrics_port: int = 0  # Prometheus exporter; 0 = off
     metrics_addr: str = "127.0.0.1"
     keep_models: int = 50  # model files kept in state_dir/models (deployed ones always)
+    trace: bool = False  # step timestamps to state_dir/trace.jsonl (fedcore.trace)
     deploy: DeployConfig = DeployConfig()
     security: dict[str, Path] = field(default_factory=dict)
 
@@ -152,6 +153,7 @@ def load_aggregator_config(path: str | Path) -> AggregatorConfig:
         metrics_port=state.int("metrics_port", 0, min=0, max=65535),
         metrics_addr=state.str("metrics_addr", "127.0.0.1"),
         keep_models=state.int("keep_models", 50, min=2),
+        trace=state.bool("trace", False),
         deploy=_deploy(root.section("deploy")),
         security=_security(root.section("security")),
     )

@@ -18,6 +18,7 @@ from aggregator.runtime import AggregatorService
 from aggregator.security import AggregatorSecurity
 from fedcore.errors import ConfigError
 from fedcore.systemd import SystemdNotifier
+from fedcore.trace import tracer
 from fedcore.transport.factory import transport_from_config
 from fedcore.transport.tls import check_identity
 
@@ -119,7 +120,8 @@ def build_aggregator(config_path: str | Path) -> AggregatorService:
     try:
         return AggregatorService(config, transport, security, ledger=make_ledger(config),
                                  server_update=root_update(config),
-                                 notifier=SystemdNotifier.from_environment(), metrics=metrics)
+                                 notifier=SystemdNotifier.from_environment(), metrics=metrics,
+                                 trace=tracer(config.trace, config.state_dir))
     except checkpoints.DamagedCheckpoint as exc:
         if metrics is not None:
             metrics.close()

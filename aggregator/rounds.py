@@ -13,7 +13,7 @@ Rules:
    names a new lineage (``fedcore.protocol.lineage``: gateways follow it, and refuse older
    ones). With ``scaling = "federated"`` and no fleet scaler yet, it opens with a
    *statistics round* (round 0, ``purpose = "statistics"``): the ready gateways answer with
-   counts, sums and sums of squares (``StatsReceived``); with ``min_participants`` answers,
+   counts, sums and centred sums of squares (``StatsReceived``); with ``min_participants`` answers,
    once every ready gateway answered or at the deadline, the fleet scaler goes into the
    spec (``aggregator.statistics``) and model version 0 is published. A restored state
    whose model differs from the configured one raises :class:`IncompatibleState`.

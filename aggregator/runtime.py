@@ -58,6 +58,7 @@ from fedcore.protocol.messages import (
 from fedcore.protocol.tensors import encode_tensors
 from fedcore.protocol.topics import TopicKind, Topics, parse_topic
 from fedcore.systemd import SystemdNotifier
+from fedcore.trace import NoTrace, Tracer
 from fedcore.transport.base import Connected, MessageReceived, Transport, TransportEvent
 from fedcore.transport.connection import ConnectionWatch
 
@@ -84,6 +85,7 @@ class AggregatorService:
         clock: Callable[[], float] = time.time,
         notifier: SystemdNotifier | None = None,
         metrics: AggregatorMetrics | None = None,
+        trace: Tracer | None = None,
     ) -> None:
         self.config = config
         self.transport = transport
@@ -91,6 +93,7 @@ class AggregatorService:
         self.clock = clock
         self.notifier = notifier or SystemdNotifier(None)
         self.metrics = metrics
+        self.trace = trace or NoTrace()
         self.topics = Topics(config.fleet, config.task)
         self.events: queue.Queue[TransportEvent] = queue.Queue()
         self.rejected: Counter[str] = Counter()  # message-level and update rejections
@@ -173,6 +176,7 @@ class AggregatorService:
         self.notifier.notify("STOPPING=1")
         log.info("stopping at round %d, model version %d (exit %d)", self.machine.round,
                  self.machine.version, code)
+        self.trace.close()
         self.transport.stop()
         if self.metrics is not None:
             self.metrics.close()
@@ -238,8 +242,11 @@ class AggregatorService:
             if env.round != update.round:
                 raise RemoteProtocolError("bad_round", "envelope and body rounds differ")
             wire = len(msg.payload) + len(msg.topic)
-            self._apply(self.machine.handle(
-                sm.UpdateReceived(now, env.sender, env.message_id, update, wire)))
+            self.trace.mark("update_received", round=update.round, device=env.sender, sent=env.timestamp)
+            actions = self.machine.handle(sm.UpdateReceived(now, env.sender, env.message_id, update, wire))
+            if any(isinstance(a, sm.ModelCommitted) for a in actions):
+                self.trace.mark("fused", round=update.round)  # validated, fused, model encoded
+            self._apply(actions)
 
     def _check_scope(self, env: codec.Envelope) -> None:
         if env.fleet != self.config.fleet or env.task != self.config.task:
@@ -363,6 +370,7 @@ class AggregatorService:
                 if not self._save(action):
                     self._held = list(actions[i:])
                     return
+                self.trace.mark("checkpoint_saved", round=self.machine.round)
             else:
                 self._carry_out(action)
 
@@ -378,6 +386,7 @@ class AggregatorService:
         elif isinstance(action, sm.PublishModel):  # a new version, or the current one again
             size = self._publish(Kind.MODEL, self.topics.model(), action.model, action.model.round)
             self._last_down = (size, self._last_down[1])
+            self.trace.mark("model_published", version=action.model.version, bytes=size)
         elif isinstance(action, sm.ModelCommitted):
             model = self.machine.model
             self.security.audit("model_commit", self.clock(), version=action.version,
@@ -392,6 +401,7 @@ class AggregatorService:
             self.security.on_round(ann.round)
             size = self._publish(Kind.ROUND, self.topics.round(), ann, ann.round)
             self._last_down = (self._last_down[0], size)
+            self.trace.mark("round_published", round=ann.round, purpose=ann.purpose)
             if ann.purpose == "statistics":
                 log.info("statistics round of lineage %s announced (deadline in %.0f s)",
                          ann.lineage, ann.deadline - self.clock())

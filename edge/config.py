@@ -52,6 +52,7 @@ class EdgeConfig:
     status_interval_s: float = 60.0  # the retained status is refreshed at least this often
     metrics_port: int = 0  # Prometheus exporter; 0 = off
     metrics_addr: str = "127.0.0.1"
+    trace: bool = False  # step timestamps to state_dir/trace.jsonl (fedcore.trace)
     attack: str = ""  # for attack experiments only: name of edge.attacks' attack
     security: dict[str, Path] = field(default_factory=dict)
 
@@ -93,6 +94,7 @@ def load_edge_config(path: str | Path) -> EdgeConfig:
         status_interval_s=state.float("status_interval_s", 60.0, min=1.0),
         metrics_port=state.int("metrics_port", 0, min=0, max=65535),
         metrics_addr=state.str("metrics_addr", "127.0.0.1"),
+        trace=state.bool("trace", False),
         inference=inference.bool("enabled", False),
         keep_models=inference.int("keep_models", 3, min=1),
         attack=_attack(experiment),

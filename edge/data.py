@@ -70,7 +70,7 @@ class DataSource(Protocol):
         ...
 
     def statistics(self, snap: Snapshot, lineage: str) -> DataStats:
-        """Counts, sums and sums of squares of the snapshot's training rows."""
+        """Counts, sums and centred sums of squares of the snapshot's training rows."""
         ...
 
 
@@ -147,9 +147,9 @@ class DatasetSource:
 
 
 def _stats(lineage: str, columns: tuple[str, ...], count: int, sums: np.ndarray,
-           sums_sq: np.ndarray) -> DataStats:
+           m2: np.ndarray) -> DataStats:
     return DataStats(lineage, columns, count, tuple(float(v) for v in sums),
-                     tuple(float(v) for v in sums_sq))
+                     tuple(float(v) for v in m2))
 
 
 class ScalingError(Exception):

@@ -18,6 +18,7 @@ from fedcore.errors import ConfigError
 from fedcore.pipeline import EdgePipelineState, make_encoder
 from fedcore.protocol.topics import Topics
 from fedcore.systemd import SystemdNotifier
+from fedcore.trace import tracer
 from fedcore.transport.base import Will
 from fedcore.transport.factory import transport_from_config
 from fedcore.transport.tls import check_identity
@@ -98,7 +99,8 @@ def build_edge(config_path: str | Path) -> EdgeService:
                               f"cannot listen on {config.metrics_addr}:{config.metrics_port}: "
                               f"{exc.strerror or exc}") from None
     return EdgeService(config, transport, source, security, encode=encode, attack=attack,
-                       notifier=SystemdNotifier.from_environment(), server=server, metrics=metrics)
+                       notifier=SystemdNotifier.from_environment(), server=server, metrics=metrics,
+                       trace=tracer(config.trace, config.state_dir))
 
 
 def run_edge(config_path: str | Path) -> int:

@@ -34,7 +34,7 @@ which are left out, and the local holdout. Nothing here knows a particular machi
 
 :func:`build` turns the window into unscaled training and holdout arrays; scaling with the
 fleet scaler (which arrives in the model spec) happens in ``edge.data``. :func:`statistics`
-gives the counts, sums and sums of squares of the federated statistics step.
+gives the counts, sums and centred sums of squares of the federated statistics step.
 """
 
 from __future__ import annotations
@@ -438,11 +438,15 @@ def build(spec: RowSpec, window: RowWindow) -> Built:
 
 def statistics(task: str, features: Sequence[str], target: str, x: np.ndarray,
                y: np.ndarray | None) -> tuple[tuple[str, ...], int, np.ndarray, np.ndarray]:
-    """(columns, count, sums, sums of squares) of training rows ``x`` (and ``y``): the
-    features and, for regression, the target - all a fleet scaler needs, and no row."""
+    """(columns, count, sums, centred sums of squares) of training rows ``x`` (and ``y``):
+    the features and, for regression, the target - all a fleet scaler needs, and no row.
+    Centred about the local mean so that a column far from zero (pressure in Pa) keeps
+    its spread in float64."""
     columns = tuple(features)
     data = np.asarray(x, np.float64)
     if task == "regression" and y is not None:
         columns = (*columns, target)
         data = np.column_stack([data, np.asarray(y, np.float64)])
-    return columns, int(data.shape[0]), data.sum(axis=0), np.square(data).sum(axis=0)
+    sums = data.sum(axis=0)
+    centred = data - sums / max(1, data.shape[0])
+    return columns, int(data.shape[0]), sums, np.square(centred).sum(axis=0)

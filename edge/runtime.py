@@ -58,6 +58,7 @@ from fedcore.protocol.messages import (
 )
 from fedcore.protocol.topics import TopicKind, Topics, parse_topic
 from fedcore.systemd import SystemdNotifier
+from fedcore.trace import NoTrace, Tracer
 from fedcore.transport.base import (
     Connected,
     Disconnected,
@@ -109,6 +110,7 @@ class EdgeService:
         notifier: SystemdNotifier | None = None,
         server: ModelServer | None = None,
         metrics: EdgeMetrics | None = None,
+        trace: Tracer | None = None,
     ) -> None:
         self.config = config
         self.transport = transport
@@ -121,6 +123,7 @@ class EdgeService:
         self.attack = attack
         self.server = server
         self.metrics = metrics
+        self.trace = trace or NoTrace()
         remembered = saved_state.load(config.state_dir)
         self.machine = pm.Participant(config.device, encode=encode, lineage=remembered.lineage)
         self.private = remembered.private
@@ -170,6 +173,7 @@ class EdgeService:
             self._tick(self.clock())
         self.notifier.notify("STOPPING=1")
         log.info("stopping (exit %d)", code)
+        self.trace.close()
         if code:
             self.transport.stop()
             if self.metrics is not None:
@@ -350,10 +354,12 @@ class EdgeService:
             if parsed.kind is TopicKind.MODEL:
                 env = self.security.open_from_aggregator(msg.payload, Kind.MODEL)
                 model = codec.decode_body(env, GlobalModel)
+                self.trace.mark("model_received", version=model.version, sent=env.timestamp)
                 self._apply(self.machine.handle(pm.ModelReceived(now, model)))
             elif parsed.kind is TopicKind.ROUND:
                 env = self.security.open_from_aggregator(msg.payload, Kind.ROUND)
                 ann = codec.decode_body(env, RoundAnnouncement)
+                self.trace.mark("announcement_received", round=ann.round, sent=env.timestamp)
                 self.announcement = ann
                 self._apply(self.machine.handle(pm.RoundAnnounced(now, ann)))
             elif parsed.kind is TopicKind.DEPLOYMENT:
@@ -403,6 +409,7 @@ class EdgeService:
                                   self.clock(), message_id=action.message_id)
         payload = codec.encode(self.security.sign(env))
         self.transport.publish(self.topics.update(self.config.device), payload, qos=1)
+        self.trace.mark("update_published", round=action.round, bytes=len(payload))
         if action.resend:
             log.info("round %d: update re-sent (%d bytes)", action.round, len(payload))
             return
@@ -441,6 +448,7 @@ class EdgeService:
             return None
 
     def _install(self, action: pm.InstallModel) -> None:
+        self.trace.mark("model_installed", version=action.model.version)
         spec = action.model.spec
         self.eval_stats = {}
         data = self._scaled(spec)
@@ -454,6 +462,7 @@ class EdgeService:
         elif data is not None and spec.kind == "autoencoder" and len(data.x_test):
             scores = evaluate(spec, action.weights, data.x_test, None)
             self.eval_stats = {f"eval_{k}": float(v) for k, v in scores.items()}
+        self.trace.mark("evaluated", version=action.model.version)
         if self.metrics is not None:
             self.metrics.trained_version.set(action.model.version)
         summary = ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in self.eval_stats.items()
@@ -481,6 +490,7 @@ class EdgeService:
         if self.attack is not None and y is not None:
             x, y = self.attack.poison_data(spec, x, y)
         self._set_activity("training", f"round {action.round}")
+        self.trace.mark("train_start", round=action.round)
         started = time.perf_counter()
         try:
             weights, result = train_local(spec, action.weights, x, y, action.train, self.rng)
@@ -490,6 +500,7 @@ class EdgeService:
             return pm.TrainingFailed(self.clock(), action.round, f"training failed: {exc}")
         finally:
             seconds = time.perf_counter() - started
+            self.trace.mark("train_end", round=action.round)
         self._set_activity("ready")
         if not np.isfinite(result.loss) or not all(np.isfinite(w).all() for w in weights):
             log.error("round %d: local training diverged (loss %s); sitting this round out",
@@ -589,6 +600,7 @@ class EdgeService:
         except (RemoteProtocolError, ValueError, RuntimeError) as exc:
             log.error("model version %d cannot run in LiteRT: %s", version, exc)
             return
+        self.trace.mark("served", version=version)
         if body is None:
             return
         env = codec.make_envelope(Kind.TELEMETRY, self.config.fleet, self.config.task,

@@ -15,7 +15,7 @@ Every split is a partition of the unit's rows (no row is in both), which tests c
 
 The scaler is fitted on the union of the training rows of all units, never on test rows. In
 a deployment the same mean and variance come from one federated statistics round (each
-gateway sends its count, sum and sum of squares), so no raw rows move.
+gateway sends its count, sum and centred sum of squares), so no raw rows move.
 """
 
 from __future__ import annotations

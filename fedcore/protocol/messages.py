@@ -173,14 +173,15 @@ class SecAggMessage(msgspec.Struct, frozen=True, array_like=True):
 
 
 class DataStats(msgspec.Struct, frozen=True, array_like=True):
-    """A gateway's answer to a statistics round: count, sums and sums of squares of its raw
-    training rows per column (the features, then the regression target). No row leaves."""
+    """A gateway's answer to a statistics round: count, sums and centred sums of squares
+    (``sum((x - mean)^2)`` about the gateway's own mean) of its raw training rows per column
+    (the features, then the regression target). No row leaves."""
 
     lineage: str
     columns: tuple[str, ...]
     count: int
     sums: tuple[float, ...]
-    sums_sq: tuple[float, ...]
+    m2: tuple[float, ...]
 
 
 class CanaryReport(msgspec.Struct, frozen=True, array_like=True):

@@ -84,7 +84,7 @@ class Driver:
         answer = DataStats(self.machine.lineage if lineage is None else lineage,
                            ("temp", "flow", "power"), int(data.shape[0]),
                            tuple(float(v) for v in data.sum(axis=0)),
-                           tuple(float(v) for v in np.square(data).sum(axis=0)))
+                           tuple(float(v) for v in np.square(data - data.mean(axis=0)).sum(axis=0)))
         return self.feed(agg.StatsReceived(self.now, device, answer))
 
     def run_round(self, devices: tuple[str, ...] = ("gw1", "gw2")) -> list[Any]:

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.statistics import MAX_COUNT, check_stats, expected_columns, fleet_scaler
+from edge.rows import statistics
 from fedcore.datasets.base import Scaler
 from fedcore.errors import RemoteProtocolError
 from fedcore.protocol.messages import DataStats, ModelSpec
@@ -24,9 +25,10 @@ AUTOENCODER = ModelSpec("autoencoder", (3, 2, 3), task="anomaly", features=("a",
 def stats_of(rows: np.ndarray, spec: ModelSpec = REGRESSION, lineage: str = LINEAGE) -> DataStats:
     """A gateway's answer, computed as the gateways compute it (features, then target)."""
     data = np.asarray(rows, np.float64)
-    return DataStats(lineage, expected_columns(spec), int(data.shape[0]),
-                     tuple(float(v) for v in data.sum(axis=0)),
-                     tuple(float(v) for v in np.square(data).sum(axis=0)))
+    x, y = (data[:, :-1], data[:, -1]) if spec.task == "regression" else (data, None)
+    columns, count, sums, m2 = statistics(spec.task, spec.features, spec.target, x, y)
+    assert columns == expected_columns(spec)
+    return DataStats(lineage, columns, count, tuple(map(float, sums)), tuple(map(float, m2)))
 
 
 def refusal(stats: DataStats, spec: ModelSpec = REGRESSION) -> RemoteProtocolError:
@@ -106,7 +108,7 @@ def test_specs_without_a_regression_target_have_no_target_stats(spec: ModelSpec)
     np.testing.assert_allclose(fitted.feature_mean, rows.mean(axis=0), rtol=1e-12)
     # a regression-shaped answer (one column too many) is refused
     wrong = stats_of(np.column_stack([rows, rows[:, 0]]), REGRESSION)
-    wrong = DataStats(LINEAGE, (*spec.features, "extra"), wrong.count, wrong.sums, wrong.sums_sq)
+    wrong = DataStats(LINEAGE, (*spec.features, "extra"), wrong.count, wrong.sums, wrong.m2)
     assert refusal(wrong, spec).reason == "bad_columns"
 
 
@@ -127,7 +129,7 @@ def test_a_good_answer_passes() -> None:
 
 def test_wrong_lineage_is_refused() -> None:
     g = good()
-    stale = DataStats("20240101T000000Z-0000", g.columns, g.count, g.sums, g.sums_sq)
+    stale = DataStats("20240101T000000Z-0000", g.columns, g.count, g.sums, g.m2)
     err = refusal(stale)
     assert err.reason == "wrong_lineage" and "20240101T000000Z-0000" in err.detail
 
@@ -140,14 +142,14 @@ def test_wrong_lineage_is_refused() -> None:
 def test_wrong_columns_are_refused(columns: tuple[str, ...]) -> None:
     g = good()
     n = len(columns)
-    err = refusal(DataStats(LINEAGE, columns, g.count, g.sums[:n], g.sums_sq[:n]))
+    err = refusal(DataStats(LINEAGE, columns, g.count, g.sums[:n], g.m2[:n]))
     assert err.reason == "bad_columns"
 
 
 @pytest.mark.parametrize("count", [0, -5, MAX_COUNT + 1])
 def test_counts_out_of_range_are_refused(count: int) -> None:
     g = good()
-    err = refusal(DataStats(LINEAGE, g.columns, count, g.sums, g.sums_sq))
+    err = refusal(DataStats(LINEAGE, g.columns, count, g.sums, g.m2))
     assert err.reason == "bad_stats" and str(count) in err.detail
 
 
@@ -158,32 +160,42 @@ def test_the_largest_count_is_accepted() -> None:
 
 def test_sums_of_the_wrong_length_are_refused() -> None:
     g = good()
-    assert refusal(DataStats(LINEAGE, g.columns, g.count, g.sums[:3], g.sums_sq)).reason == "bad_stats"
-    assert refusal(DataStats(LINEAGE, g.columns, g.count, g.sums, (*g.sums_sq, 1.0))).reason == "bad_stats"
+    assert refusal(DataStats(LINEAGE, g.columns, g.count, g.sums[:3], g.m2)).reason == "bad_stats"
+    assert refusal(DataStats(LINEAGE, g.columns, g.count, g.sums, (*g.m2, 1.0))).reason == "bad_stats"
 
 
-@pytest.mark.parametrize("where", ["sums", "sums_sq"])
+@pytest.mark.parametrize("where", ["sums", "m2"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_sums_are_refused(where: str, bad: float) -> None:
     g = good()
-    sums, sums_sq = list(g.sums), list(g.sums_sq)
-    (sums if where == "sums" else sums_sq)[1] = bad
-    err = refusal(DataStats(LINEAGE, g.columns, g.count, tuple(sums), tuple(sums_sq)))
+    sums, m2 = list(g.sums), list(g.m2)
+    (sums if where == "sums" else m2)[1] = bad
+    err = refusal(DataStats(LINEAGE, g.columns, g.count, tuple(sums), tuple(m2)))
     assert err.reason == "bad_stats" and "finite" in err.detail
 
 
 def test_negative_sums_of_squares_are_refused_negative_sums_are_not() -> None:
     g = good()
-    negative_q = DataStats(LINEAGE, g.columns, g.count, g.sums, (g.sums_sq[0], -1.0, *g.sums_sq[2:]))
+    negative_q = DataStats(LINEAGE, g.columns, g.count, g.sums, (g.m2[0], -1.0, *g.m2[2:]))
     err = refusal(negative_q)
     assert err.reason == "bad_stats" and ">= 0" in err.detail
     # a column of negative values has a negative sum: that is fine
     check_stats(REGRESSION, LINEAGE, stats_of(-plant_rows(np.random.default_rng(1), 20)))
 
 
-def test_impossible_sums_of_squares_are_refused() -> None:
-    # two rows summing to 10 have a sum of squares of at least 50
+def test_a_small_spread_far_from_zero_keeps_its_scale() -> None:
+    # pressure in Pa: level 101 325, spread 3, a million rows on two gateways; the raw
+    # sum of squares (~1e16) has a rounding of ~2 per row, as large as the variance itself
+    rng = np.random.default_rng(5)
+    rows = rng.normal([20.0, 101_325.0, 0.0, 1_000.0], [1.0, 3.0, 1.0, 10.0], size=(1_000_000, 4))
+    spec = fleet_scaler(REGRESSION, [stats_of(rows[:300_000]), stats_of(rows[300_000:])])
+    assert spec.feature_std[1] == pytest.approx(rows[:, 1].std(), rel=1e-9)
+
+
+def test_a_gateway_whose_mean_differs_adds_its_offset_to_the_spread() -> None:
+    # two gateways each constant, at 0 and at 10: the fleet spread is 5, not 0
     spec = ModelSpec("mlp", (1, 1), task="classification", features=("x",))
-    err = refusal(DataStats(LINEAGE, ("x",), 2, (10.0,), (49.0,)), spec)
-    assert err.reason == "bad_stats" and "smaller than the sums allow" in err.detail
-    check_stats(spec, LINEAGE, DataStats(LINEAGE, ("x",), 2, (10.0,), (50.0,)))  # 5, 5
+    answers = [DataStats(LINEAGE, ("x",), 2, (0.0,), (0.0,)),
+               DataStats(LINEAGE, ("x",), 2, (20.0,), (0.0,))]
+    fitted = fleet_scaler(spec, answers)
+    assert fitted.feature_mean == (5.0,) and fitted.feature_std == (5.0,)

@@ -84,7 +84,9 @@ def test_store_statistics_are_the_sums_of_the_training_rows(tmp_path: Path) -> N
     a = np.arange(10.0)
     assert stats.lineage == "L1" and stats.columns == ("a", "b", "y") and stats.count == 10
     np.testing.assert_allclose(stats.sums, [a.sum(), 10.0, (2 * a).sum()])
-    np.testing.assert_allclose(stats.sums_sq, [(a**2).sum(), 10.0, (4 * a**2).sum()])
+    # centred about the gateway's own mean: column b is constant, so its spread is 0
+    np.testing.assert_allclose(stats.m2, [((a - 4.5) ** 2).sum(), 0.0, ((2 * a - 9) ** 2).sum()],
+                               atol=1e-12)
 
 
 # ---- scaling with the fleet scaler ------------------------------------------------------

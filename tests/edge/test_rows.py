@@ -414,7 +414,7 @@ def test_holdout_blocks_are_counted_from_the_origin() -> None:
 
 
 @pytest.mark.parametrize("task", ["regression", "classification", "anomaly"])
-def test_statistics_are_the_sums_over_the_training_rows(task: str) -> None:
+def test_statistics_are_the_centred_sums_over_the_training_rows(task: str) -> None:
     target = "" if task == "anomaly" else "y"
     s = spec(("w", "sin(d)", "cos(d)"), target, task=task, valid=(("w", 0.0, 25.0),),
              holdout_every=4, holdout_block_s=50.0)
@@ -425,7 +425,7 @@ def test_statistics_are_the_sums_over_the_training_rows(task: str) -> None:
     y = rng.integers(0, 3, n).astype(float)
     given = {"w": w, "d": d, **({"y": y} if target else {})}
     built = rowlib.build(s, fed(s, [raw(s, np.arange(n, dtype=float), **given)]))
-    columns, count, sums, squares = rowlib.statistics(s.task, s.feature_names, s.target,
+    columns, count, sums, m2 = rowlib.statistics(s.task, s.feature_names, s.target,
                                                       built.x_train, built.y_train)
     # the training rows, found without the window: valid w, outside every 4th block of 50 s
     train = (w >= 0) & (w <= 25) & ((np.arange(n) // 50) % 4 != 3)
@@ -435,7 +435,7 @@ def test_statistics_are_the_sums_over_the_training_rows(task: str) -> None:
         data, names = np.column_stack([data, y[train]]), (*names, "y")
     assert columns == names and count == int(train.sum())
     np.testing.assert_allclose(sums, data.sum(axis=0), rtol=1e-12)
-    np.testing.assert_allclose(squares, np.square(data).sum(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(m2, np.square(data - data.mean(axis=0)).sum(axis=0), rtol=1e-12)
 
 
 def test_a_record_counter_that_goes_back_is_counted() -> None:
