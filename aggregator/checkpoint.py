@@ -1,12 +1,22 @@
 """Atomic checkpoints of the aggregator's state on disk.
 
 One file, ``checkpoint.npz``, holds the global weights, the server optimizer's arrays and
-the JSON metadata (round, version, parent hash, bounded history, ledgers...). It is written
-to a temporary file, fsync'd, and renamed over the old one, then the folder is fsync'd: a
-crash at any point leaves either the previous or the new checkpoint, never a torn one.
+the JSON metadata (round, version, parent hash, ledgers...). It is written to a temporary
+file, fsync'd, and renamed over the old one, then the folder is fsync'd: a crash at any
+point leaves either the previous or the new checkpoint, never a torn one.
+
+The round history (up to ``keep_history`` summaries) is not rewritten every round: each
+entry is appended once to ``history.jsonl`` as ``{"n": number, "entry": {...}}`` and the
+checkpoint names how many entries it covers (``history_count``). Reading back takes the
+entries numbered up to that count (lines a crash left past it are dropped, a torn last line
+is skipped); the journal is rewritten when it belongs to another state or has grown to
+twice what is kept. Appends are not fsync'd: the history is what operators read, not what
+a restart needs, and a killed process loses nothing (the kernel holds the write); a power
+cut may lose the last entries, never the checkpoint. A checkpoint of the earlier layout
+(the history inside its metadata) still loads.
 
 Each committed model is also kept as ``models/v{version}.npz`` for deployment, roll-back
-and audit; :func:`prune_models` keeps the newest ``keep`` of them plus any version still
+and audit (:func:`save_model`, written once the model is out); :func:`prune_models` keeps the newest ``keep`` of them plus any version still
 named by the deployment state. A failed write raises ``OSError`` (a full disk): the caller
 holds what depends on it and retries.
 """
@@ -16,14 +26,19 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from aggregator.rounds import Checkpoint
 
 FILE = "checkpoint.npz"
+JOURNAL = "history.jsonl"
+# per state folder: (lines in the journal, newest entry number); read once per process
+_journals: dict[Path, tuple[int, int]] = {}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -53,18 +68,71 @@ def _pack(checkpoint: Checkpoint) -> bytes:
     return buf.getvalue()
 
 
+def _read_journal(directory: Path) -> list[tuple[int, dict[str, Any]]]:
+    try:
+        text = (directory / JOURNAL).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+            n, entry = int(record["n"]), record["entry"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line
+        if isinstance(entry, dict):
+            out.append((n, entry))
+    return out
+
+
+def _journal_lines(records: list[tuple[int, dict[str, Any]]]) -> str:
+    return "".join(json.dumps({"n": n, "entry": e}, separators=(",", ":")) + "\n" for n, e in records)
+
+
+def _save_history(directory: Path, history: list[dict[str, Any]], count: int) -> None:
+    """Append the entries the journal lacks (numbered ``count - len(history) + 1 ..
+    count``), or rewrite it when it is of another state or too long."""
+    first = count - len(history) + 1
+    known = _journals.get(directory)
+    if known is None:
+        records = _read_journal(directory)
+        known = (len(records), max((n for n, _ in records), default=0))
+    lines, newest = known
+    numbered = list(zip(range(first, count + 1), history, strict=True))
+    if newest > count or newest < first - 1 or lines >= 2 * len(history) + 16:
+        _atomic_write(directory / JOURNAL, _journal_lines(numbered).encode())
+        _journals[directory] = (len(numbered), count)
+        return
+    new = [(n, e) for n, e in numbered if n > newest]
+    if new:
+        with open(directory / JOURNAL, "a", encoding="utf-8") as f:
+            f.write(_journal_lines(new))
+    _journals[directory] = (lines + len(new), max(newest, count))
+
+
 def save(directory: Path, checkpoint: Checkpoint) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / FILE
-    _atomic_write(path, _pack(checkpoint))
+    meta = dict(checkpoint.meta)
+    history = meta.pop("history", [])
+    count = int(meta.setdefault("history_count", len(history)))
+    _save_history(directory, history, count)  # first: the checkpoint covers what it names
+    _atomic_write(path, _pack(Checkpoint(checkpoint.weights, meta, checkpoint.arrays)))
+    return path
+
+
+def save_model(directory: Path, version: int, weights: list[np.ndarray]) -> Path:
+    """``models/v{version}.npz`` (kept as it is when it exists). Written after the model
+    and the next announcement are out: the checkpoint holds the same weights, so a crash
+    before this write loses nothing (the restarted aggregator writes it)."""
     models = directory / "models"
-    models.mkdir(exist_ok=True)
-    version_file = models / f"v{checkpoint.meta['version']}.npz"
+    models.mkdir(parents=True, exist_ok=True)
+    version_file = models / f"v{version}.npz"
     if not version_file.exists():
         buf = io.BytesIO()
-        np.savez(buf, **{f"w_{i}": w for i, w in enumerate(checkpoint.weights)})  # type: ignore[arg-type]
+        np.savez(buf, **{f"w_{i}": w for i, w in enumerate(weights)})  # type: ignore[arg-type]
         _atomic_write(version_file, buf.getvalue())
-    return path
+    return version_file
 
 
 def model_path(directory: Path, version: int) -> Path:
@@ -131,6 +199,15 @@ def load(directory: Path) -> Checkpoint | None:
             meta[key]  # noqa: B018 - the fields a restore cannot do without
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
         raise DamagedCheckpoint(f"{path}: {type(exc).__name__}: {exc}") from None
+    _journals.pop(directory, None)  # the next save reads the journal afresh
+    if "history" not in meta:  # the journal's entries up to the count the checkpoint names
+        count = int(meta.get("history_count", 0))
+        records = _read_journal(directory)
+        entries = dict(r for r in records if r[0] <= count)
+        meta["history"] = [entries[n] for n in sorted(entries)]
+        meta["history_count"] = max(entries, default=0)  # numbering goes on after the newest kept
+        if len(entries) < len(records):  # lines past the checkpoint: the next save rewrites
+            _journals[directory] = (len(records), sys.maxsize)
     return Checkpoint(weights, meta, arrays)
 
 

@@ -169,7 +169,7 @@ def _archive(state: Path) -> Path | None:
         n += 1
         archive = state / "lineages" / f"{lineage}.{n}"
     archive.mkdir(parents=True)
-    for name in ("models", checkpoints.FILE):  # the checkpoint last: a half-done run is redone
+    for name in ("models", checkpoints.JOURNAL, checkpoints.FILE):  # the checkpoint last: a half-done run is redone
         if (state / name).exists():
             (state / name).rename(archive / name)
     return archive

@@ -51,7 +51,6 @@ Rules:
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 from collections.abc import Callable
@@ -236,7 +235,8 @@ class RoundStateMachine:
         self.refused: set[str] = set()  # gateways whose update this round failed validation
         self.seen_ids: dict[str, int] = {}  # message id -> round, for duplicate detection
         self.rejected: dict[str, int] = {}
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []  # an entry is never changed once appended
+        self.history_count = 0  # entries ever appended (the journal numbers them)
         self.excluded: set[str] = set()  # out of privacy budget
         self.reputation = rep.ReputationState()
         self.metric, self.metric_higher_is_better = holdout_metric(spec.kind, spec.task)
@@ -336,7 +336,10 @@ class RoundStateMachine:
             "parent_hash": self.parent_hash.hex(),
             "optimizer_steps": self.optimizer_state.steps,
             "last_start": self.last_start,
-            "history": copy.deepcopy(self.history),  # a held checkpoint must not follow later rounds
+            # a copy of the list (a held checkpoint must not follow later rounds); the entries
+            # themselves are never changed once appended
+            "history": list(self.history),
+            "history_count": self.history_count,
             "rejected": dict(self.rejected),
             "excluded": sorted(self.excluded),
             "reputation": self.reputation.to_dict(),
@@ -370,6 +373,7 @@ class RoundStateMachine:
         self.parent_hash = bytes.fromhex(meta["parent_hash"])
         self.last_start = float(meta.get("last_start", 0.0))
         self.history = list(meta.get("history", []))[-self.config.keep_history:]
+        self.history_count = int(meta.get("history_count", len(self.history)))
         self.rejected = dict(meta.get("rejected", {}))
         self.excluded = set(meta.get("excluded", []))
         if meta.get("reputation"):
@@ -671,6 +675,7 @@ class RoundStateMachine:
                              "metric": summary.metrics.get(f"eval_{self.metric}", float("nan")),
                              "evaluated_version": self.version - 1,
                              "metrics": summary.metrics, "wall_s": summary.wall_s, "time": now})
+        self.history_count += 1
         del self.history[:-self.config.keep_history]
         self.round += 1
         self._forget_old_ids()
@@ -682,8 +687,12 @@ class RoundStateMachine:
         saves = [a for a in follow if isinstance(a, SaveCheckpoint)]
         rest = [a for a in follow if not isinstance(a, SaveCheckpoint)]
         checkpoint = saves[0] if saves else SaveCheckpoint(self.checkpoint())
-        return [*judged, checkpoint, PublishModel(self.model), ModelCommitted(self.version),
-                PublishMetrics(summary), *rest]
+        # the model and the next announcement first: they are the round's critical path;
+        # the commit's bookkeeping (audit, deployment, summary) follows them
+        announce = [a for a in rest if isinstance(a, PublishRound)]
+        others = [a for a in rest if not isinstance(a, PublishRound)]
+        return [*judged, checkpoint, PublishModel(self.model), *announce,
+                ModelCommitted(self.version), PublishMetrics(summary), *others]
 
     def _judge(self, devices: list[str], deltas: list[Params], fused: Params) -> list[Action]:
         """Update reputations from each update's distance to the fused one; quarantine."""

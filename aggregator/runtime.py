@@ -97,6 +97,7 @@ class AggregatorService:
         self.topics = Topics(config.fleet, config.task)
         self.events: queue.Queue[TransportEvent] = queue.Queue()
         self.rejected: Counter[str] = Counter()  # message-level and update rejections
+        self._housekept_at = 0.0
         self.stopping = threading.Event()
         self.finished = False
         self._last_down = (0, 0)  # sizes of the last published model and round messages
@@ -122,6 +123,10 @@ class AggregatorService:
             log.info("resumed lineage %s from %s: round %s, model version %s",
                      self.machine.lineage or "(none)", config.state_dir, saved.meta["round"],
                      saved.meta["version"])
+        # the model file of the last checkpoint, written once the model is out (checkpoint.py)
+        self._model_due: tuple[int, list[np.ndarray]] | None = None
+        if saved is not None:
+            self._model_due = (int(saved.meta["version"]), saved.weights)  # if a crash lost it
         self._held: list[Carried] = []  # actions waiting for a checkpoint that failed
         self._command_error = False
         self._write_failed_at = 0.0
@@ -169,8 +174,12 @@ class AggregatorService:
                 self._retry_held(now)
                 self._apply(self.machine.handle(sm.Tick(now)))
                 self._apply_deploy(self.deploy.on_tick(now))
-                self._operator_commands(now)
-                self._publish_state(now)
+                # a burst of updates and statuses is taken first: the command folder and
+                # the task state are looked at when the queue is quiet, or every TICK_S
+                if item is None or now - self._housekept_at >= TICK_S:
+                    self._housekept_at = now
+                    self._operator_commands(now)
+                    self._publish_state(now)
             if self.finished and self.config.exit_when_done:
                 break
         self.notifier.notify("STOPPING=1")
@@ -242,7 +251,8 @@ class AggregatorService:
             if env.round != update.round:
                 raise RemoteProtocolError("bad_round", "envelope and body rounds differ")
             wire = len(msg.payload) + len(msg.topic)
-            self.trace.mark("update_received", round=update.round, device=env.sender, sent=env.timestamp)
+            self.trace.mark("update_received", round=update.round, device=env.sender,
+                            sent=env.timestamp, arrived=msg.arrived, start=now)
             actions = self.machine.handle(sm.UpdateReceived(now, env.sender, env.message_id, update, wire))
             if any(isinstance(a, sm.ModelCommitted) for a in actions):
                 self.trace.mark("fused", round=update.round)  # validated, fused, model encoded
@@ -338,8 +348,6 @@ class AggregatorService:
         checkpoint.meta["deployment"] = self.deploy.to_dict()
         try:
             checkpoints.save(self.config.state_dir, checkpoint)
-            protect = {self.deploy.version, *self.deploy.needed()}
-            checkpoints.prune_models(self.config.state_dir, self.config.keep_models, protect)
         except OSError as exc:
             if not self._write_failed_at:
                 log.error("cannot write the checkpoint to %s: %s; holding round %d until it can "
@@ -349,6 +357,7 @@ class AggregatorService:
             if self.metrics is not None:
                 self.metrics.disk_full.set(1)
             return False
+        self._model_due = (int(checkpoint.meta["version"]), checkpoint.weights)
         if self._write_failed_at:
             log.warning("the checkpoint is written again; resuming")
             self._write_failed_at = 0.0
@@ -356,10 +365,36 @@ class AggregatorService:
                 self.metrics.disk_full.set(0)
         return True
 
+    def _save_model_file(self) -> None:
+        """The model file of the last checkpoint, then the pruning of old ones. A failure
+        is logged; the tick tries again (the checkpoint holds the weights meanwhile)."""
+        if self._model_due is None:
+            return
+        version, weights = self._model_due
+        try:
+            checkpoints.save_model(self.config.state_dir, version, weights)
+            protect = {self.deploy.version, *self.deploy.needed()}
+            checkpoints.prune_models(self.config.state_dir, self.config.keep_models, protect)
+        except OSError as exc:
+            if not self._write_failed_at:
+                log.error("cannot write model file %d to %s: %s (retrying every %.0f s)", version,
+                          self.config.state_dir, exc.strerror or exc, RETRY_WRITE_S)
+            self._write_failed_at = self.clock()
+            if self.metrics is not None:
+                self.metrics.disk_full.set(1)
+            return
+        self._model_due = None
+
     def _retry_held(self, now: float) -> None:
         if self._held and now - self._write_failed_at >= RETRY_WRITE_S:
             held, self._held = self._held, []
             self._apply(held)
+        elif self._model_due is not None and now - self._write_failed_at >= RETRY_WRITE_S:
+            self._save_model_file()
+            if self._model_due is None and self._write_failed_at:
+                self._write_failed_at = 0.0
+                if self.metrics is not None:
+                    self.metrics.disk_full.set(0)
 
     def _apply(self, actions: Sequence[Carried]) -> None:
         if self._held:
@@ -372,7 +407,11 @@ class AggregatorService:
                     return
                 self.trace.mark("checkpoint_saved", round=self.machine.round)
             else:
+                if isinstance(action, sm.ModelCommitted) and not self._write_failed_at:
+                    self._save_model_file()  # the model and the announcement are out
                 self._carry_out(action)
+        if not self._write_failed_at:  # after a failed write the tick retries
+            self._save_model_file()
 
     def _carry_out(self, action: Carried) -> None:
         if isinstance(action, dm.PublishDeployment):

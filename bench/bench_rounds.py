@@ -63,8 +63,10 @@ from fedcore.protocol.messages import RoundSummary, Status, TrainConfig  # noqa:
 from fedcore.protocol.topics import Topics  # noqa: E402
 from fedcore.transport.base import Connected, MessageReceived  # noqa: E402
 from fedcore.transport.paho import PahoTransport  # noqa: E402
+from fedcore.transport.tls import TlsSettings  # noqa: E402
 from fedgate.broker import RunningBroker, start_broker  # noqa: E402
-from fedgate.demo_configs import DemoOptions, write_configs  # noqa: E402
+from fedgate.demo import start_secure_broker  # noqa: E402
+from fedgate.demo_configs import DemoOptions, device_id, write_configs  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TRAIN = TrainConfig(local_epochs=1, batch_size=32, learning_rate=0.1, optimizer="sgd")
@@ -87,8 +89,20 @@ class Run:
     wire_total: dict[str, tuple[int, int]] = field(default_factory=dict)
     update_marks: dict[str, int] = field(default_factory=dict)
     agg_log: dict[str, int] = field(default_factory=dict)
+    after: Any = None  # what ``after_run`` returned
+    # CPU seconds per steady round (the rounds after round 2): aggregator, broker, gateways
+    cpu: dict[str, float] = field(default_factory=dict)
     error: str = ""
     elapsed_s: float = 0.0
+
+
+def proc_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of a process so far (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError, TypeError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def proc_memory(pid: int) -> tuple[int, int]:
@@ -107,11 +121,15 @@ def proc_memory(pid: int) -> tuple[int, int]:
 class Observer:
     """Retained metrics and status, read straight from the broker (not via the proxy)."""
 
-    def __init__(self, url: str, topics: Topics) -> None:
+    def __init__(self, url: str, topics: Topics, fleet_dir: Path | None = None) -> None:
         self.topics = topics
         self.events: queue.Queue[Any] = queue.Queue()
+        tls = None
+        if fleet_dir is not None:  # the aggregator's identity may read metrics and status
+            bundle = fleet_dir / "aggregator"
+            tls = TlsSettings(bundle / "ca.crt", bundle / "client.crt", bundle / "client.key")
         self.transport = PahoTransport(url, f"bench-observer-{os.getpid()}", clean_start=True,
-                                       rng=random.Random(0))
+                                       tls=tls, rng=random.Random(0))
 
     def start(self) -> None:
         def on_event(event: Any) -> None:
@@ -186,29 +204,43 @@ def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
 
 def run_one(n: int, rounds: int, workdir: Path, concurrency: int, timeout_s: float,
             say: Callable[[str], None], edge_env: dict[str, str] | None = None,
-            min_free_mb: float = 2048.0, downlink: str = "fp32") -> Run:
+            min_free_mb: float = 2048.0, downlink: str = "fp32", secure: bool = False,
+            trace: bool = False,
+            after_run: Callable[[str, Path | None], Any] | None = None) -> Run:
+    """One fleet of ``n`` gateways for ``rounds`` rounds. ``secure``: a provisioned mTLS
+    fleet with signed messages, connected straight to the broker (no counting proxy: it
+    cannot read MQTT inside TLS, so there are no wire figures). ``trace``: every service
+    writes step timestamps to its state folder's trace.jsonl. ``after_run(url, fleet_dir)``
+    runs once the services are stopped, while the broker still runs."""
     run = Run(n, rounds)
     dataset = load_dataset("synthetic", gateways=n)
     spec = default_spec(dataset)
     topics = Topics(FLEET, TASK)
     options = DemoOptions(dataset="synthetic", gateways=n, rounds=rounds, fleet=FLEET,
                           task=TASK, round_timeout_s=600.0, workdir=str(workdir),
-                          downlink=downlink)
+                          downlink=downlink, secure=secure, trace=trace)
     broker: RunningBroker | None = None
     proxy: CountingProxy | None = None
     observer: Observer | None = None
     procs: list[subprocess.Popen[bytes]] = []
     started = time.monotonic()
     try:
-        broker = start_broker(data_dir=workdir / "broker", prefer="mosquitto", fallback=False)
-        proxy = CountingProxy(broker.port).start()
-        files = write_configs(workdir, proxy.url, options, dataset, spec, TRAIN)
+        fleet_dir = workdir / "fleet" if secure else None
+        if fleet_dir is not None:
+            broker = start_secure_broker(fleet_dir, FLEET, [device_id(u) for u in dataset.units])
+            url = f"mqtts://127.0.0.1:{broker.port}"
+            files = write_configs(workdir, url, options, dataset, spec, TRAIN, fleet_dir)
+        else:
+            broker = start_broker(data_dir=workdir / "broker", prefer="mosquitto", fallback=False)
+            url = broker.url
+            proxy = CountingProxy(broker.port).start()
+            files = write_configs(workdir, proxy.url, options, dataset, spec, TRAIN)
         # the aggregator talks to the broker directly: only gateway traffic is counted
-        agg_toml = files.aggregator.read_text().replace(proxy.url, broker.url)
+        agg_toml = files.aggregator.read_text().replace(proxy.url, url) if proxy else files.aggregator.read_text()
         # every round waits for all N gateways (the demo's default quorum tolerates 1 in 10)
         agg_toml = re.sub(r"min_participants = \d+", f"min_participants = {n}", agg_toml)
         files.aggregator.write_text(agg_toml)
-        observer = Observer(broker.url, topics)
+        observer = Observer(url, topics, fleet_dir)
         observer.start()
         aggregator = spawn(["aggregator", "run", "-c", str(files.aggregator)], workdir / "aggregator.log")
         procs.append(aggregator)
@@ -218,6 +250,13 @@ def run_one(n: int, rounds: int, workdir: Path, concurrency: int, timeout_s: flo
         online: set[str] = set()
         edge_procs: dict[str, subprocess.Popen[bytes]] = {}
         deadline = started + timeout_s
+        cpu_at_2: dict[str, float] = {}
+
+        def cpu_now() -> dict[str, float]:
+            edges = [proc_cpu_s(p.pid) for p in edge_procs.values()]
+            return {"aggregator": proc_cpu_s(aggregator.pid), "broker": proc_cpu_s(broker.pid if broker else None),
+                    "gateways": sum(edges)}
+
         while len(run.summaries) < rounds:
             now = time.monotonic()
             if now > deadline:
@@ -257,20 +296,30 @@ def run_one(n: int, rounds: int, workdir: Path, concurrency: int, timeout_s: flo
                 s = value
                 if s.round not in run.summaries:
                     run.summaries[s.round] = s
+                    if s.round == 2:
+                        cpu_at_2 = cpu_now()
                     say(f"  N={n}: round {s.round}: {len(s.participants)} participants, "
                         f"wall {s.wall_s:.2f} s, slowest training {s.metrics.get('train_s_max', 0):.3f} s")
+        if len(run.summaries) >= 3 and cpu_at_2:
+            end = cpu_now()
+            steady = len(run.summaries) - 2
+            run.cpu = {k: (end[k] - cpu_at_2[k]) / steady for k in end}
         time.sleep(1.0)  # let the last model reach every gateway before reading counters
         run.agg_mem = proc_memory(aggregator.pid)
         run.edge_mem = {d: proc_memory(p.pid) for d, p in edge_procs.items()}
-        for conn_client, (up, down) in proxy.by_client().items():
-            run.wire_total[conn_client] = (up, down)
-        for device in edge_procs:
-            marks = [(u, d) for c in proxy.connections() if c.client_id == device
-                     for (topic, u, d) in c.marks if "/update/" in topic]
-            run.update_marks[device] = len(marks)
-            if len(marks) >= 2:
-                (u0, d0), (u1, d1) = marks[0], marks[-1]
-                run.wire[device] = ((u1 - u0) / (len(marks) - 1), (d1 - d0) / (len(marks) - 1))
+        if proxy is not None:
+            for conn_client, (up, down) in proxy.by_client().items():
+                run.wire_total[conn_client] = (up, down)
+            for device in edge_procs:
+                marks = [(u, d) for c in proxy.connections() if c.client_id == device
+                         for (topic, u, d) in c.marks if "/update/" in topic]
+                run.update_marks[device] = len(marks)
+                if len(marks) >= 2:
+                    (u0, d0), (u1, d1) = marks[0], marks[-1]
+                    run.wire[device] = ((u1 - u0) / (len(marks) - 1), (d1 - d0) / (len(marks) - 1))
+        if after_run is not None and not run.error:
+            stop_all(procs)
+            run.after = after_run(url, fleet_dir)
     finally:
         stop_all(procs)
         for pid in stray_children(workdir):

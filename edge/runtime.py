@@ -76,6 +76,7 @@ log = logging.getLogger("fedgate.edge")
 SOFTWARE = "fedgate-edge/0.2"
 TICK_S = 0.2
 DATA_POLL_S = 5.0  # how often the gateway looks at its store between rounds
+STATUS_GAP_S = 1.0  # status changes go out at most this often; the newest always goes out
 STALE_AFTER_S = 600.0  # no new samples for this long: said in the status and the log
 
 
@@ -142,6 +143,7 @@ class EdgeService:
         self.announcement: RoundAnnouncement | None = None  # the newest one received
         self._status_sent = ""
         self._status_at = 0.0
+        self._status_due = False  # a change waits for STATUS_GAP_S
         self._data_at = 0.0
         self._waiting_logged = 0.0
         self._samples_read, self._samples_at = -1, clock()  # when the store last grew
@@ -223,6 +225,8 @@ class EdgeService:
                 self._apply(self.machine.handle(pm.RoundAnnounced(now, self.announcement)))
         if now - self._status_at >= self.config.status_interval_s:
             self._publish_status(force=True)
+        elif self._status_due:
+            self._publish_status()
 
     def stop(self) -> None:
         self.stopping.set()
@@ -312,13 +316,22 @@ class EdgeService:
         return private
 
     def _publish_status(self, force: bool = False) -> None:
+        """The retained status, when it changed. A round changes it twice or more (training,
+        then the update's figures); within STATUS_GAP_S of the last one a change waits for
+        the next tick, so a fast round costs one status, not several, and the newest state
+        always goes out."""
         if not self.connected_since:
             return
+        now = self.clock()
+        if not force and now - self._status_at < STATUS_GAP_S:
+            self._status_due = True
+            return
+        self._status_due = False
         status = self._status("online")
         key = msgspec.json.encode(status).decode()
         if not force and key == self._status_sent:
             return
-        self._status_sent, self._status_at = key, self.clock()
+        self._status_sent, self._status_at = key, now
         self.transport.publish(self.topics.status(self.config.device),
                                signed_status(self.config, self.security, status, self.clock()),
                                qos=1, retain=True)
@@ -354,12 +367,14 @@ class EdgeService:
             if parsed.kind is TopicKind.MODEL:
                 env = self.security.open_from_aggregator(msg.payload, Kind.MODEL)
                 model = codec.decode_body(env, GlobalModel)
-                self.trace.mark("model_received", version=model.version, sent=env.timestamp)
+                self.trace.mark("model_received", version=model.version, sent=env.timestamp,
+                                arrived=msg.arrived, start=now)
                 self._apply(self.machine.handle(pm.ModelReceived(now, model)))
             elif parsed.kind is TopicKind.ROUND:
                 env = self.security.open_from_aggregator(msg.payload, Kind.ROUND)
                 ann = codec.decode_body(env, RoundAnnouncement)
-                self.trace.mark("announcement_received", round=ann.round, sent=env.timestamp)
+                self.trace.mark("announcement_received", round=ann.round, sent=env.timestamp,
+                                arrived=msg.arrived, start=now)
                 self.announcement = ann
                 self._apply(self.machine.handle(pm.RoundAnnounced(now, ann)))
             elif parsed.kind is TopicKind.DEPLOYMENT:
@@ -389,7 +404,10 @@ class EdgeService:
             elif isinstance(action, pm.InstallModel):
                 self._install(action)
             elif isinstance(action, pm.StartTraining):
+                before = self.trained_until
                 self._apply(self.machine.handle(self._train(action)))
+                if self.trained_until != before:
+                    self._remember()  # once the update is out: a restart must not count these rows as new
             elif isinstance(action, pm.PublishUpdate):
                 self._send_update(action)
             elif isinstance(action, pm.SendStatistics):
@@ -510,7 +528,6 @@ class EdgeService:
             weights = self.attack.poison_weights(action.weights, weights)
         self.trained_until = max(self.trained_until, snap.newest_time)
         self.snapshot = dataclasses.replace(snap, rows_new=0)  # all of them are used now
-        self._remember()  # a restart must not count these rows as new
         self.last_rows = result.num_samples
         if self.metrics is not None:
             self.metrics.train_rows.set(result.num_samples)

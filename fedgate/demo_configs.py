@@ -44,6 +44,7 @@ class DemoOptions:
     qat: bool = False  # quantization-aware local training
     inference: bool = False  # gateways run each new model as int8 .tflite in LiteRT
     secure: bool = False  # provision a fleet: mTLS + generated ACL + signed messages
+    trace: bool = False  # every service writes round step timestamps (bench/bench_latency.py)
     # Field bus (wind only): "" off; "modbus": rows cross simulated Modbus devices, bridges
     # and stores before training; "direct": the same rows read from the data set (comparison).
     field_bus: str = ""
@@ -159,7 +160,7 @@ def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: Federa
         _table("reputation", {"enabled": True}) if options.attack else "",
         _table("server", {"optimizer": options.server_optimizer}),
         _table("state", {"dir": str(workdir / "aggregator-state"), "seed": options.seed,
-                         "exit_when_done": False}),
+                         "exit_when_done": False, **({"trace": True} if options.trace else {})}),
         options.extra_aggregator_toml,
     ])
     agg_path = workdir / "aggregator.toml"
@@ -187,7 +188,8 @@ def write_configs(workdir: Path, url: str, options: DemoOptions, dataset: Federa
             _identity_tables(url, device, fleet_dir / "devices" / device if fleet_dir else None),
             _table("data", data),
             tables,
-            _table("state", {"dir": str(workdir / f"edge-{device}"), "seed": options.seed + 1 + i}),
+            _table("state", {"dir": str(workdir / f"edge-{device}"), "seed": options.seed + 1 + i,
+                             **({"trace": True} if options.trace else {})}),
             _table("experiment", {"attack": options.attack}) if unit in malicious else "",
             _table("inference", {"enabled": True}) if options.inference else "",
             options.extra_edge_toml.get(unit, ""),

@@ -66,11 +66,13 @@ class Disconnected:
 
 @dataclass(frozen=True, slots=True)
 class MessageReceived:
-    """A PUBLISH arrived. ``retained``: it was stored by the broker before we subscribed."""
+    """A PUBLISH arrived. ``retained``: it was stored by the broker before we subscribed.
+    ``arrived``: wall-clock time the transport took it off the socket (0 when unknown)."""
 
     topic: str
     payload: bytes
     retained: bool
+    arrived: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,6 +48,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -333,7 +334,8 @@ class PahoTransport:
         return f"connection lost: {reason_code}{detail}"
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        self._emit(MessageReceived(message.topic, bytes(message.payload), bool(message.retain)))
+        self._emit(MessageReceived(message.topic, bytes(message.payload), bool(message.retain),
+                                   time.time()))
 
     def _remember_topic(self, mid: int, topic: str) -> None:
         """After paho queued a publish: its PUBACK may already have been handled
