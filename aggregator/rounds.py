@@ -179,7 +179,7 @@ class RoundConfig:
     downlink_full_every: int = 10  # delta: a full model every N versions (0 = only on re-sync)
     schedule: Schedule = Schedule()
     scaling: str = "none"  # "federated": a lineage starts with a statistics round
-    keep_history: int = 1000  # round summaries kept in the checkpoint
+    keep_history: int = 1000  # round summaries kept (history.jsonl beside the checkpoint)
 
 
 @dataclass

@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--secure", action="store_true", help="provisioned mTLS fleet, signed messages")
     ap.add_argument("--start-concurrency", type=int, default=4)
+    ap.add_argument("--malloc-mmap-threshold", type=int, default=131072,
+                    help="MALLOC_MMAP_THRESHOLD_ for the gateways (as bench_rounds.py; 0 = unset): "
+                         "the data set's transient arrays go back to the OS, so 200 fit in memory")
     ap.add_argument("--timeout", type=float, default=3600.0, help="per N, seconds")
     ap.add_argument("--results", default=str(HERE / "RESULTS_latency.md"))
     ap.add_argument("--json", default="", help="also write the raw figures here")
@@ -225,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.gateways:
         with tempfile.TemporaryDirectory(prefix=f"fedgate-latency-{n}-") as tmp:
             workdir = Path(tmp)
+            env = {"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)} if args.malloc_mmap_threshold else None
             run = run_one(n, args.rounds, workdir, args.start_concurrency, args.timeout, print,
-                          secure=args.secure, trace=True, after_run=floor_ms)
+                          edge_env=env, secure=args.secure, trace=True, after_run=floor_ms)
             if run.error:
                 print(f"N={n}: {run.error}", file=sys.stderr)
                 results.append({"n": n, "error": run.error})

@@ -3,9 +3,9 @@
 The aggregator and ``--gateways`` gateways (synthetic data, LiteRT inference on, so every
 round exports and writes a .tflite) run as separate processes on a private Mosquitto on
 loopback, with ``rounds = --rounds`` and the default retention (50 model files, 1,000 round
-summaries in the checkpoint, 3 .tflite files per gateway). Every ``--sample`` seconds the
-bench records the round, the RSS of each process (/proc), the aggregator's checkpoint size
-and the number of model and .tflite files. Growth is judged after a warm-up of a fifth of
+summaries in history.jsonl, 3 .tflite files per gateway). Every ``--sample`` seconds the
+bench records the round, the RSS of each process (/proc), the sizes of the aggregator's
+checkpoint and history journal and the number of model and .tflite files. Growth is judged after a warm-up of a fifth of
 the run.
 
 Usage: python bench/bench_soak.py [--rounds 3000] [--gateways 2] [--out bench/soak.json]
@@ -82,6 +82,8 @@ def main() -> int:
                     "rss_mb": {n: rss_mb(c.proc.pid) for n, c in group.children.items() if c.running},
                     "checkpoint_kb": (state / "checkpoint.npz").stat().st_size / 1024
                     if (state / "checkpoint.npz").exists() else 0,
+                    "journal_kb": (state / "history.jsonl").stat().st_size / 1024
+                    if (state / "history.jsonl").exists() else 0,
                     "model_files": len(list((state / "models").glob("v*.npz"))),
                     "tflite_files": {n: len(list((work / f"edge-gw-{n}" / "models").glob("*.tflite")))
                                      for n in files.edges},
@@ -89,7 +91,8 @@ def main() -> int:
                 samples.append(sample)
                 print(f"{sample['t']:7.0f} s round {sample['round']:6.0f}  "
                       + "  ".join(f"{n} {v:.1f} MB" for n, v in sample["rss_mb"].items())
-                      + f"  checkpoint {sample['checkpoint_kb']:.0f} kB, {sample['model_files']} models",
+                      + f"  checkpoint {sample['checkpoint_kb']:.0f} kB, history {sample['journal_kb']:.0f} kB, "
+                      + f"{sample['model_files']} models",
                       flush=True)
                 if done:
                     break
@@ -115,6 +118,7 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
                                  "growth_pct": 100 * (series[-1] - series[0]) / series[0]}
     out["checkpoint_kb_end"] = samples[-1]["checkpoint_kb"]
     out["checkpoint_kb_max"] = max(s["checkpoint_kb"] for s in samples)
+    out["journal_kb_max"] = max(s.get("journal_kb", 0) for s in samples)
     out["model_files_max"] = max(s["model_files"] for s in samples)
     out["tflite_files_max"] = max(max(s["tflite_files"].values(), default=0) for s in samples)
     return out
