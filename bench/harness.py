@@ -142,6 +142,7 @@ class InMemoryFederation:
         self.outbox: list[tuple[str, bytes]] = []
         self.records: list[RoundRecord] = []
         self.current = RoundRecord(round=1)
+        self._open: dict[int, RoundRecord] = {}  # rounds announced past, summary not yet out
         self.final_model_bytes = 0
         self.final_weights: Params = [np.array(w) for w in initial_weights]
         self._held_version = -1
@@ -189,6 +190,8 @@ class InMemoryFederation:
 
     def _publish_round(self, ann: RoundAnnouncement) -> None:
         data = wire_bytes(Kind.ROUND, ann, AGGREGATOR, ann.round, self.now)
+        if self.current.round != ann.round:  # its summary follows this announcement
+            self._open[self.current.round] = self.current
         self.current = RoundRecord(round=ann.round)
         # the model that this round trains on was published just before the announcement
         for name in self.gateways:
@@ -199,9 +202,9 @@ class InMemoryFederation:
             self._deliver(g, edge.RoundAnnounced(self.now, received))
 
     def _commit(self, round_: int, epsilon: dict[str, float]) -> None:
-        record = self.current
-        if record.round != round_:
-            raise RuntimeError(f"summary for round {round_} while recording {record.round}")
+        record = self._open.pop(round_, self.current if self.current.round == round_ else None)
+        if record is None:
+            raise RuntimeError(f"summary for round {round_} while recording {self.current.round}")
         # PublishModel of the new version precedes PublishMetrics: final_weights is it.
         record.metrics = self.evaluate(self.final_weights) if self.evaluate else {}
         record.epsilon = dict(epsilon)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -72,7 +72,7 @@ class MessageReceived:
     topic: str
     payload: bytes
     retained: bool
-    arrived: float = 0.0
+    arrived: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
