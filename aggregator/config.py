@@ -121,6 +121,7 @@ def load_aggregator_config(path: str | Path) -> AggregatorConfig:
         round_timeout_s=rsec.float("round_timeout_s", 60.0, min=0.1),
         fraction=rsec.float("fraction", 1.0, min=0.0, max=1.0),
         max_update_norm=rsec.float("max_update_norm", 0.0, min=0.0),
+        max_sample_share=rsec.float("max_sample_share", 0.0, min=0.0, max=1.0),
         train=train_config(root.section("train")),
         pipeline=pipeline,
         server=server,

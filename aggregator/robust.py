@@ -98,6 +98,26 @@ def outlier_distances(updates: Sequence[Params], fused: Params) -> list[float]:
 # ---- the rules ----------------------------------------------------------------------------
 
 
+def cap_shares(weights: Sequence[float], max_share: float) -> list[float]:
+    """Weights where none is more than ``max_share`` of their sum (water-filling: the
+    largest are lowered to one cap ``c = max_share * sum(min(w, c))``; the rest keep
+    theirs). A gateway's claimed sample count weighs its update in FedAvg; a lying or
+    misconfigured one cannot take more than this share of the round. ``max_share`` 0 or 1:
+    unchanged; too few weights for the cap (``n * max_share <= 1``): all equal."""
+    w = [float(x) for x in weights]
+    n = len(w)
+    if not 0 < max_share < 1 or n == 0 or max(w) <= max_share * sum(w):
+        return w
+    if n * max_share <= 1:
+        return [min(w)] * n
+    order = sorted(w, reverse=True)
+    for k in range(1, n):  # cap the k largest: c = share * (k * c + the others' sum)
+        cap = max_share * sum(order[k:]) / (1 - max_share * k)
+        if order[k] <= cap <= order[k - 1]:
+            return [min(x, cap) for x in w]
+    return [min(w)] * n  # not reached: some k always fits when n * max_share > 1
+
+
 def fedavg(updates: Sequence[Params], weights: Sequence[float]) -> Params:
     matrix, shapes = _stack(updates)
     return _out(_weights(weights, len(updates)) @ matrix, shapes)

@@ -65,7 +65,7 @@ from aggregator import reputation as rep
 from aggregator import robust
 from aggregator.downlink import Downlink
 from aggregator.model_change import IncompatibleState, architecture, changed
-from aggregator.robust import outlier_distances
+from aggregator.robust import cap_shares, outlier_distances
 from aggregator.round_events import (  # re-exported: callers use rounds.Started etc.
     Action,
     BrokerSessionLost,
@@ -180,6 +180,7 @@ class RoundConfig:
     schedule: Schedule = Schedule()
     scaling: str = "none"  # "federated": a lineage starts with a statistics round
     keep_history: int = 1000  # round summaries kept (history.jsonl beside the checkpoint)
+    max_sample_share: float = 0.0  # no gateway's fusion weight above this share (0 = off)
 
 
 @dataclass
@@ -657,7 +658,12 @@ class RoundStateMachine:
     def _aggregate(self, now: float) -> list[Action]:
         devices = sorted(self.received)
         deltas = [self.received[d].delta for d in devices]
-        counts = [float(self.received[d].update.num_samples) for d in devices]
+        claimed = [float(self.received[d].update.num_samples) for d in devices]
+        counts = cap_shares(claimed, self.config.max_sample_share)
+        for device, was, now_ in zip(devices, claimed, counts, strict=True):
+            if now_ < was:
+                self.alerts.append(f"{device}'s {was:.0f} rows weighed as {now_:.0f} "
+                                   f"(max_sample_share {self.config.max_sample_share:g})")
         # Deltas are relative to what the gateways hold (== the master in fp32 mode); the
         # server step applies them to the float master (docs/decisions.md, downlink).
         fused = self.fuse(deltas, counts, self.downlink.held)
@@ -671,7 +677,7 @@ class RoundStateMachine:
         summary = round_summary(self, devices, counts, now)
         # the gateways' holdout figures are of the model they trained from (version - 1)
         self.history.append({"round": self.round, "version": self.version,
-                             "participants": len(devices), "rows": int(sum(counts)),
+                             "participants": len(devices), "rows": int(sum(claimed)),
                              "metric": summary.metrics.get(f"eval_{self.metric}", float("nan")),
                              "evaluated_version": self.version - 1,
                              "metrics": summary.metrics, "wall_s": summary.wall_s, "time": now})

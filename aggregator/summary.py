@@ -16,8 +16,9 @@ KEPT_STATS = ("train_s", "rows_new", "pre_clip_norm", "clip_indicator")
 
 def round_summary(machine: RoundStateMachine, devices: list[str], counts: list[float],
                   now: float) -> RoundSummary:
-    """The published summary of the round being committed: sample-weighted means of the
-    gateways' own figures, each gateway's evaluation, bytes, rejections, privacy."""
+    """The published summary of the round being committed: means of the gateways' own
+    figures weighted by ``counts`` (their fusion weights), each gateway's evaluation and
+    claimed rows, bytes, rejections, privacy."""
     received = machine.received
     metrics: dict[str, float] = {}
     total = sum(counts)
@@ -43,7 +44,7 @@ def round_summary(machine: RoundStateMachine, devices: list[str], counts: list[f
         round=machine.round,
         model_version=machine.version,
         participants=tuple(devices),
-        num_samples=int(total),
+        num_samples=int(sum(received[d].update.num_samples for d in devices)),
         metrics=metrics,
         bytes_up=sum(received[d].wire_bytes for d in devices),
         wall_s=now - machine.announced_at,

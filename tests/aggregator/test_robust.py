@@ -258,3 +258,30 @@ def test_rules_ignore_arrival_order_and_stay_in_the_inputs_box(case: tuple[list[
         assert np.all(a >= lo - 1e-3) and np.all(a <= hi + 1e-3), rule
     chosen = flatten(robust.krum(updates, 1))
     assert any(np.array_equal(chosen, np.float32(v)) for v in vectors)
+
+
+# ---- the sample-share cap --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("weights", "share", "expected"), [
+    ([1e9, 1000, 1000, 1000], 0.5, [3000, 1000, 1000, 1000]),  # a liar gets half, not all
+    ([500, 300, 200], 0.4, [1000 / 3, 300, 200]),
+    ([100, 100, 100], 0.5, [100, 100, 100]),  # within the share: unchanged
+    ([1e9, 1000], 0.5, [1000, 1000]),  # two gateways, half each at most: equal
+    ([900, 50, 50], 0.3, [50, 50, 50]),  # 3 x 0.3 < 1: no cap fits, equal weights
+    ([5, 1], 0.0, [5, 1]),  # off
+])
+def test_cap_shares(weights: list[float], share: float, expected: list[float]) -> None:
+    assert robust.cap_shares(weights, share) == pytest.approx(expected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(1e-3, 1e12), min_size=1, max_size=20), st.floats(0.05, 0.95))
+def test_capped_weights_respect_the_share_and_only_lower(weights: list[float], share: float) -> None:
+    capped = robust.cap_shares(weights, share)
+    assert all(c <= w * (1 + 1e-12) for c, w in zip(capped, weights, strict=True))
+    if len(weights) * share > 1:
+        assert max(capped) <= share * sum(capped) * (1 + 1e-9)
+        # the order of the weights is kept (ties allowed)
+        assert all(capped[i] <= capped[j] * (1 + 1e-12) for i in range(len(weights))
+                   for j in range(len(weights)) if weights[i] <= weights[j])

@@ -606,3 +606,27 @@ def test_a_lineage_keeps_the_scaling_it_was_trained_with(saved_scaler: bool, con
     with pytest.raises(agg.IncompatibleState) as err:
         fresh.restore(saved)
     assert err.value.key == "scaling" and err.value.value == configured
+
+
+def test_a_gateway_claiming_huge_counts_weighs_at_most_its_share() -> None:
+    d = Driver(agg.RoundConfig(rounds=5, min_participants=3, max_sample_share=0.5))
+    d.start()
+    for device in ("gw1", "gw2", "liar"):
+        d.online(device)
+    d.update("gw1", value=1.0, samples=100)
+    d.update("gw2", value=1.0, samples=100)
+    closed = d.update("liar", value=-50.0, samples=10**9)
+    _, weights = d.fuse.calls[-1]
+    assert sorted(weights) == [100.0, 100.0, 200.0]  # half of the round, not all of it
+    summary = d.of(agg.PublishMetrics, closed)[0].summary
+    assert summary.num_samples == 10**9 + 200  # what was claimed, shown as claimed
+    assert summary.per_gateway["liar"]["rows"] == 10**9
+    assert any("liar's 1000000000 rows weighed as 200" in a for a in summary.alerts)
+    # without the cap the same claim takes the whole round
+    d = Driver(agg.RoundConfig(rounds=5, min_participants=2))
+    d.start()
+    d.online("gw1")
+    d.online("liar")
+    d.update("gw1", samples=100)
+    d.update("liar", samples=10**9)
+    assert d.fuse.calls[-1][1] == [100.0, 1e9]
