@@ -40,7 +40,10 @@ runs on that thread.
   packet types: CONNECT, PUBLISH, acks, pings), after TLS decryption; TLS records and
   TCP/IP headers are not counted (``HookedClient``'s ``_sock_send`` / ``_sock_recv``).
 - **Size check.** paho does not check the broker's Maximum Packet Size (an oversized QoS 1
-  message loops through reconnects), so ``publish`` checks it first.
+  message loops through reconnects), so ``publish`` checks it first. The other way, the
+  CONNECT announces our own Maximum Packet Size (``max_payload`` + 64 KiB of headers): a
+  broker without a size limit drops a larger message for this client instead of handing
+  it over, so it never reaches our memory.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ from fedcore.transport.tls import NO_CONFIG_FILE, tls_context
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024
+PACKET_HEADROOM = 64 * 1024  # fixed header, topic and properties on top of a payload
 DEFAULT_CONNECT_TIMEOUT = 5.0
 _ACKS_KEPT = 1024
 
@@ -182,6 +186,9 @@ class PahoTransport:
         self._on_event = on_event
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self._session_expiry
+        # the broker must not send us more (MQTT 5: it drops what is larger for this
+        # client), so an oversized message never reaches our memory
+        props.MaximumPacketSize = self._max_payload + PACKET_HEADROOM
         self._client.connect_async(
             self.url.host,
             self.url.port,

@@ -316,3 +316,23 @@ def test_tcp_nodelay_is_set_on_plain_and_tls_connections(
     assert nodelay(secure) == 1
     # The demo broker sets it on its side (it belongs on both ends).
     assert "set_tcp_nodelay true" in mosquitto_config(1883, tmp_path).splitlines()
+
+
+def test_the_client_announces_its_maximum_packet_size(
+    mosquitto: RunningBroker, transport: Factory, topic_prefix: str, events: Callable[[], EventLog],
+) -> None:
+    """A broker without a size limit (the shared test broker has none) forwards nothing
+    larger than the receiver announced: an oversized message never reaches its memory."""
+    small_log, big_log = events(), events()
+    small = transport(mosquitto.url, "small-inbox", max_payload=100_000)
+    big = transport(mosquitto.url, "big-sender", max_payload=2_000_000)
+    connect(small, small_log)
+    connect(big, big_log)
+    small.subscribe(f"{topic_prefix}/#")
+    big.subscribe(f"{topic_prefix}/#")
+    topic = f"{topic_prefix}/x"
+    big.publish(topic, b"L" * 1_000_000, wait=5)  # the broker takes it (no limit of its own)
+    big.publish(topic, b"s" * 1_000, wait=5)
+    assert [len(m.payload) for m in big_log.messages(2)] == [1_000_000, 1_000]
+    [message] = small_log.messages(1)  # only the small one was handed over
+    assert message.payload == b"s" * 1_000
