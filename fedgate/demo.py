@@ -44,7 +44,7 @@ from fedcore.protocol.topics import Topics
 from fedcore.transport.base import MessageReceived, TlsSettings
 from fedcore.transport.paho import PahoTransport
 from fedgate.broker import RunningBroker, free_port, start_broker
-from fedgate.demo_configs import DemoOptions, device_id, malicious_units, write_configs
+from fedgate.demo_configs import DemoFailed, DemoOptions, device_id, malicious_units, write_configs
 
 
 def start_secure_broker(fleet_dir: Path, fleet: str, devices: list[str]) -> RunningBroker:
@@ -174,7 +174,9 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         # A task name of its own per run: retained models and rounds of an earlier run on the
         # same broker would otherwise look newer than this run's (gateways refuse rollbacks).
         options = replace(options, task=time.strftime("run-%Y%m%d-%H%M%S-") + os.urandom(2).hex())
-    workdir = Path(options.workdir or tempfile.mkdtemp(prefix="fedgate-demo-"))
+    # absolute: the configs it writes are read from inside it (relative paths there would
+    # resolve against the config's folder)
+    workdir = Path(options.workdir or tempfile.mkdtemp(prefix="fedgate-demo-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     if options.field_bus:  # field-bus mode: see fedgate/fieldbus_demo.py
         from fedgate.fieldbus_demo import field_bus_dataset, fill_stores
@@ -235,7 +237,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         raise
     _stop_all(procs, observer, broker)
     if len(rows) < options.rounds:
-        raise RuntimeError(f"only {len(rows)} of {options.rounds} rounds completed; see logs in {workdir}")
+        raise DemoFailed(f"only {len(rows)} of {options.rounds} rounds completed; see logs in {workdir}")
     say("training the baselines on the same split ...")
     centralized, local_only, per_unit = baselines(dataset, spec, train, options.rounds, options.seed)
     federated = rows[-1].metric

@@ -10,6 +10,7 @@ import numpy as np
 
 from aggregator.fusion import needs_root_data
 from fedcore.datasets import FederatedDataset
+from fedcore.errors import FedgateError
 from fedcore.protocol.messages import ModelSpec, TrainConfig
 
 
@@ -63,6 +64,10 @@ class DemoOptions:
         d = asdict(self)
         d.pop("extra_edge_toml")
         return d
+
+
+class DemoFailed(FedgateError):
+    """The demo's run did not complete (the message says where its logs are): exit 1."""
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from fedcore.datasets import FederatedDataset
 from fedcore.datasets.base import DatasetError, Scaler
 from fedcore.datasets.wind import DATA_FILE, load_wind_rows
 from fedcore.protocol.messages import ModelSpec
-from fedgate.demo_configs import DemoOptions, device_id, store_path
+from fedgate.demo_configs import DemoFailed, DemoOptions, device_id, store_path
 
 MODES = ("modbus", "direct")
 POLL_PERIOD_S = 0.001  # as fast as the link answers: lockstep replay, one record per poll
@@ -130,7 +130,7 @@ def _wait_for_rows(workdir: Path, bridges: dict[str, subprocess.Popen[bytes]], c
         for u in sorted(pending):
             proc = bridges[u]
             if proc.poll() is not None:
-                raise RuntimeError(f"the bridge of {u} exited with code {proc.returncode}; "
+                raise DemoFailed(f"the bridge of {u} exited with code {proc.returncode}; "
                                    f"see {workdir}/bridge-{device_id(u)}.log")
             path = store_path(workdir, u)
             if not path.exists():
@@ -145,7 +145,7 @@ def _wait_for_rows(workdir: Path, bridges: dict[str, subprocess.Popen[bytes]], c
             finally:
                 store.close()
         if time.monotonic() - t0 > timeout_s:
-            raise RuntimeError(f"the bridges did not deliver {count} rows within {timeout_s:.0f} s")
+            raise DemoFailed(f"the bridges did not deliver {count} rows within {timeout_s:.0f} s")
         if pending:
             time.sleep(0.2)
     return time.monotonic() - t0
