@@ -89,6 +89,26 @@ def _journal_lines(records: list[tuple[int, dict[str, Any]]]) -> str:
     return "".join(json.dumps({"n": n, "entry": e}, separators=(",", ":")) + "\n" for n, e in records)
 
 
+def _append(path: Path, data: bytes) -> None:
+    """Append ``data`` whole or not at all: a full disk leaves no half line behind."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            _journals.pop(path.parent, None)
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(fd)
+
+
 def _save_history(directory: Path, history: list[dict[str, Any]], count: int) -> None:
     """Append the entries the journal lacks (numbered ``count - len(history) + 1 ..
     count``), or rewrite it when it is of another state or too long."""
@@ -105,8 +125,7 @@ def _save_history(directory: Path, history: list[dict[str, Any]], count: int) ->
         return
     new = [(n, e) for n, e in numbered if n > newest]
     if new:
-        with open(directory / JOURNAL, "a", encoding="utf-8") as f:
-            f.write(_journal_lines(new))
+        _append(directory / JOURNAL, _journal_lines(new).encode())
     _journals[directory] = (lines + len(new), max(newest, count))
 
 
@@ -172,13 +191,17 @@ def prune_models(directory: Path, keep: int, protect: set[int]) -> list[int]:
 
 def set_aside_models(directory: Path, lineage: str) -> Path | None:
     """Model files of an earlier lineage (its checkpoint was lost) move to
-    ``lineages/before-LINEAGE/models``: version numbers start again in a new lineage."""
+    ``lineages/before-LINEAGE/models``, its history journal beside them: version numbers
+    start again in a new lineage."""
     models = directory / "models"
     if not models.is_dir() or not any(models.iterdir()):
         return None
     target = directory / "lineages" / f"before-{lineage}"
     target.mkdir(parents=True, exist_ok=True)
     models.rename(target / "models")
+    if (directory / JOURNAL).exists():  # its round history goes with them
+        (directory / JOURNAL).rename(target / JOURNAL)
+        _journals.pop(directory, None)
     return target / "models"
 
 

@@ -693,12 +693,13 @@ class RoundStateMachine:
         saves = [a for a in follow if isinstance(a, SaveCheckpoint)]
         rest = [a for a in follow if not isinstance(a, SaveCheckpoint)]
         checkpoint = saves[0] if saves else SaveCheckpoint(self.checkpoint())
-        # the model and the next announcement first: they are the round's critical path;
-        # the commit's bookkeeping (audit, deployment, summary) follows them
+        # the model, the commit (the runtime sends what must precede the next round, such
+        # as a canary's deployment record, and leaves the rest for later) and the next
+        # announcement first: they are the round's critical path; the summary follows
         announce = [a for a in rest if isinstance(a, PublishRound)]
         others = [a for a in rest if not isinstance(a, PublishRound)]
-        return [*judged, checkpoint, PublishModel(self.model), *announce,
-                ModelCommitted(self.version), PublishMetrics(summary), *others]
+        return [*judged, checkpoint, PublishModel(self.model), ModelCommitted(self.version),
+                *announce, PublishMetrics(summary), *others]
 
     def _judge(self, devices: list[str], deltas: list[Params], fused: Params) -> list[Action]:
         """Update reputations from each update's distance to the fused one; quarantine."""

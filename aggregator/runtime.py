@@ -124,10 +124,13 @@ class AggregatorService:
                      self.machine.lineage or "(none)", config.state_dir, saved.meta["round"],
                      saved.meta["version"])
         # the model file of the last checkpoint, written once the model is out (checkpoint.py)
-        self._model_due: tuple[int, list[np.ndarray]] | None = None
+        # model files still to write, by version (a failed write keeps them; bounded by
+        # keep_models): the checkpoint holds the newest one's weights meanwhile
+        self._models_due: dict[int, list[np.ndarray]] = {}
         if saved is not None:
-            self._model_due = (int(saved.meta["version"]), saved.weights)  # if a crash lost it
+            self._models_due[int(saved.meta["version"])] = saved.weights  # if a crash lost it
         self._held: list[Carried] = []  # actions waiting for a checkpoint that failed
+        self._after_announcement: list[sm.ModelCommitted] = []  # bookkeeping off the critical path
         self._command_error = False
         self._write_failed_at = 0.0
         self._state_key = b""
@@ -176,8 +179,8 @@ class AggregatorService:
                 self._apply_deploy(self.deploy.on_tick(now))
                 # a burst of updates and statuses is taken first: the command folder and
                 # the task state are looked at when the queue is quiet, or every TICK_S
-                if item is None or now - self._housekept_at >= TICK_S:
-                    self._housekept_at = now
+                if item is None or time.monotonic() - self._housekept_at >= TICK_S:
+                    self._housekept_at = time.monotonic()
                     self._operator_commands(now)
                     self._publish_state(now)
             if self.finished and self.config.exit_when_done:
@@ -357,44 +360,50 @@ class AggregatorService:
             if self.metrics is not None:
                 self.metrics.disk_full.set(1)
             return False
-        self._model_due = (int(checkpoint.meta["version"]), checkpoint.weights)
-        if self._write_failed_at:
+        self._models_due[int(checkpoint.meta["version"])] = checkpoint.weights
+        while len(self._models_due) > max(1, self.config.keep_models):
+            lost = min(self._models_due)
+            del self._models_due[lost]
+            log.error("model file %d was never written (the disk refused it); it is not kept", lost)
+        if self._write_failed_at:  # the model files due are tried right after
             log.warning("the checkpoint is written again; resuming")
             self._write_failed_at = 0.0
             if self.metrics is not None:
                 self.metrics.disk_full.set(0)
         return True
 
-    def _save_model_file(self) -> None:
-        """The model file of the last checkpoint, then the pruning of old ones. A failure
-        is logged; the tick tries again (the checkpoint holds the weights meanwhile)."""
-        if self._model_due is None:
+    def _save_model_files(self) -> None:
+        """The model files of the checkpoints written, oldest first, then the pruning of
+        old ones. A failure is logged; the tick tries again (none is forgotten)."""
+        if not self._models_due:
             return
-        version, weights = self._model_due
         try:
-            checkpoints.save_model(self.config.state_dir, version, weights)
+            for version in sorted(self._models_due):
+                checkpoints.save_model(self.config.state_dir, version, self._models_due[version])
+                del self._models_due[version]
             protect = {self.deploy.version, *self.deploy.needed()}
             checkpoints.prune_models(self.config.state_dir, self.config.keep_models, protect)
         except OSError as exc:
             if not self._write_failed_at:
-                log.error("cannot write model file %d to %s: %s (retrying every %.0f s)", version,
-                          self.config.state_dir, exc.strerror or exc, RETRY_WRITE_S)
+                log.error("cannot write model file %d to %s: %s (retrying every %.0f s)",
+                          min(self._models_due), self.config.state_dir, exc.strerror or exc,
+                          RETRY_WRITE_S)
             self._write_failed_at = self.clock()
             if self.metrics is not None:
                 self.metrics.disk_full.set(1)
             return
-        self._model_due = None
+        if self._write_failed_at:
+            log.warning("model files are written again")
+            self._write_failed_at = 0.0
+            if self.metrics is not None:
+                self.metrics.disk_full.set(0)
 
     def _retry_held(self, now: float) -> None:
         if self._held and now - self._write_failed_at >= RETRY_WRITE_S:
             held, self._held = self._held, []
             self._apply(held)
-        elif self._model_due is not None and now - self._write_failed_at >= RETRY_WRITE_S:
-            self._save_model_file()
-            if self._model_due is None and self._write_failed_at:
-                self._write_failed_at = 0.0
-                if self.metrics is not None:
-                    self.metrics.disk_full.set(0)
+        elif self._models_due and now - self._write_failed_at >= RETRY_WRITE_S:
+            self._save_model_files()
 
     def _apply(self, actions: Sequence[Carried]) -> None:
         if self._held:
@@ -407,11 +416,19 @@ class AggregatorService:
                     return
                 self.trace.mark("checkpoint_saved", round=self.machine.round)
             else:
-                if isinstance(action, sm.ModelCommitted) and not self._write_failed_at:
-                    self._save_model_file()  # the model and the announcement are out
                 self._carry_out(action)
+                if isinstance(action, sm.PublishRound):
+                    self._after_round_out()
+        self._after_round_out()
+
+    def _after_round_out(self) -> None:
+        """What waited for the model and the next announcement: the model file (a canary's
+        deployment needs it), the commit's audit line and deployment."""
         if not self._write_failed_at:  # after a failed write the tick retries
-            self._save_model_file()
+            self._save_model_files()
+        waiting, self._after_announcement = self._after_announcement, []
+        for action in waiting:
+            self._committed(action)
 
     def _carry_out(self, action: Carried) -> None:
         if isinstance(action, dm.PublishDeployment):
@@ -427,14 +444,10 @@ class AggregatorService:
             self._last_down = (size, self._last_down[1])
             self.trace.mark("model_published", version=action.model.version, bytes=size)
         elif isinstance(action, sm.ModelCommitted):
-            model = self.machine.model
-            self.security.audit("model_commit", self.clock(), version=action.version,
-                                parent=model.parent_hash.hex(), lineage=self.machine.lineage)
-            if self.deploy.sequence >= 0:
-                self._apply_deploy(self.deploy.on_commit(action.version, sorted(self.machine.ready),
-                                                         self.clock(), self.rng))
-                if self.deploy.mode == "latest":
-                    self._publish_deployed()
+            if self.config.deploy.policy == "canary":  # the canary judges before it trains on
+                self._committed(action)
+            else:  # the audit line and the deployed .tflite wait for the next announcement
+                self._after_announcement.append(action)
         elif isinstance(action, sm.PublishRound):
             ann = action.announcement
             self.security.on_round(ann.round)
@@ -489,6 +502,16 @@ class AggregatorService:
             self.finished = True
             log.info("run finished after round %d (model version %d)",
                      action.round, action.model_version)
+
+    def _committed(self, action: sm.ModelCommitted) -> None:
+        model = self.machine.model
+        self.security.audit("model_commit", self.clock(), version=action.version,
+                            parent=model.parent_hash.hex(), lineage=self.machine.lineage)
+        if self.deploy.sequence >= 0:
+            self._apply_deploy(self.deploy.on_commit(action.version, sorted(self.machine.ready),
+                                                     self.clock(), self.rng))
+            if self.deploy.mode == "latest":
+                self._publish_deployed()
 
     def _commit_summary(self, summary: RoundSummary) -> None:
         down = sum(self._last_down) * len(summary.participants)

@@ -144,6 +144,7 @@ class EdgeService:
         self._status_sent = ""
         self._status_at = 0.0
         self._status_due = False  # a change waits for STATUS_GAP_S
+        self._status_mono = -math.inf  # monotonic time of the last publish
         self._data_at = 0.0
         self._waiting_logged = 0.0
         self._samples_read, self._samples_at = -1, clock()  # when the store last grew
@@ -322,8 +323,8 @@ class EdgeService:
         always goes out."""
         if not self.connected_since:
             return
-        now = self.clock()
-        if not force and now - self._status_at < STATUS_GAP_S:
+        mono = time.monotonic()  # a wall clock stepped back (NTP) must not hold changes
+        if not force and mono - self._status_mono < STATUS_GAP_S:
             self._status_due = True
             return
         self._status_due = False
@@ -331,7 +332,7 @@ class EdgeService:
         key = msgspec.json.encode(status).decode()
         if not force and key == self._status_sent:
             return
-        self._status_sent, self._status_at = key, now
+        self._status_sent, self._status_at, self._status_mono = key, self.clock(), mono
         self.transport.publish(self.topics.status(self.config.device),
                                signed_status(self.config, self.security, status, self.clock()),
                                qos=1, retain=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -129,3 +130,27 @@ def test_a_damaged_checkpoint_is_named(tmp_path: Path) -> None:
     with pytest.raises(checkpoints.DamagedCheckpoint, match="checkpoint.npz"):
         checkpoints.load(tmp_path)
     assert not zipfile.is_zipfile(tmp_path / checkpoints.FILE)
+
+
+def test_a_full_disk_mid_append_leaves_no_half_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for version in range(1, 4):
+        checkpoints.save(tmp_path, state_at(version))
+    before = (tmp_path / checkpoints.JOURNAL).read_bytes()
+    real_write = os.write
+    calls = {"n": 0}
+
+    def half_then_full(fd: int, data: bytes | memoryview) -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real_write(fd, bytes(data[: len(data) // 2]))  # part of the line lands
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(OSError):
+        checkpoints.save(tmp_path, state_at(4))
+    monkeypatch.setattr(os, "write", real_write)
+    assert (tmp_path / checkpoints.JOURNAL).read_bytes() == before
+    checkpoints.save(tmp_path, state_at(4))  # the held checkpoint, retried
+    fresh_process()
+    loaded = checkpoints.load(tmp_path)
+    assert loaded is not None and [h["version"] for h in loaded.meta["history"]] == [1, 2, 3, 4]

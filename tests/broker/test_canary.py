@@ -1,8 +1,6 @@
 """Staged rollout for real: each new model first runs on a canary gateway, which judges it
 against the incumbent on its own holdout rows; the aggregator promotes or rolls back and
-audits the decision. Real processes on Mosquitto (the demo's configs, synthetic data). A
-round a second, as a plant's rounds are minutes apart: the canary's report arrives before
-the next model (a model committed while a canary is judged waits for the next one)."""
+audits the decision. Real processes on Mosquitto (the demo's configs, synthetic data)."""
 
 from __future__ import annotations
 
@@ -24,9 +22,6 @@ DEPLOY = """
 policy = "canary"
 canary_fraction = 0.34
 canary_timeout_s = 30
-
-[schedule]
-interval_s = 1
 """
 
 
