@@ -194,6 +194,10 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     say(f"data set {dataset.name}: {len(dataset.units)} gateways "
         f"({', '.join(dataset.units)}), {sum(len(u.y_train) for u in dataset.units.values())} "
         f"training rows, {len(dataset.y_test)} test rows; metric {metric}")
+    renamed = {u: device_id(u) for u in dataset.units if device_id(u) != f"gw-{u}"}
+    if renamed:  # unit names that are not valid ids (spaces, '/', '#', ...): shown once
+        say("gateway ids of units whose names are not valid ids: "
+            + ", ".join(f"{u!r} -> {d}" for u, d in renamed.items()))
     broker: RunningBroker | None = None
     procs: list[subprocess.Popen[bytes]] = []
     observer: Observer | None = None
@@ -219,7 +223,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         observer = Observer(url, topics, fleet_dir)
         observer.start()
         for unit, path in files.edges.items():
-            procs.append(_spawn(["edge", "run", "-c", str(path)], workdir / f"edge-{unit}.log"))
+            procs.append(_spawn(["edge", "run", "-c", str(path)], workdir / f"edge-{device_id(unit).removeprefix('gw-')}.log"))
         # the gateways first, so that round 1 starts with the whole fleet online
         online = observer.wait_online(len(files.edges), timeout=120)
         procs.insert(0, _spawn(["aggregator", "run", "-c", str(files.aggregator)],

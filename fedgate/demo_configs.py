@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,9 @@ class DemoOptions:
         return d
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
 class DemoFailed(FedgateError):
     """The demo's run did not complete (the message says where its logs are): exit 1."""
 
@@ -112,7 +117,14 @@ def malicious_units(units: list[str], options: DemoOptions) -> list[str]:
 
 
 def device_id(unit: str) -> str:
-    return f"gw-{unit}".replace("/", "-")[:64]
+    """The gateway id of a data set's unit: ``gw-`` and the unit's name where that is a
+    valid name (docs/protocol.md), else its valid characters and a hash of the whole name,
+    so that any unit name from a user's table gives a distinct, safe id."""
+    name = str(unit)
+    base = _UNSAFE.sub("-", name)
+    if base == name and len(name) <= 61:
+        return f"gw-{name}"
+    return f"gw-{base[:50]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def _identity_tables(url: str, client_id: str, bundle: Path | None) -> str:

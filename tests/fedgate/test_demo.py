@@ -53,6 +53,26 @@ def test_a_secure_demo_in_a_relative_folder(tmp_path: Path) -> None:
     assert f'"{tmp_path}/wd/fleet/aggregator/ca.crt"' in (tmp_path / "wd" / "aggregator.toml").read_text()
 
 
+def test_a_table_whose_unit_names_are_not_valid_ids(tmp_path: Path, mosquitto) -> None:  # type: ignore[no-untyped-def]
+    """Units named as a plant names them (spaces, '/', '#', non-ASCII) become safe gateway
+    ids; the mapping is printed and every file name derives from the safe id."""
+    table = tmp_path / "plant.csv"
+    rows = ["time,unit,x1,x2,y"]
+    for unit in ("Line 1/A", "Linie #2", "Ü-3"):
+        rows += [f"{i},{unit},{i % 7},{i % 5},{2 * (i % 7) - (i % 5)}" for i in range(300)]
+    table.write_text("\n".join(rows) + "\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedgate", "demo", "--dataset", f"csv:{table}", "--unit-column", "unit",
+         "--target", "y", "--rounds", "1", "--broker", mosquitto.url, "--workdir", str(tmp_path / "w"),
+         "--out", str(tmp_path / "run.json")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "'Line 1/A' -> gw-Line-1-A-" in proc.stdout
+    assert json.loads((tmp_path / "run.json").read_text())["rounds"][0]["participants"] == 3
+    assert not list((tmp_path / "w").glob("*Line 1*")) and len(list((tmp_path / "w").glob("edge-*.log"))) == 3
+
+
 def test_demo_rejects_an_unknown_dataset(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "fedgate", "demo", "--dataset", "nope", "--rounds", "1",
