@@ -38,11 +38,15 @@ Rules:
    at least ``min_participants`` updates; or at the deadline with at least
    ``min_participants`` (less the quarantined or budget-spent gateways, which can no longer
    count). A deadline with fewer is *quorum missed*: the deadline is extended and the round
-   re-announced (an event in the summary, not an error).
+   re-announced (an event in the summary, not an error). Who is online and ready is in
+   the checkpoint: a restarted aggregator waits for the same gateways (their retained
+   status or resent update may come in any order) and forgets one that says nothing within
+   ``CONFIRM_S`` of the restart.
 4. Aggregate: fuse the deltas (the configured rule), apply the server optimizer, bump the
-   version, chain the parent hash, checkpoint, publish the model (retained) and the round
-   summary (with each participant's own holdout figures), then go to rule 1. History is
-   kept for ``keep_history`` rounds.
+   version, chain the parent hash, checkpoint, publish the model (retained), the next
+   announcement (rule 1) and the round summary (with each participant's own holdout
+   figures). History is kept for ``keep_history`` rounds. ``max_sample_share`` caps any
+   gateway's fusion weight at that share of the round (``robust.cap_shares``).
 5. Downlink (``RoundConfig.downlink``): the model travels as fp32, int8 or an int8 delta
    on the previous version; ``aggregator.downlink`` keeps what gateways hold (the fused
    delta is relative to it) and re-sends the current version in full when a gateway comes
@@ -130,6 +134,7 @@ __all__ = [
 ]
 
 MAX_SAMPLES = 10**9  # a gateway claiming more rows is lying (FedAvg weighs by this count)
+CONFIRM_S = 10.0  # a gateway restored as online that says nothing this long after a restart is not
 MAX_STATS = 32  # statistics per update (evaluation figures, timings)
 MAX_STAT_KEY = 64
 
@@ -242,6 +247,10 @@ class RoundStateMachine:
         self.reputation = rep.ReputationState()
         self.metric, self.metric_higher_is_better = holdout_metric(spec.kind, spec.task)
         self._resume_round = False
+        # restored as online from the checkpoint, not yet confirmed by a status since the
+        # start (its retained status arrives at once on subscribing)
+        self.unconfirmed: set[str] = set()
+        self.started_at = 0.0
 
     # ---- public API --------------------------------------------------------------------
 
@@ -255,6 +264,8 @@ class RoundStateMachine:
                 self.online.add(event.device)
             elif isinstance(event, DeviceOffline):
                 self.online.discard(event.device)
+            if isinstance(event, DeviceOnline | DeviceOffline):
+                self.unconfirmed.discard(event.device)
             return []
         if isinstance(event, Started):
             return self._on_started(event)
@@ -265,10 +276,7 @@ class RoundStateMachine:
         if isinstance(event, DeviceOnline):
             return self._on_online(event)
         if isinstance(event, DeviceOffline):
-            self.online.discard(event.device)
-            self.unready.discard(event.device)
-            self.rows_new.pop(event.device, None)
-            self.downlink.went_offline(event.device)
+            self._gone(event.device)
             return self._maybe_close(event.now)
         if isinstance(event, UpdateReceived):
             return self._on_update(event)
@@ -285,7 +293,8 @@ class RoundStateMachine:
 
     def _on_online(self, event: DeviceOnline) -> list[Action]:
         device = event.device
-        came = device not in self.online
+        came = device not in self.online or device in self.unconfirmed
+        self.unconfirmed.discard(device)
         self.online.add(device)
         self.known.add(device)
         self.rows_new[device] = max(0, event.rows_new)
@@ -341,6 +350,10 @@ class RoundStateMachine:
             # themselves are never changed once appended
             "history": list(self.history),
             "history_count": self.history_count,
+            # who a resumed round waits for: a restart must not close it on the first updates
+            "online": sorted(self.online),
+            "unready": sorted(self.unready & self.online),
+            "rows_new": {d: n for d, n in self.rows_new.items() if d in self.online},
             "rejected": dict(self.rejected),
             "excluded": sorted(self.excluded),
             "reputation": self.reputation.to_dict(),
@@ -375,6 +388,11 @@ class RoundStateMachine:
         self.last_start = float(meta.get("last_start", 0.0))
         self.history = list(meta.get("history", []))[-self.config.keep_history:]
         self.history_count = int(meta.get("history_count", len(self.history)))
+        self.online = {str(d) for d in meta.get("online", [])}
+        self.unready = {str(d) for d in meta.get("unready", [])} & self.online
+        self.rows_new = {str(d): int(n) for d, n in meta.get("rows_new", {}).items() if d in self.online}
+        self.known |= self.online
+        self.unconfirmed = set(self.online)
         self.rejected = dict(meta.get("rejected", {}))
         self.excluded = set(meta.get("excluded", []))
         if meta.get("reputation"):
@@ -404,6 +422,7 @@ class RoundStateMachine:
 
     def _on_started(self, event: Started) -> list[Action]:
         now = event.now
+        self.started_at = now
         actions: list[Action] = []
         if self.phase is Phase.FINISHED:
             if not self.more_rounds:
@@ -498,7 +517,20 @@ class RoundStateMachine:
         pool = set(self.selected) if self.selected else self.ready
         return pool - self.ignored
 
+    def _gone(self, device: str) -> None:
+        self.online.discard(device)
+        self.unready.discard(device)
+        self.unconfirmed.discard(device)
+        self.rows_new.pop(device, None)
+        self.downlink.went_offline(device)
+
     def _on_tick(self, event: Tick) -> list[Action]:
+        if self.unconfirmed and event.now - self.started_at >= CONFIRM_S:
+            for device in sorted(self.unconfirmed):  # no status since the restart: not there
+                self._gone(device)
+            closed = self._maybe_close(event.now)
+            if closed:
+                return closed
         if self.phase is Phase.WAITING:
             if self.next_check and event.now >= self.next_check:
                 return self._next_round(event.now)

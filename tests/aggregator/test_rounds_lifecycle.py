@@ -630,3 +630,46 @@ def test_a_gateway_claiming_huge_counts_weighs_at_most_its_share() -> None:
     d.update("gw1", samples=100)
     d.update("liar", samples=10**9)
     assert d.fuse.calls[-1][1] == [100.0, 1e9]
+
+
+# ---- who is online survives a restart -------------------------------------------------------------
+
+
+def test_a_resumed_round_waits_for_every_gateway_that_was_online() -> None:
+    config = agg.RoundConfig(rounds=5, min_participants=2, round_timeout_s=600)
+    d = Driver(config)
+    d.start()
+    for device in ("gw1", "gw2", "gw3"):
+        d.online(device)
+    d.run_round(("gw1", "gw2", "gw3"))  # round 2's announcement checkpoints who is online
+    d.update("gw1")  # round 2 is under way when the aggregator stops
+    again = Driver(config, now=T0 + 60)
+    again.machine.restore(d.last_checkpoint())
+    assert again.machine.online == {"gw1", "gw2", "gw3"}
+    again.start()
+    # the retained statuses and the resent updates arrive in any order after a restart:
+    # two updates before gw3's status must not close the round without gw3
+    again.update("gw1")
+    assert again.of(agg.PublishMetrics, again.update("gw2")) == []
+    again.online("gw3")
+    assert again.of(agg.PublishMetrics, again.update("gw3"))[0].summary.participants == ("gw1", "gw2", "gw3")
+
+
+def test_a_restored_gateway_that_says_nothing_after_the_restart_is_not_waited_for() -> None:
+    config = agg.RoundConfig(rounds=5, min_participants=2, round_timeout_s=600)
+    d = Driver(config)
+    d.start()
+    for device in ("gw1", "gw2", "gw3"):
+        d.online(device)
+    d.run_round(("gw1", "gw2", "gw3"))
+    again = Driver(config, now=T0 + 60)
+    again.machine.restore(d.last_checkpoint())
+    again.start()
+    again.online("gw1")
+    again.online("gw2")
+    again.update("gw1")
+    again.update("gw2")
+    assert again.of(agg.PublishMetrics) == []  # gw3 may still come
+    closed = again.tick(T0 + 60 + agg.CONFIRM_S)  # no status from gw3 since the restart
+    assert again.of(agg.PublishMetrics, closed)[0].summary.participants == ("gw1", "gw2")
+    assert "gw3" not in again.machine.online
