@@ -154,6 +154,27 @@ def save_model(directory: Path, version: int, weights: list[np.ndarray]) -> Path
     return version_file
 
 
+SUMMARY_SENT = "summary-sent"
+
+
+def mark_summary_sent(directory: Path, lineage: str, round_: int) -> None:
+    """Remember that round ``round_``'s summary went out (best effort, no fsync: after a
+    power cut the restarted aggregator at worst publishes it once more)."""
+    try:
+        (directory / SUMMARY_SENT).write_text(f"{lineage} {round_}\n")
+    except OSError:
+        pass
+
+
+def summary_sent(directory: Path, lineage: str) -> int:
+    """The round of ``lineage`` whose summary went out last (-1: unknown)."""
+    try:
+        sent_lineage, round_ = (directory / SUMMARY_SENT).read_text().split()
+        return int(round_) if sent_lineage == lineage else -1
+    except (OSError, ValueError):
+        return -1
+
+
 def model_path(directory: Path, version: int) -> Path:
     return directory / "models" / f"v{version}.npz"
 

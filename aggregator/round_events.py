@@ -103,6 +103,7 @@ class ModelCommitted:
 @dataclass(frozen=True, slots=True)
 class PublishMetrics:
     summary: RoundSummary
+    again: bool = False  # the last round's summary once more after a restart (it may not have gone out)
 
 
 @dataclass(frozen=True, slots=True)

@@ -120,6 +120,7 @@ from fedcore.protocol.messages import (
     ModelUpdate,
     PipelineConfig,
     RoundAnnouncement,
+    RoundSummary,
     TrainConfig,
 )
 
@@ -251,6 +252,7 @@ class RoundStateMachine:
         # start (its retained status arrives at once on subscribing)
         self.unconfirmed: set[str] = set()
         self.started_at = 0.0
+        self.last_summary: RoundSummary | None = None  # checkpointed: re-published at start
 
     # ---- public API --------------------------------------------------------------------
 
@@ -354,6 +356,7 @@ class RoundStateMachine:
             "online": sorted(self.online),
             "unready": sorted(self.unready & self.online),
             "rows_new": {d: n for d, n in self.rows_new.items() if d in self.online},
+            "last_summary": msgspec.to_builtins(self.last_summary) if self.last_summary else None,
             "rejected": dict(self.rejected),
             "excluded": sorted(self.excluded),
             "reputation": self.reputation.to_dict(),
@@ -393,6 +396,8 @@ class RoundStateMachine:
         self.rows_new = {str(d): int(n) for d, n in meta.get("rows_new", {}).items() if d in self.online}
         self.known |= self.online
         self.unconfirmed = set(self.online)
+        if meta.get("last_summary"):
+            self.last_summary = msgspec.convert(meta["last_summary"], RoundSummary)
         self.rejected = dict(meta.get("rejected", {}))
         self.excluded = set(meta.get("excluded", []))
         if meta.get("reputation"):
@@ -426,7 +431,8 @@ class RoundStateMachine:
         actions: list[Action] = []
         if self.phase is Phase.FINISHED:
             if not self.more_rounds:
-                return [PublishModel(self.model), RunFinished(self.round - 1, self.version)]
+                again = [PublishMetrics(self.last_summary, again=True)] if self.last_summary else []
+                return [PublishModel(self.model), *again, RunFinished(self.round - 1, self.version)]
             self.phase = Phase.IDLE
             actions.append(RunContinued(self.round, self.version))
         if not self.lineage:
@@ -438,8 +444,11 @@ class RoundStateMachine:
         actions.append(PublishModel(self.model))
         if self._resume_round:  # a restart mid-round re-announces that round, schedule or not
             self._resume_round = False
-            return actions + self._announce(now)
-        return actions + self._next_round(now)
+            actions += self._announce(now)
+        else:
+            actions += self._next_round(now)
+        # the summary of the last commit may not have gone out before the restart
+        return actions + ([PublishMetrics(self.last_summary, again=True)] if self.last_summary else [])
 
     def _needs_statistics(self) -> bool:
         return self.config.scaling == "federated" and not self.spec.has_scaler
@@ -706,7 +715,7 @@ class RoundStateMachine:
         self.parent_hash = body_hash(self.model)
         self.version += 1
         self.model = self._make_model()
-        summary = round_summary(self, devices, counts, now)
+        summary = self.last_summary = round_summary(self, devices, counts, now)
         # the gateways' holdout figures are of the model they trained from (version - 1)
         self.history.append({"round": self.round, "version": self.version,
                              "participants": len(devices), "rows": int(sum(claimed)),

@@ -463,7 +463,7 @@ class AggregatorService:
                 log.info("round %d announced on model version %d (%d gateways ready)", ann.round,
                          ann.model_version, len(self.machine.ready))
         elif isinstance(action, sm.PublishMetrics):
-            self._commit_summary(action.summary)
+            self._commit_summary(action.summary, action.again)
         elif isinstance(action, sm.UpdateRejected):
             self._count_rejection(action.reason)
             self.security.audit_rejection(action.device, action.reason, action.detail, self.clock())
@@ -513,10 +513,17 @@ class AggregatorService:
             if self.deploy.mode == "latest":
                 self._publish_deployed()
 
-    def _commit_summary(self, summary: RoundSummary) -> None:
+    def _commit_summary(self, summary: RoundSummary, again: bool = False) -> None:
+        if again and checkpoints.summary_sent(self.config.state_dir, summary.lineage) == summary.round:
+            return  # it went out before the restart
         down = sum(self._last_down) * len(summary.participants)
         summary = msgspec.structs.replace(summary, bytes_down=down)
         self._publish(Kind.METRICS, self.topics.metrics(), summary, summary.round)
+        checkpoints.mark_summary_sent(self.config.state_dir, summary.lineage, summary.round)
+        if again:
+            log.info("round %d summary published (it had not gone out before the restart)",
+                     summary.round)
+            return
         metric = summary.metrics.get(f"eval_{self.machine.metric}")
         log.info("round %d committed: model version %d from %d gateways, %d rows, %s %s, "
                  "%.2f s, %d bytes up", summary.round, summary.model_version,

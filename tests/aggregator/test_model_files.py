@@ -122,3 +122,17 @@ def test_a_model_file_a_crash_lost_is_written_at_start(tmp_path: Path) -> None:
     assert 2 in again.kept()
     np.testing.assert_array_equal(checkpoints.load_model(again.config.state_dir, 2)[0],
                                   again.machine.weights[0])
+
+
+def test_a_summary_a_crash_kept_from_going_out_is_published_at_start(tmp_path: Path) -> None:
+    agg = Aggregator(tmp_path)
+    agg.start()
+    agg.round()
+    assert "fg/f/t/metrics" in agg.transport.sent
+    again = Aggregator(tmp_path)  # a clean restart: the summary went out, not again
+    again.start()
+    assert "fg/f/t/metrics" not in again.transport.sent
+    (agg.config.state_dir / checkpoints.SUMMARY_SENT).unlink()  # died between checkpoint and publish
+    third = Aggregator(tmp_path)
+    third.start()
+    assert third.transport.sent.count("fg/f/t/metrics") == 1
