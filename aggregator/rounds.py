@@ -268,6 +268,8 @@ class RoundStateMachine:
                 self.online.discard(event.device)
             if isinstance(event, DeviceOnline | DeviceOffline):
                 self.unconfirmed.discard(event.device)
+            if isinstance(event, BrokerSessionLost):  # the final model stays retained
+                return [PublishModel(self.model)]
             return []
         if isinstance(event, Started):
             return self._on_started(event)

@@ -167,8 +167,11 @@ class AggregatorService:
                     self._apply(self.machine.handle(sm.Started(now, os.urandom(4))))
                     self._apply_deploy(self.deploy.on_start(self.machine.version, now))
                     self._publish_deployed()
-                elif not item.session_present:
-                    log.warning("the broker lost our session: re-publishing model, round and state")
+                else:  # a restarted broker may serve older retained copies: ours again
+                    if item.session_present:
+                        log.info("reconnected: re-publishing the retained model, round and deployment")
+                    else:
+                        log.warning("the broker lost our session: re-publishing model, round and state")
                     self._apply(self.machine.handle(sm.BrokerSessionLost(now)))
                     self._republish_deployment()
             elif isinstance(item, MessageReceived):

@@ -22,7 +22,7 @@ import pytest
 from aggregator import checkpoint as checkpoints
 from fedcore.datasets import default_spec, default_train_config, load_dataset
 from fedcore.protocol import codec
-from fedcore.protocol.messages import RoundSummary
+from fedcore.protocol.messages import GlobalModel, RoundSummary
 from fedcore.protocol.topics import Topics
 from fedcore.transport.base import Connected, MessageReceived
 from fedcore.transport.paho import PahoTransport
@@ -177,3 +177,49 @@ def test_broker_killed_mid_run_and_restarted_loses_no_round(run_factory, mosquit
     assert [h["round"] for h in history] == list(range(1, len(history) + 1))
     assert len(history) >= before.round + 5
     assert all(h["participants"] == 3 for h in history)
+
+
+def test_after_a_broker_restart_the_retained_model_is_the_live_one(run_factory, mosquitto_factory) -> None:
+    """A broker killed with persistence comes back with the retained state it saved last
+    (here: rounds old) and the aggregator's session: the aggregator publishes its model
+    again on every reconnect, so a subscriber reads the live version, also after the run."""
+    broker = mosquitto_factory(persistence=True, extra_config="autosave_interval 3600")
+    run = run_factory(url=broker.url, rounds=6, gateways=2)
+    run.start_all()
+    run.next_summary()
+    broker.stop()  # a clean stop saves the retained state of now
+    broker.start()
+    state = run.tmp / "aggregator-state"
+    deadline = time.monotonic() + 120
+    while (saved := checkpoints.load(state)) is None or saved.meta["phase"] != "finished":
+        assert time.monotonic() < deadline, "the run did not finish"
+        time.sleep(0.2)
+    live = int(saved.meta["version"])
+    broker.kill()  # no save: its file holds the state of the clean stop
+    time.sleep(0.5)
+    broker.start()
+    deadline = time.monotonic() + 30
+    while (retained := _retained_model_version(broker.url, run.topics)) != live:
+        # the broker's saved copy until the aggregator is back (its jittered backoff)
+        assert time.monotonic() < deadline, f"the broker still serves version {retained}, not {live}"
+        time.sleep(0.5)
+
+
+def _retained_model_version(url: str, topics: Topics) -> int | None:
+    """What a new subscriber to the model topic gets first (None: nothing retained)."""
+    got: queue.Queue[int] = queue.Queue()
+    reader = PahoTransport(url, f"retained-reader-{os.getpid()}", clean_start=True, rng=random.Random(3))
+
+    def on_event(event: object) -> None:
+        if isinstance(event, Connected):
+            reader.subscribe(topics.model())
+        elif isinstance(event, MessageReceived) and event.payload and event.retained:
+            got.put(codec.decode_body(codec.decode(event.payload), GlobalModel).version)
+
+    reader.start(on_event)
+    try:
+        return got.get(timeout=3)
+    except queue.Empty:
+        return None
+    finally:
+        reader.stop()
