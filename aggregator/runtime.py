@@ -41,6 +41,8 @@ from aggregator import rounds as sm
 from aggregator.config import AggregatorConfig
 from aggregator.fusion import ServerUpdateFn, make_fuse
 from aggregator.security import AggregatorSecurity
+from aggregator.state_writer import StateWriter
+from aggregator.task_state import task_state
 from fedcore.errors import RemoteProtocolError
 from fedcore.learning.models import init_params
 from fedcore.protocol import codec
@@ -50,7 +52,6 @@ from fedcore.protocol.messages import (
     Deployment,
     Kind,
     ModelUpdate,
-    RoundPoint,
     RoundSummary,
     Status,
     TaskState,
@@ -67,9 +68,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedgate.aggregator")
 TICK_S = 0.2
-RETRY_WRITE_S = 5.0
 STATE_EVERY_S = 30.0
-STATE_HISTORY = 200  # rounds in the retained task state (the dashboard's charts)
 NOT_READY = ("waiting_for_data", "incompatible")
 Carried = sm.Action | dm.DeployAction  # what the loop carries out, in order
 
@@ -123,16 +122,12 @@ class AggregatorService:
             log.info("resumed lineage %s from %s: round %s, model version %s",
                      self.machine.lineage or "(none)", config.state_dir, saved.meta["round"],
                      saved.meta["version"])
-        # the model file of the last checkpoint, written once the model is out (checkpoint.py)
-        # model files still to write, by version (a failed write keeps them; bounded by
-        # keep_models): the checkpoint holds the newest one's weights meanwhile
-        self._models_due: dict[int, list[np.ndarray]] = {}
-        if saved is not None:
-            self._models_due[int(saved.meta["version"])] = saved.weights  # if a crash lost it
+        self.writer = StateWriter(config.state_dir, config.keep_models, metrics, clock)
+        if saved is not None:  # its model file, if a crash lost it
+            self.writer.models_due[int(saved.meta["version"])] = saved.weights
         self._held: list[Carried] = []  # actions waiting for a checkpoint that failed
         self._after_announcement: list[sm.ModelCommitted] = []  # bookkeeping off the critical path
         self._command_error = False
-        self._write_failed_at = 0.0
         self._state_key = b""
         self._state_at = 0.0
         if self.metrics is not None:  # right from the start, not 0 until the next round
@@ -352,60 +347,18 @@ class AggregatorService:
         checkpoint = action.checkpoint
         self.security.before_checkpoint(checkpoint)
         checkpoint.meta["deployment"] = self.deploy.to_dict()
-        try:
-            checkpoints.save(self.config.state_dir, checkpoint)
-        except OSError as exc:
-            if not self._write_failed_at:
-                log.error("cannot write the checkpoint to %s: %s; holding round %d until it can "
-                          "be written (retrying every %.0f s)", self.config.state_dir,
-                          exc.strerror or exc, self.machine.round, RETRY_WRITE_S)
-            self._write_failed_at = self.clock()
-            if self.metrics is not None:
-                self.metrics.disk_full.set(1)
-            return False
-        self._models_due[int(checkpoint.meta["version"])] = checkpoint.weights
-        while len(self._models_due) > max(1, self.config.keep_models):
-            lost = min(self._models_due)
-            del self._models_due[lost]
-            log.error("model file %d was never written (the disk refused it); it is not kept", lost)
-        if self._write_failed_at:  # the model files due are tried right after
-            log.warning("the checkpoint is written again; resuming")
-            self._write_failed_at = 0.0
-            if self.metrics is not None:
-                self.metrics.disk_full.set(0)
-        return True
+        return self.writer.checkpoint(checkpoint, self.machine.round)
 
     def _save_model_files(self) -> None:
-        """The model files of the checkpoints written, oldest first, then the pruning of
-        old ones. A failure is logged; the tick tries again (none is forgotten)."""
-        if not self._models_due:
-            return
-        try:
-            for version in sorted(self._models_due):
-                checkpoints.save_model(self.config.state_dir, version, self._models_due[version])
-                del self._models_due[version]
-            protect = {self.deploy.version, *self.deploy.needed()}
-            checkpoints.prune_models(self.config.state_dir, self.config.keep_models, protect)
-        except OSError as exc:
-            if not self._write_failed_at:
-                log.error("cannot write model file %d to %s: %s (retrying every %.0f s)",
-                          min(self._models_due), self.config.state_dir, exc.strerror or exc,
-                          RETRY_WRITE_S)
-            self._write_failed_at = self.clock()
-            if self.metrics is not None:
-                self.metrics.disk_full.set(1)
-            return
-        if self._write_failed_at:
-            log.warning("model files are written again")
-            self._write_failed_at = 0.0
-            if self.metrics is not None:
-                self.metrics.disk_full.set(0)
+        self.writer.model_files({self.deploy.version, *self.deploy.needed()})
 
     def _retry_held(self, now: float) -> None:
-        if self._held and now - self._write_failed_at >= RETRY_WRITE_S:
+        if not self.writer.may_retry(now):
+            return
+        if self._held:
             held, self._held = self._held, []
             self._apply(held)
-        elif self._models_due and now - self._write_failed_at >= RETRY_WRITE_S:
+        elif self.writer.models_due:
             self._save_model_files()
 
     def _apply(self, actions: Sequence[Carried]) -> None:
@@ -427,7 +380,7 @@ class AggregatorService:
     def _after_round_out(self) -> None:
         """What waited for the model and the next announcement: the model file (a canary's
         deployment needs it), the commit's audit line and deployment."""
-        if not self._write_failed_at:  # after a failed write the tick retries
+        if not self.writer.failed_at:  # after a failed write the tick retries
             self._save_model_files()
         waiting, self._after_announcement = self._after_announcement, []
         for action in waiting:
@@ -602,44 +555,9 @@ class AggregatorService:
     # ---- the task state -------------------------------------------------------------------
 
     def task_state(self, now: float) -> TaskState:
-        m = self.machine
-        history = tuple(
-            RoundPoint(int(h["round"]), int(h.get("version", h["round"])), int(h["participants"]),
-                       int(h.get("rows", 0)), float(h.get("metric", math.nan)), float(h["wall_s"]),
-                       float(h.get("time", 0.0)))
-            for h in m.history[-STATE_HISTORY:]
-        )
-        waiting = self._waiting_for(m)
-        if self._held:
-            waiting = f"cannot write the state to {self.config.state_dir} (disk full?)"
-        canary = self.deploy.canary
-        return TaskState(
-            lineage=m.lineage, phase=m.phase.value, round=m.round, model_version=m.version,
-            rounds_planned=self.config.rounds.rounds, waiting_for=waiting,
-            next_round_at=m.next_check if m.phase is sm.Phase.WAITING else 0.0,
-            online=tuple(sorted(m.online)), quarantined=tuple(sorted(m.reputation.quarantined)),
-            budget_spent=tuple(sorted(m.excluded)),
-            deployed_version=m.version if self.deploy.mode == "latest" else self.deploy.version,
-            deployment_mode=self.deploy.mode, candidate=canary.candidate if canary else -1,
-            canary=canary.devices if canary else (), rejected=dict(self.rejected),
-            epsilon=m.ledger.spent() if m.ledger is not None else {}, metric=m.metric,
-            metric_higher_is_better=m.metric_higher_is_better, history=history, updated_at=now,
-        )
-
-    @staticmethod
-    def _waiting_for(m: sm.RoundStateMachine) -> str:
-        """What the operator waits for, in words."""
-        if m.phase is sm.Phase.WAITING:
-            return m.waiting_for
-        unready = len(m.unready & m.online)
-        not_ready = f"; {unready} online but not ready (waiting for data)" if unready else ""
-        if m.phase is sm.Phase.STATISTICS:
-            return (f"statistics from {len(m.stats)} of {len(m.expected())} ready gateways "
-                    f"(at least {m.quorum()}){not_ready}")
-        if m.phase is sm.Phase.COLLECTING:
-            return (f"updates from {len(m.received)} of {len(m.expected())} ready gateways "
-                    f"(at least {m.quorum()}){not_ready}")
-        return ""
+        problem = f"cannot write the state to {self.config.state_dir} (disk full?)" if self._held else ""
+        return task_state(self.machine, self.deploy, self.config.rounds.rounds, dict(self.rejected),
+                          problem, now)
 
     def _publish_state(self, now: float) -> None:
         state = self.task_state(now)

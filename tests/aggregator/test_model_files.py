@@ -107,7 +107,7 @@ def test_no_model_file_is_forgotten_after_a_failed_write(tmp_path: Path, monkeyp
     agg.service._retry_held(agg.now)
     agg.round()
     assert agg.kept() == [0, 1, 2, 3, 4]
-    assert not agg.service._write_failed_at
+    assert not agg.service.writer.failed_at
 
 
 def test_a_model_file_a_crash_lost_is_written_at_start(tmp_path: Path) -> None:
