@@ -122,6 +122,8 @@ def load_aggregator_config(path: str | Path) -> AggregatorConfig:
         fraction=rsec.float("fraction", 1.0, min=0.0, max=1.0),
         max_update_norm=rsec.float("max_update_norm", 0.0, min=0.0),
         max_sample_share=rsec.float("max_sample_share", 0.0, min=0.0, max=1.0),
+        straggler_factor=rsec.float("straggler_factor", 2.0, min=0.0),
+        straggler_min_s=rsec.float("straggler_min_s", 5.0, min=0.0),
         train=train_config(root.section("train")),
         pipeline=pipeline,
         server=server,

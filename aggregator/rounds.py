@@ -38,7 +38,12 @@ Rules:
    at least ``min_participants`` updates; or at the deadline with at least
    ``min_participants`` (less the quarantined or budget-spent gateways, which can no longer
    count). A deadline with fewer is *quorum missed*: the deadline is extended and the round
-   re-announced (an event in the summary, not an error). Who is online and ready is in
+   re-announced (an event in the summary, not an error). A gateway that is online but
+   silent (its link is gone and the broker has not noticed yet: that takes 1.5x its
+   keepalive) costs a round the *straggler window*, not the deadline: once at least half
+   the expected gateways and ``min_participants`` have answered, the rest get
+   ``straggler_factor`` times as long again as that took (at least ``straggler_min_s``);
+   then the round closes without them, with an alert naming them. Who is online and ready is in
    the checkpoint: a restarted aggregator waits for the same gateways (their retained
    status or resent update may come in any order) and forgets one that says nothing within
    ``CONFIRM_S`` of the restart.
@@ -187,6 +192,8 @@ class RoundConfig:
     scaling: str = "none"  # "federated": a lineage starts with a statistics round
     keep_history: int = 1000  # round summaries kept (history.jsonl beside the checkpoint)
     max_sample_share: float = 0.0  # no gateway's fusion weight above this share (0 = off)
+    straggler_factor: float = 2.0  # wait for the rest this many times the time to half (0 = off)
+    straggler_min_s: float = 5.0  # ... and at least this long
 
 
 @dataclass
@@ -233,6 +240,7 @@ class RoundStateMachine:
         self.selected: tuple[str, ...] = ()
         self.deadline = 0.0
         self.announced_at = 0.0
+        self.half_at: float | None = None  # when half the round's expected gateways had answered
         self.last_start = 0.0
         self.waiting_for = ""
         self.next_check = 0.0
@@ -497,6 +505,7 @@ class RoundStateMachine:
         self.alerts = []
         self.attempt = 0
         self.announced_at = now
+        self.half_at = None
         self.deadline = now + self.config.round_timeout_s
         self.selected = self._select()
 
@@ -546,6 +555,8 @@ class RoundStateMachine:
             if self.next_check and event.now >= self.next_check:
                 return self._next_round(event.now)
             return []
+        if self.phase is Phase.COLLECTING and self._stragglers_due(event.now):
+            return self._close_without_stragglers(event.now)
         if event.now < self.deadline:
             return []
         answered = len(self.stats) if self.phase is Phase.STATISTICS else len(self.received)
@@ -696,7 +707,29 @@ class RoundStateMachine:
             return []
         if self.expected() <= set(self.received) | self.refused:
             return self._aggregate(now)
+        if self._stragglers_due(now):
+            return self._close_without_stragglers(now)
         return []
+
+    def _stragglers_due(self, now: float) -> bool:
+        """Rule 3's straggler window: has it opened, and has it passed?"""
+        if self.config.straggler_factor <= 0 or len(self.received) < self.quorum():
+            return False
+        expected = self.expected()
+        if 2 * len(expected & (set(self.received) | self.refused)) < len(expected):
+            return False
+        if self.half_at is None:
+            self.half_at = now
+        took = self.half_at - self.announced_at
+        return now >= self.half_at + max(self.config.straggler_min_s, self.config.straggler_factor * took)
+
+    def _close_without_stragglers(self, now: float) -> list[Action]:
+        silent = sorted(self.expected() - set(self.received) - self.refused)
+        assert self.half_at is not None
+        if silent:
+            self.alerts.append(f"closed without {', '.join(silent)}: no update {now - self.half_at:.1f} s "
+                               "after half the round had answered (straggler window)")
+        return self._aggregate(now)
 
     def _aggregate(self, now: float) -> list[Action]:
         devices = sorted(self.received)

@@ -675,3 +675,41 @@ def test_a_restored_gateway_that_says_nothing_after_the_restart_is_not_waited_fo
     closed = again.tick(T0 + 60 + agg.CONFIRM_S)  # no status from gw3 since the restart
     assert again.of(agg.PublishMetrics, closed)[0].summary.participants == ("gw1", "gw2")
     assert "gw3" not in again.machine.online
+
+
+# ---- a silent gateway ------------------------------------------------------------------------------
+
+
+def test_a_silent_gateway_costs_the_straggler_window_not_the_deadline() -> None:
+    """gw3 is online (the broker has not noticed its link is gone) and sends nothing."""
+    d = Driver(agg.RoundConfig(rounds=5, min_participants=1, round_timeout_s=600))
+    d.start()
+    for name in ("gw1", "gw2", "gw3"):
+        d.online(name)
+    d.now = T0 + 3.0  # training took 3 s
+    assert not d.of(agg.PublishMetrics, d.run_round(("gw1", "gw2")))
+    # half answered at +3 s: the rest get max(5 s, 2 x 3 s) more
+    assert not d.of(agg.PublishMetrics, d.tick(T0 + 8.9))
+    [published] = d.of(agg.PublishMetrics, d.tick(T0 + 9.0))
+    assert published.summary.participants == ("gw1", "gw2")
+    [alert] = [a for a in published.summary.alerts if "straggler window" in a]
+    assert alert.startswith("closed without gw3: no update 6.0 s")
+    # a straggler that answers within the window still counts
+    d.tick(T0 + 10.0)
+    d.run_round(("gw1", "gw2"))
+    d.now = T0 + 12.0
+    [published] = d.of(agg.PublishMetrics, d.update("gw3"))
+    assert published.summary.participants == ("gw1", "gw2", "gw3")
+
+
+def test_less_than_half_answered_waits_for_the_deadline_and_zero_turns_the_window_off() -> None:
+    for factor, answering in ((2.0, ("gw1",)), (0.0, ("gw1", "gw2"))):
+        d = Driver(agg.RoundConfig(rounds=5, min_participants=1, round_timeout_s=600,
+                                   straggler_factor=factor))
+        d.start()
+        for name in ("gw1", "gw2", "gw3"):
+            d.online(name)
+        d.run_round(answering)
+        assert not d.of(agg.PublishMetrics, d.tick(T0 + 599.0))
+        [published] = d.of(agg.PublishMetrics, d.tick(T0 + 600.0))
+        assert published.summary.participants == answering
