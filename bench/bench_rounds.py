@@ -63,9 +63,8 @@ from fedcore.protocol.messages import RoundSummary, Status, TrainConfig  # noqa:
 from fedcore.protocol.topics import Topics  # noqa: E402
 from fedcore.transport.base import Connected, MessageReceived  # noqa: E402
 from fedcore.transport.paho import PahoTransport  # noqa: E402
-from fedcore.transport.tls import TlsSettings  # noqa: E402
 from fedgate.broker import RunningBroker, start_broker  # noqa: E402
-from fedgate.demo import start_secure_broker  # noqa: E402
+from fedgate.demo import observer_tls, start_secure_broker  # noqa: E402
 from fedgate.demo_configs import DemoOptions, device_id, write_configs  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -125,9 +124,8 @@ class Observer:
         self.topics = topics
         self.events: queue.Queue[Any] = queue.Queue()
         tls = None
-        if fleet_dir is not None:  # the aggregator's identity may read metrics and status
-            bundle = fleet_dir / "aggregator"
-            tls = TlsSettings(bundle / "ca.crt", bundle / "client.crt", bundle / "client.key")
+        if fleet_dir is not None:  # a read-only operator: metrics and status
+            tls = observer_tls(fleet_dir)
         self.transport = PahoTransport(url, f"bench-observer-{os.getpid()}", clean_start=True,
                                        tls=tls, rng=random.Random(0))
 
@@ -227,7 +225,7 @@ def run_one(n: int, rounds: int, workdir: Path, concurrency: int, timeout_s: flo
     try:
         fleet_dir = workdir / "fleet" if secure else None
         if fleet_dir is not None:
-            broker = start_secure_broker(fleet_dir, FLEET, [device_id(u) for u in dataset.units])
+            broker = start_secure_broker(fleet_dir, FLEET, [device_id(u) for u in dataset.units], TASK)
             url = f"mqtts://127.0.0.1:{broker.port}"
             files = write_configs(workdir, url, options, dataset, spec, TRAIN, fleet_dir)
         else:

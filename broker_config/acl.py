@@ -20,7 +20,13 @@ bits. A client's MQTT username is its certificate CN (``use_identity_as_username
   user's deny lines before anything else and stops at the first one that matches, so the
   operator can write nothing anywhere. No device can carry an operator's name
   (provisioning keeps names unique), so the denied topics belong to nobody.
-- ``{task}`` is always ``+``; ``{fleet}`` is the fleet name or ``+``.
+- ``{fleet}`` is the fleet name or ``+``. ``{task}`` is ``+`` unless the fleet declares its
+  tasks (``fedgate provision ca --task``): then every line a device or the aggregator
+  *writes* under is repeated per task, so a device can write (and retain) under those
+  tasks only. ``{stage}`` is repeated per :data:`~fedcore.protocol.topics.SECAGG_STAGES`.
+  With declared tasks, what one device can keep in the broker's retained store is bounded:
+  (tasks x (1 update + 4 stages) + status + telemetry) messages of at most the broker's
+  ``message_size_limit``. Reads stay ``+``: reading grows nothing.
 
 Anything not granted is denied (Mosquitto's rule once an acl_file is set). A test parses
 this output back and checks it against the rules and real topics built by ``Topics``.
@@ -31,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from fedcore.errors import LocalProtocolError
-from fedcore.protocol.topics import ACL_RULES, AclRule, check_name
+from fedcore.protocol.topics import ACL_RULES, SECAGG_STAGES, AclRule, check_name
 
 
 def _access(read: bool, write: bool) -> str | None:
@@ -48,6 +54,17 @@ def _fill(rule: AclRule, fleet: str, device: str) -> str:
     return rule.pattern.format(fleet=fleet, task="+", device=device, stage="+")
 
 
+def _lines(prefix: str, access: str, rule: AclRule, fleet: str, device: str, tasks: tuple[str, ...]) -> list[str]:
+    """Reads as one ``+`` line; writes one line per declared task and per secagg stage."""
+    per_task = bool(tasks) and "{task}" in rule.pattern
+    if "write" not in access or not (per_task or "{stage}" in rule.pattern):
+        return [f"{prefix} {access} {_fill(rule, fleet, device)}"]
+    stages = SECAGG_STAGES if "{stage}" in rule.pattern else ("+",)
+    writes = [f"{prefix} write " + rule.pattern.format(fleet=fleet, task=task, device=device, stage=stage)
+              for task in (tasks if per_task else ("+",)) for stage in stages]
+    return ([f"{prefix} read {_fill(rule, fleet, device)}"] if access == "readwrite" else []) + writes
+
+
 def _operator_block(name: str, fleet: str) -> list[str]:
     lines = [f"user {name}"]
     for rule in ACL_RULES:
@@ -59,10 +76,13 @@ def _operator_block(name: str, fleet: str) -> list[str]:
     return lines
 
 
-def generate_acl(fleet: str = "+", aggregator: str = "aggregator", operators: Iterable[str] = ()) -> str:
-    """The acl_file text for one fleet (or every fleet with ``'+'``) and its operators."""
+def generate_acl(fleet: str = "+", aggregator: str = "aggregator", operators: Iterable[str] = (),
+                 tasks: Iterable[str] = ()) -> str:
+    """The acl_file text for one fleet (or every fleet with ``'+'``), its operators and its
+    declared tasks (none: any task)."""
     if fleet != "+":
         check_name(fleet, "fleet")
+    task_names = tuple(sorted({check_name(name, "task") for name in tasks}))
     check_name(aggregator, "aggregator")
     operator_names = sorted({check_name(name, "operator") for name in operators})
     if aggregator in operator_names:
@@ -79,12 +99,12 @@ def generate_acl(fleet: str = "+", aggregator: str = "aggregator", operators: It
     for rule in shared + own:
         access = _access(rule.device_read, rule.device_write)
         if access is not None:
-            lines.append(f"pattern {access} {_fill(rule, fleet, '%u')}")
+            lines += _lines("pattern", access, rule, fleet, "%u", task_names)
     lines += ["", "# The aggregator identity alone publishes round, model and metrics.", f"user {aggregator}"]
     for rule in ACL_RULES:
         access = _access(rule.aggregator_read, rule.aggregator_write)
         if access is not None:
-            lines.append(f"topic {access} {_fill(rule, fleet, '+')}")
+            lines += _lines("topic", access, rule, fleet, "+", task_names)
     if operator_names:
         lines += [
             "",

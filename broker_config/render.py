@@ -157,6 +157,7 @@ def render_mosquitto_conf(
     fleet: str = "+",
     aggregator: str = "aggregator",
     operators: Iterable[str] = (),
+    tasks: Iterable[str] = (),
     run_as_user: str | None = None,
     max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
@@ -175,14 +176,15 @@ def render_mosquitto_conf(
     )
     layout.broker_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     layout.broker_data.mkdir(mode=0o700, exist_ok=True)
-    write_acl(layout, fleet, aggregator, operators)
+    write_acl(layout, fleet, aggregator, operators, tasks)
     _write(layout.broker_conf, text)
     return layout.broker_conf
 
 
-def write_acl(layout: FleetLayout, fleet: str, aggregator: str, operators: Iterable[str] = ()) -> bool:
+def write_acl(layout: FleetLayout, fleet: str, aggregator: str, operators: Iterable[str] = (),
+              tasks: Iterable[str] = ()) -> bool:
     """(Re)write ``broker/acl``; True when its content changed (Mosquitto must reload it)."""
-    text = generate_acl(fleet, aggregator, operators)
+    text = generate_acl(fleet, aggregator, operators, tasks)
     try:
         if layout.broker_acl.read_text("utf-8") == text:
             return False

@@ -51,7 +51,10 @@ def register(subparsers: Any) -> None:
     check.add_argument("file", help="TOML file")
     check.add_argument("--kind", choices=sorted(_LOADERS), help="skip detection")
     check.add_argument("--live", action="store_true",
-                       help="also connect to the broker: TLS, CONNACK, SUBACK and PUBACK as the service")
+                       help="also try the broker: TLS and the certificate, without opening a session")
+    check.add_argument("--session", action="store_true",
+                       help="--live: also open a session as the service and try its SUBACKs and a "
+                       "PUBACK (over TLS this takes a running service's connection over: stop it first)")
     check.add_argument("--user", metavar="NAME",
                        help="check file access as this user, the service's (default: the current user; "
                        "another user needs root)")
@@ -60,7 +63,7 @@ def register(subparsers: Any) -> None:
     check.add_argument("--syntax-only", action="store_true",
                        help="check the file's contents only: no files, certificates or broker")
     check.set_defaults(func=lambda a: check_file(
-        a.file, a.kind, live=a.live, user=a.user, timeout_s=a.timeout, syntax_only=a.syntax_only))
+        a.file, a.kind, live=a.live or a.session, session=a.session, user=a.user, timeout_s=a.timeout, syntax_only=a.syntax_only))
 
 
 def detect_kind(data: dict[str, Any]) -> str | None:
@@ -87,6 +90,7 @@ def check_file(
     out: TextIO | None = None,
     *,
     live: bool = False,
+    session: bool = False,
     user: str | None = None,
     timeout_s: float = 10.0,
     syntax_only: bool = False,
@@ -121,17 +125,19 @@ def check_file(
         if live:
             out.write(f"{file}: --live checks edge and aggregator configs only\n")
         return 0
-    return check_environment(file, kind, result, out, live=live, user=user, timeout_s=timeout_s)
+    return check_environment(file, kind, result, out, live=live, session=session, user=user,
+                             timeout_s=timeout_s)
 
 
 def check_environment(
-    file: str, kind: str, config: Any, out: TextIO, *, live: bool, user: str | None, timeout_s: float
+    file: str, kind: str, config: Any, out: TextIO, *, live: bool, user: str | None, timeout_s: float,
+    session: bool = False,
 ) -> int:
     """Files, certificates, keys and (``live``) the broker, one line per check."""
     from fedgate import preflight
 
     subject = (preflight.edge_subject if kind == "edge" else preflight.aggregator_subject)(config)
-    subject.user, subject.live, subject.timeout_s = user, live, timeout_s
+    subject.user, subject.live, subject.session, subject.timeout_s = user, live, session, timeout_s
     try:
         findings = preflight.run(subject)
     except preflight.UsageError as exc:

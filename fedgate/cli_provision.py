@@ -19,8 +19,20 @@ def _acl_reload_hint(dir: Path) -> None:
 
 
 def _ca(args: argparse.Namespace) -> int:
-    path = provision.init_ca(args.dir, fleet=args.fleet, aggregator=args.aggregator_name, days=args.days)
+    path = provision.init_ca(args.dir, fleet=args.fleet, aggregator=args.aggregator_name, days=args.days,
+                             tasks=args.task)
     print(f"fleet CA written; distribute {path} (the CA key stays in {Path(args.dir) / 'ca'})")
+    if not args.task:
+        print("note: no --task given: devices may write under any task name (docs/security.md)")
+    return 0
+
+
+def _task(args: argparse.Namespace) -> int:
+    if provision.declare_task(args.dir, args.name):
+        print(f"task {args.name} declared")
+        _acl_reload_hint(args.dir)
+    else:
+        print(f"task {args.name} was already declared")
     return 0
 
 
@@ -82,6 +94,12 @@ def register(subparsers: Any) -> None:
     ca.add_argument("--fleet", default="+", help="restrict the broker ACL to this fleet name")
     ca.add_argument("--aggregator-name", default="aggregator", help="CN of the aggregator identity")
     ca.add_argument("--days", type=int, default=provision.CA_DAYS, help="CA lifetime")
+    ca.add_argument("--task", action="append", default=[], metavar="NAME",
+                    help="a task of this fleet (repeat for each): the ACL lets devices write under "
+                    "these task names only (default: any task)")
+
+    task = add("task", _task, "declare one more task of a fleet created with --task", days=False)
+    task.add_argument("name", help="task name, 1-64 of [A-Za-z0-9_.-], no leading '.'")
 
     device = add("device", _device, "issue a gateway certificate and signing key")
     device.add_argument("name", help="device id (certificate CN), 1-64 of [A-Za-z0-9_.-], no leading '.'")

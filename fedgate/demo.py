@@ -46,14 +46,25 @@ from fedcore.transport.paho import PahoTransport
 from fedgate.broker import RunningBroker, free_port, start_broker
 from fedgate.demo_configs import DemoFailed, DemoOptions, device_id, malicious_units, write_configs
 
+# The read-only operator identity the demo and the benches watch a secure fleet with: the
+# broker names sessions after certificates, so borrowing the aggregator's would take its
+# session over.
+OBSERVER = "observer"
 
-def start_secure_broker(fleet_dir: Path, fleet: str, devices: list[str]) -> RunningBroker:
-    """Provision a fleet (CA, aggregator, one identity per gateway) and run Mosquitto with
-    the generated mTLS listener and ACL on a free loopback port."""
+
+def observer_tls(fleet_dir: Path) -> TlsSettings:
+    bundle = fleet_dir / "operators" / OBSERVER
+    return TlsSettings(bundle / "ca.crt", bundle / "client.crt", bundle / "client.key")
+
+
+def start_secure_broker(fleet_dir: Path, fleet: str, devices: list[str], task: str) -> RunningBroker:
+    """Provision a fleet of one declared task (CA, aggregator, one identity per gateway)
+    and run Mosquitto with the generated mTLS listener and ACL on a free loopback port."""
     from fedgate import provision
 
-    provision.init_ca(fleet_dir, fleet=fleet)
+    provision.init_ca(fleet_dir, fleet=fleet, tasks=[task])
     provision.provision_aggregator(fleet_dir)
+    provision.provision_operator(fleet_dir, OBSERVER)
     for device in devices:
         provision.provision_device(fleet_dir, device)
     port = free_port()
@@ -111,10 +122,9 @@ class Observer:
         self.online: set[str] = set()
         tls = None
         client_id = f"demo-observer-{os.getpid()}"
-        if fleet_dir is not None:  # an operator's identity: the aggregator's bundle reads metrics
-            bundle = fleet_dir / "aggregator"
-            tls = TlsSettings(bundle / "ca.crt", bundle / "client.crt", bundle / "client.key")
-            client_id = "aggregator-observer"
+        if fleet_dir is not None:
+            tls = observer_tls(fleet_dir)
+            client_id = OBSERVER
         self.transport = PahoTransport(url, client_id, clean_start=True, tls=tls,
                                        rng=random.Random(0))
 
@@ -207,7 +217,8 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         fleet_dir = None
         if options.secure:
             fleet_dir = workdir / "fleet"
-            broker = start_secure_broker(fleet_dir, options.fleet, [device_id(u) for u in dataset.units])
+            broker = start_secure_broker(fleet_dir, options.fleet, [device_id(u) for u in dataset.units],
+                                         options.task)
             url = broker.url.replace("mqtt://", "mqtts://")
             say(f"fleet provisioned in {fleet_dir}: mTLS broker (Mosquitto, generated ACL) on {url}, "
                 "signed messages")

@@ -21,8 +21,13 @@ service meets them at start-up, so the first problem's exit code is the service'
    subscription the service makes; PUBACK for an empty, non-retained QoS 1 publish on the
    service's own topic that receivers ignore                                        -> 77
 
-The live probe connects with its own client id and a clean, non-persistent session, so a
-running service keeps its session and sees nothing of the check.
+Over TLS the broker names every session after the client certificate, whatever client id
+was asked for (``use_username_as_clientid``), so a live session with the service's
+certificate would take a running service's connection over. ``--live`` alone therefore
+stops at the CONNACK of an authentication probe (CONNACK 140, sent only after the broker
+accepted the certificate; no session is opened). ``--session`` (stop the service first)
+opens a clean, non-persistent session and tries the SUBACKs and the PUBACK too. Without TLS
+the broker cannot bind names, and the probe uses its own client id and a full session.
 """
 
 from __future__ import annotations
@@ -231,10 +236,11 @@ def check_broker(subject: Subject) -> list[Finding]:
 
     url = subject.broker.url
     probe_id = f"{subject.broker.client_id}-check-{os.getpid()}"
+    auth_probe = url.startswith("mqtts://") and not subject.session
     try:
         transport = transport_from_config(
             subject.broker, client_id=probe_id, clean_start=True, session_expiry=0,
-            connect_timeout=min(5.0, subject.timeout_s), backoff=(0.2, 1.0))
+            connect_timeout=min(5.0, subject.timeout_s), backoff=(0.2, 1.0), auth_probe=auth_probe)
     except ConfigError as exc:
         return [Finding("broker", f"not tried: {exc.key} must be fixed first", skipped=True)]
     events: queue.Queue[TransportEvent] = queue.Queue()
@@ -249,6 +255,12 @@ def check_broker(subject: Subject) -> list[Finding]:
         except queue.Empty:
             verdict = watch.check(time.monotonic())
         else:
+            if isinstance(event, Connected) and auth_probe:
+                took = time.monotonic() - started
+                subject.transport = None
+                transport.stop()
+                return [Finding("broker", f"{url}: TLS handshake, certificate accepted as "
+                                f"{subject.identity!r} (CONNACK 140 to the probe) in {took:.2f} s")]
             if isinstance(event, Connected):
                 took = time.monotonic() - started
                 tls = "TLS handshake and " if url.startswith("mqtts://") else ""
@@ -261,9 +273,13 @@ def check_broker(subject: Subject) -> list[Finding]:
             return [subject.problem("broker", "broker.url", url, reason, verdict.exit_code)]
 
 
+NO_SESSION = ("not tried: the broker names sessions after certificates, so a session would take "
+              "the running service's over; stop the service and add --session")
+
+
 def check_subscriptions(subject: Subject) -> list[Finding]:
     if subject.transport is None:
-        return [Finding("subscribe", "not connected", skipped=True)]
+        return [Finding("subscribe", _not_connected(subject), skipped=True)]
     out = []
     for topic_filter in subject.subscriptions:
         try:
@@ -278,9 +294,14 @@ def check_subscriptions(subject: Subject) -> list[Finding]:
     return out
 
 
+def _not_connected(subject: Subject) -> str:
+    probed = subject.broker.url.startswith("mqtts://") and not subject.session
+    return NO_SESSION if probed else "not connected"
+
+
 def check_publish(subject: Subject) -> list[Finding]:
     if subject.transport is None:
-        return [Finding("publish", "not connected", skipped=True)]
+        return [Finding("publish", _not_connected(subject), skipped=True)]
     topic = subject.probe_topic
     try:  # empty and not retained: receivers ignore it, retained state stays as it is
         result = subject.transport.publish(topic, b"", qos=1, retain=False, wait=subject.timeout_s)

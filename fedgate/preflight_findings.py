@@ -71,6 +71,7 @@ class Subject:
     user: str | None = None
     timeout_s: float = 10.0
     live: bool = False
+    session: bool = False  # --session: open a real session (SUBACK/PUBACK) as the service
     transport: PahoTransport | None = field(default=None, repr=False)
     watch: ConnectionWatch | None = field(default=None, repr=False)
 

@@ -48,7 +48,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -254,7 +254,7 @@ def _publish(layout: FleetLayout, index: dict[str, Any], now: dt.datetime) -> No
             _write_public(layout.broker_ca, ca)
             _write_public(layout.broker_crl, crl)
             if layout.broker_conf.is_file():
-                write_acl(layout, index["fleet"], agg_name, _operators(index))
+                write_acl(layout, index["fleet"], agg_name, _operators(index), index.get("tasks", ()))
             access.hand_over(layout, entry.get("run_as"))
             continue
         bundle = _bundle_dir(layout, name, entry["role"])
@@ -267,11 +267,13 @@ def _publish(layout: FleetLayout, index: dict[str, Any], now: dt.datetime) -> No
 
 
 def init_ca(dir: str | Path, fleet: str = "+", aggregator: str = "aggregator",
-            now: dt.datetime | None = None, days: int = CA_DAYS) -> Path:
-    """Create the fleet CA in ``dir``; refuses to overwrite an existing one. Returns ca.crt."""
+            now: dt.datetime | None = None, days: int = CA_DAYS, tasks: Iterable[str] = ()) -> Path:
+    """Create the fleet CA in ``dir``; refuses to overwrite an existing one. Returns ca.crt.
+    ``tasks``: the only task names anyone may write under (none: any task)."""
     layout = FleetLayout(Path(dir))
     if fleet != "+":
         _check_identity_name(fleet, "fleet")
+    task_names = sorted({_check_identity_name(task, "task") for task in tasks})
     _check_identity_name(aggregator, "aggregator")
     if layout.ca_key.exists():
         raise ConfigError(str(layout.ca_key), "--dir", str(layout.root), "a fleet CA already exists here")
@@ -302,6 +304,8 @@ def init_ca(dir: str | Path, fleet: str = "+", aggregator: str = "aggregator",
         "format": INDEX_FORMAT, "fleet": fleet, "aggregator": aggregator,
         "identities": {}, "revoked": [], "crl_number": 0,
     }
+    if task_names:
+        index["tasks"] = task_names
     _publish(layout, index, now)
     return layout.ca_cert
 
@@ -403,10 +407,27 @@ def provision_broker(
     _publish(layout, index, now)
     conf = render_mosquitto_conf(
         layout.root, port, host=host, fleet=index["fleet"], aggregator=index["aggregator"],
-        operators=_operators(index), run_as_user=run_as,
+        operators=_operators(index), tasks=index.get("tasks", ()), run_as_user=run_as,
     )
     access.hand_over(layout, run_as)
     return conf
+
+
+def declare_task(dir: str | Path, task: str, now: dt.datetime | None = None) -> bool:
+    """Add ``task`` to a fleet that declares its tasks; True when the broker's ACL changed
+    (Mosquitto must reload it). A fleet without declared tasks already allows any task."""
+    layout = FleetLayout(Path(dir))
+    _load_ca(layout)
+    index = _load_index(layout)
+    _check_identity_name(task, "task")
+    if not index.get("tasks"):
+        raise ConfigError(str(layout.index), "tasks", "(none)",
+                          "this fleet allows any task name; declare them at `fedgate provision ca --task`")
+    if task in index["tasks"]:
+        return False
+    index["tasks"] = sorted([*index["tasks"], task])
+    _publish(layout, index, _now(now))
+    return True
 
 
 def revoke(dir: str | Path, name: str, now: dt.datetime | None = None) -> str:

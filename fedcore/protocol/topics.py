@@ -31,6 +31,10 @@ _TASK_LEAVES = ("round", "model", "metrics", "deployment", "deployed", "state")
 # Names are topic levels and folder names: no leading "." (so never "." or ".." or a
 # hidden file), and \Z rather than $, which would also accept a trailing newline.
 _NAME = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,63}\Z")
+# The secure-aggregation stages (SecAgg+: advertise keys, share keys, masked input,
+# unmasking). A fixed list, so the ACL names each one and no device can grow the broker's
+# retained store under stage names of its own.
+SECAGG_STAGES = ("keys", "shares", "masked", "unmask")
 
 
 class TopicKind(Enum):
@@ -80,6 +84,12 @@ def check_name(value: str, what: str) -> str:
             f"{what} {value!r} must be 1-64 of [A-Za-z0-9_.-], not starting with '.'"
         )
     return value
+
+
+def _stage(stage: str) -> str:
+    if stage not in SECAGG_STAGES:
+        raise LocalProtocolError(f"stage {stage!r} is not one of {', '.join(SECAGG_STAGES)}")
+    return stage
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,10 +147,10 @@ class Topics:
         return f"{self._base}/update/+"
 
     def secagg(self, stage: str, device: str) -> str:
-        return f"{self._base}/secagg/{check_name(stage, 'stage')}/{check_name(device, 'device')}"
+        return f"{self._base}/secagg/{_stage(stage)}/{check_name(device, 'device')}"
 
     def secagg_filter(self, stage: str) -> str:
-        return f"{self._base}/secagg/{check_name(stage, 'stage')}/+"
+        return f"{self._base}/secagg/{_stage(stage)}/+"
 
     def status(self, device: str) -> str:
         return f"{ROOT}/{self.fleet}/status/{check_name(device, 'device')}"
@@ -167,6 +177,6 @@ def parse_topic(topic: str) -> ParsedTopic:
         return ParsedTopic(TopicKind(parts[3]), fleet, parts[2], None)
     if len(parts) == 5 and parts[3] == "update":
         return ParsedTopic(TopicKind.UPDATE, fleet, parts[2], parts[4])
-    if len(parts) == 6 and parts[3] == "secagg":
+    if len(parts) == 6 and parts[3] == "secagg" and parts[4] in SECAGG_STAGES:
         return ParsedTopic(TopicKind.SECAGG, fleet, parts[2], parts[5], stage=parts[4])
     raise RemoteProtocolError("bad_topic", f"not a fedgate topic: {topic!r}")

@@ -35,6 +35,7 @@ def transport_from_config(
     session_expiry: int = 3600,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     backoff: tuple[float, float] = (0.5, 30.0),
+    auth_probe: bool = False,
 ) -> PahoTransport:
     """The service's transport. A missing or unreadable ``ca_file`` / ``cert_file`` /
     ``key_file`` (or a key that does not belong to the certificate) raises ConfigError
@@ -57,4 +58,5 @@ def transport_from_config(
         backoff_max=backoff[1],
         config_file=broker.file or NO_CONFIG_FILE,
         rng=random.Random(seed if seed is not None else os.urandom(8)),
+        auth_probe=auth_probe,
     )

@@ -90,6 +90,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024
 PACKET_HEADROOM = 64 * 1024  # fixed header, topic and properties on top of a payload
 DEFAULT_CONNECT_TIMEOUT = 5.0
+# `auth_probe`: a CONNECT naming an authentication method no broker offers. A broker that
+# checks TLS client certificates answers CONNACK 140 only after accepting ours, and opens
+# no session, so a running service with the same identity keeps its own (decision 23).
+AUTH_PROBE_METHOD = "fedgate-probe"
+BAD_AUTHENTICATION_METHOD = 140
 _ACKS_KEPT = 1024
 
 
@@ -116,6 +121,7 @@ class PahoTransport:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         config_file: str = NO_CONFIG_FILE,
         rng: random.Random,
+        auth_probe: bool = False,
     ) -> None:
         self.url = url if isinstance(url, BrokerUrl) else BrokerUrl.parse(url)
         if tls is not None and not self.url.tls:
@@ -125,6 +131,7 @@ class PahoTransport:
                 "max_payload, keepalive and connect_timeout must be > 0, session_expiry >= 0"
             )
         self.client_id = client_id
+        self.auth_probe = auth_probe
         self._clean_start = clean_start
         self._session_expiry = session_expiry
         self._keepalive = keepalive
@@ -189,6 +196,8 @@ class PahoTransport:
         # the broker must not send us more (MQTT 5: it drops what is larger for this
         # client), so an oversized message never reaches our memory
         props.MaximumPacketSize = self._max_payload + PACKET_HEADROOM
+        if self.auth_probe:
+            props.AuthenticationMethod = AUTH_PROBE_METHOD
         self._client.connect_async(
             self.url.host,
             self.url.port,
@@ -307,6 +316,11 @@ class PahoTransport:
     ) -> None:
         if reason_code.is_failure:
             code = int(reason_code.value)
+            if self.auth_probe and code == BAD_AUTHENTICATION_METHOD:
+                # the answer the probe asks for: TLS and certificate accepted, no session
+                self.attempts.succeeded()
+                self._emit(Connected(False))
+                return
             failure = failures.connack_failure(self.url, code, str(reason_code))
             self._report_failure(self.attempts.refused(failure))
             return

@@ -56,6 +56,7 @@ class TlsFleet:
             f"keyfile {server / 'server.key'}",
             "require_certificate true",
             "use_identity_as_username true",
+            "use_username_as_clientid true",  # as the generated mosquitto.conf
             f"crlfile {self.root / 'crl.pem'}",
             f"acl_file {self.root / 'broker' / 'acl'}",
         ])

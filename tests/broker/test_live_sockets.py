@@ -43,7 +43,8 @@ def fleet(request: pytest.FixtureRequest, tmp_path: Path, mosquitto: RunningBrok
     broker, fleet_dir, url = None, None, mosquitto.url
     if request.param == "mtls":
         fleet_dir = tmp_path / "fleet"
-        broker = start_secure_broker(fleet_dir, options.fleet, [device_id(u) for u in dataset.units])
+        broker = start_secure_broker(fleet_dir, options.fleet, [device_id(u) for u in dataset.units],
+                                     options.task)
         url = f"mqtts://127.0.0.1:{broker.port}"
     try:
         files = write_configs(tmp_path, url, options, dataset, default_spec(dataset),

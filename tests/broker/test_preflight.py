@@ -41,9 +41,9 @@ def url(broker: RunningBroker) -> str:
     return f"mqtts://127.0.0.1:{broker.port}"
 
 
-def live(config: Path, timeout_s: float = 5.0) -> tuple[int, list[str]]:
+def live(config: Path, timeout_s: float = 5.0, session: bool = False) -> tuple[int, list[str]]:
     out = io.StringIO()
-    code = check_file(str(config), out=out, live=True, timeout_s=timeout_s)
+    code = check_file(str(config), out=out, live=True, session=session, timeout_s=timeout_s)
     return code, out.getvalue().splitlines()
 
 
@@ -51,9 +51,22 @@ def lines_of(lines: list[str], prefix: str) -> list[str]:
     return [line for line in lines if line.startswith(prefix)]
 
 
-def test_a_good_edge_config_passes(tls_fleet: TlsFleet, broker: RunningBroker, tmp_path: Path) -> None:
+def test_live_alone_checks_the_certificate_without_a_session(
+    tls_fleet: TlsFleet, broker: RunningBroker, tmp_path: Path
+) -> None:
     config = edge_toml(tmp_path / "edge.toml", tls_fleet.bundle("gw1"), url=url(broker))
     code, lines = live(config)
+    assert code == 0, "\n".join(lines)
+    [connected] = lines_of(lines, "ok       broker:")
+    assert "certificate accepted as 'gw1' (CONNACK 140 to the probe)" in connected
+    skipped = lines_of(lines, "skip     subscribe:") + lines_of(lines, "skip     publish:")
+    assert len(skipped) == 2 and all("add --session" in line for line in skipped)
+    assert "broker included" in lines[-1]
+
+
+def test_a_good_edge_config_passes(tls_fleet: TlsFleet, broker: RunningBroker, tmp_path: Path) -> None:
+    config = edge_toml(tmp_path / "edge.toml", tls_fleet.bundle("gw1"), url=url(broker))
+    code, lines = live(config, session=True)
     assert code == 0, "\n".join(lines)
     [connected] = lines_of(lines, "ok       broker:")
     assert "TLS handshake and CONNACK" in connected
@@ -66,7 +79,7 @@ def test_a_good_edge_config_passes(tls_fleet: TlsFleet, broker: RunningBroker, t
 
 def test_a_good_aggregator_config_passes(tls_fleet: TlsFleet, broker: RunningBroker, tmp_path: Path) -> None:
     code, lines = live(aggregator_toml(tmp_path / "aggregator.toml", tls_fleet.bundle("aggregator"),
-                                       url=url(broker)))
+                                       url=url(broker)), session=True)
     assert code == 0, "\n".join(lines)
     assert len(lines_of(lines, "ok       subscribe:")) == 2
     assert TOPICS.metrics() in lines_of(lines, "ok       publish:")[0]
@@ -76,7 +89,7 @@ def test_wrong_device_id_fails_offline_and_live_with_77(
     tls_fleet: TlsFleet, broker: RunningBroker, tmp_path: Path
 ) -> None:
     config = edge_toml(tmp_path / "edge.toml", tls_fleet.bundle("gw1"), device="gw9", url=url(broker))
-    code, lines = live(config)
+    code, lines = live(config, session=True)
     assert code == 77
     offline = lines_of(lines, "PROBLEM  certificate name:")
     assert offline and "key 'device.id' = 'gw9'" in offline[0] and "issued to 'gw1'" in offline[0]
@@ -135,8 +148,8 @@ def test_unreachable_broker_fails_with_69_within_the_timeout(tls_fleet: TlsFleet
 def test_the_check_does_not_disturb_a_running_gateway(
     tls_fleet: TlsFleet, broker: RunningBroker, tmp_path: Path, events: Callable[[], EventLog]
 ) -> None:
-    """Same certificate, its own client id and a clean session: the gateway keeps its
-    connection, and its retained status is still what it published."""
+    """Same certificate, and the broker names sessions after certificates: the probe opens
+    none, so the gateway keeps its connection and its retained status."""
     gw_log, watcher_log = events(), events()
     tls = tls_fleet.tls(tls_fleet.bundle("gw1"))
     gateway = PahoTransport(url(broker), "gw1", tls=tls, rng=random.Random(1))

@@ -25,6 +25,7 @@ from fedcore.protocol.messages import Kind, ModelUpdate, RoundSummary
 from fedcore.protocol.topics import Topics
 from fedcore.transport.base import Connected, MessageReceived, TlsSettings
 from fedcore.transport.paho import PahoTransport
+from fedgate import provision
 from fedgate.demo import start_secure_broker
 from fedgate.demo_configs import DemoOptions, device_id, write_configs
 
@@ -40,7 +41,7 @@ def test_signed_fleet_runs_and_rejects_forged_and_replayed_updates(tmp_path: Pat
     dataset = load_dataset("synthetic", gateways=2, max_rows_per_unit=200)
     devices = [device_id(u) for u in dataset.units]
     fleet = tmp_path / "fleet"
-    broker = start_secure_broker(fleet, "plant", devices)
+    broker = start_secure_broker(fleet, "plant", devices, "t")
     url = broker.url.replace("mqtt://", "mqtts://")
     options = DemoOptions(dataset="synthetic", gateways=2, rounds=400, fleet="plant", task="t",
                           max_rows_per_unit=200)
@@ -49,8 +50,14 @@ def test_signed_fleet_runs_and_rejects_forged_and_replayed_updates(tmp_path: Pat
     topics = Topics("plant", "t")
     captured: queue.Queue[bytes] = queue.Queue()
     summaries: queue.Queue[RoundSummary] = queue.Queue()
-    # an operator's view with the aggregator identity: it may read updates and metrics
-    spy = client(url, fleet / "aggregator", "spy")
+    # A monitoring identity the broker's admin also lets read the updates. The broker binds
+    # client ids to certificate names, so it cannot borrow the aggregator's identity.
+    provision.provision_operator(fleet, "spy")
+    with (fleet / "broker" / "acl").open("a") as acl:  # the spy's block is the file's last
+        acl.write("topic read fg/plant/+/update/+\n")
+    broker.stop()
+    broker.start()
+    spy = client(url, fleet / "operators" / "spy", "spy")
 
     def on_spy(event: object) -> None:
         if isinstance(event, Connected):
@@ -63,19 +70,28 @@ def test_signed_fleet_runs_and_rejects_forged_and_replayed_updates(tmp_path: Pat
                 captured.put(event.payload)
 
     spy.start(on_spy)
-    procs = []
+    services = [(["aggregator", "run", "-c", str(files.aggregator)], "aggregator"),
+                *[(["edge", "run", "-c", str(p)], u) for u, p in files.edges.items()]]
+
+    def start(args: list[str], name: str) -> subprocess.Popen[bytes]:
+        log = open(tmp_path / f"{name}.log", "ab")
+        return subprocess.Popen([sys.executable, "-m", "fedgate", "-v", *args], stdout=log, stderr=log)
+
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        for args, name in [(["aggregator", "run", "-c", str(files.aggregator)], "aggregator"),
-                           *[(["edge", "run", "-c", str(p)], u) for u, p in files.edges.items()]]:
-            log = open(tmp_path / f"{name}.log", "ab")
-            procs.append(subprocess.Popen([sys.executable, "-m", "fedgate", "-v", *args],
-                                          stdout=log, stderr=log))
+        for args, name in services:
+            procs.append(start(args, name))
         first = summaries.get(timeout=90)
         assert first.model_version >= 1
         genuine = captured.get(timeout=30)
         env = codec.decode(genuine)
         assert env.kind == "update" and len(env.signature) == 64
 
+        # A stolen certificate used while its gateway is off: with the gateway on, the broker
+        # gives the session to whichever connected last (client id = certificate name).
+        victim = next(i for i, (_, name) in enumerate(services) if device_id(name) == env.sender)
+        procs[victim].send_signal(signal.SIGTERM)
+        procs[victim].wait(timeout=10)
         thief = client(url, fleet / "devices" / env.sender, f"{env.sender}-thief")
         thief.start(lambda e: None)
         time.sleep(1.0)
@@ -91,6 +107,7 @@ def test_signed_fleet_runs_and_rejects_forged_and_replayed_updates(tmp_path: Pat
         tampered = codec.msgspec.structs.replace(env, round=env.round + 1)
         assert not thief.publish(update_topic, codec.encode(tampered), qos=1, wait=10).denied
         thief.stop()
+        procs[victim] = start(*services[victim])
 
         audit = tmp_path / "aggregator-state" / "audit.jsonl"
         wanted = {"unsigned", "bad_signature"}

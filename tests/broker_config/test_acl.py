@@ -12,7 +12,7 @@ import pytest
 from broker_config.acl import generate_acl
 from broker_config.render import FleetLayout, render_mosquitto_conf_text
 from fedcore.errors import LocalProtocolError
-from fedcore.protocol.topics import ACL_RULES, AclRule, TopicKind, Topics
+from fedcore.protocol.topics import ACL_RULES, SECAGG_STAGES, AclRule, TopicKind, Topics
 
 
 def topic_matches(filter_: str, topic: str) -> bool:
@@ -200,7 +200,32 @@ def test_fleet_restriction_and_line_count() -> None:
     grants = sum(
         (r.device_read or r.device_write) + (r.aggregator_read or r.aggregator_write) for r in ACL_RULES
     )
-    assert len(acl.patterns) + len(acl.users["agg-1"]) == grants
+    # the secagg rule is a read line and a write line per stage, for devices and aggregator
+    assert len(acl.patterns) + len(acl.users["agg-1"]) == grants + 2 * len(SECAGG_STAGES)
+
+
+def test_declared_tasks_bound_what_anyone_can_write() -> None:
+    acl = Acl(generate_acl("plant", tasks=["wind", "pumps"]))
+    for task in ("wind", "pumps"):
+        topics = Topics("plant", task)
+        assert acl.allowed("gw1", "write", topics.update("gw1"))
+        assert acl.allowed("gw1", "write", topics.secagg("masked", "gw1"))
+        assert acl.allowed("aggregator", "write", topics.model())
+    # a task nobody declared: no retained growth under its name, by a device or anyone
+    made_up = Topics("plant", "junk1")
+    for rule in ACL_RULES:
+        topic = concrete(rule.kind, made_up, "gw1")
+        if "{task}" in rule.pattern:
+            assert not acl.allowed("gw1", "write", topic), topic
+            assert not acl.allowed("aggregator", "write", topic), topic
+        # reading grows nothing and stays as the rule says
+        assert acl.allowed("aggregator", "read", topic) == rule.aggregator_read
+    # stage names outside the protocol's are not even topics, and not granted
+    assert not acl.allowed("gw1", "write", "fg/plant/wind/secagg/junk/gw1")
+    with pytest.raises(LocalProtocolError):
+        Topics("plant", "wind").secagg("junk", "gw1")
+    with pytest.raises(LocalProtocolError):
+        generate_acl("plant", tasks=["../x"])
 
 
 def test_conf_requires_client_certificates(tmp_path: Path) -> None:
