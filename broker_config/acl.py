@@ -20,7 +20,7 @@ bits. A client's MQTT username is its certificate CN (``use_identity_as_username
   user's deny lines before anything else and stops at the first one that matches, so the
   operator can write nothing anywhere. No device can carry an operator's name
   (provisioning keeps names unique), so the denied topics belong to nobody.
-- ``{task}`` is always ``+``; ``{fleet}`` is the fleet name or ``+``.
+- ``{task}`` and ``{chunk}`` (a chunk's hash) are always ``+``; ``{fleet}`` is the fleet name or ``+``.
 
 Anything not granted is denied (Mosquitto's rule once an acl_file is set). A test parses
 this output back and checks it against the rules and real topics built by ``Topics``.
@@ -45,7 +45,7 @@ def _access(read: bool, write: bool) -> str | None:
 
 
 def _fill(rule: AclRule, fleet: str, device: str) -> str:
-    return rule.pattern.format(fleet=fleet, task="+", device=device, stage="+")
+    return rule.pattern.format(fleet=fleet, task="+", device=device, stage="+", chunk="+")
 
 
 def _operator_block(name: str, fleet: str) -> list[str]:
