@@ -91,7 +91,7 @@ class ChunkedLink:
         """A verified manifest from ``device``. Raises RemoteProtocolError when refused."""
         progress = self.assembler.offer_manifest(device, manifest)
         if progress is not None:
-            log.info("%s sends a %s of %d bytes as %d chunks (%d held)", device, manifest.kind,
+            log.info("%s sends its %s of %d bytes as %d chunks (%d held)", device, manifest.kind,
                      manifest.size, progress.total, progress.held)
 
     def take_restored(self) -> list[tuple[str, bytes]]:

@@ -14,9 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -24,12 +26,13 @@ import numpy as np
 import pytest
 
 from fedcore.protocol import chunks, codec, signing
-from fedcore.protocol.messages import GlobalModel, Kind, ModelSpec
+from fedcore.protocol.messages import ChunkManifest, GlobalModel, Kind, ModelSpec
 from fedcore.protocol.tensors import encode_tensors
 from fedcore.protocol.topics import Topics
-from fedcore.transport.base import Connected
+from fedcore.transport.base import Connected, MessageReceived
 from fedcore.transport.paho import PahoTransport
 from fedgate.broker import RunningBroker
+from tests.broker.test_federation import Run
 from tests.conftest import EventLog
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -131,3 +134,46 @@ def test_a_50mb_model_crosses_a_256kb_broker_across_a_receiver_kill(
     assert result["intake_peak"] < 8 * 1024 * 1024, result
     assert result["whole_peak"] < len(payload) + 8 * 1024 * 1024, (result, again.lines[:3], again.lines[-8:])
     assert list((tmp_path / "spool").iterdir()) == []
+
+
+@pytest.mark.timeout(300)
+def test_services_chunk_the_model_and_the_updates_through_a_64kb_broker(
+    mosquitto_factory, tmp_path: Path
+) -> None:
+    """The aggregator and gateway agents as processes: a 145k-parameter model (580 KB) and
+    each update cross a broker whose packets are limited to 64 KB, round after round; in the
+    end the broker retains exactly the chunks of the last model."""
+    broker: RunningBroker = mosquitto_factory(extra_config=f"max_packet_size {64 * 1024}")
+    run = Run(tmp_path, broker.url, rounds=3, gateways=2, task=f"chunked-{uuid.uuid4().hex[:8]}")
+    try:
+        text = re.sub(r"layer_sizes = \[[^\]]*\]", "layer_sizes = [24, 512, 256, 4]",
+                      run.files.aggregator.read_text())
+        run.files.aggregator.write_text(text)
+        run.start_all()
+        assert [run.next_summary(timeout=120).round for _ in range(3)] == [1, 2, 3]
+        model_log = (tmp_path / "aggregator.log").read_text()
+        assert re.search(r"model of \d+ bytes published as \d+ chunks", model_log)
+        assert re.search(r"sends its update of \d+ bytes as \d+ chunks", model_log)
+        for unit in run.files.edges:
+            edge_log = (tmp_path / f"{unit}.log").read_text()
+            assert re.search(r"update of \d+ bytes sent as \d+ chunks", edge_log), edge_log[-2000:]
+            assert "model of" in edge_log and "coming in" in edge_log
+            assert "rejected" not in edge_log
+        # What a newcomer gets: the signed manifest and exactly its chunks, nothing older.
+        log = EventLog()
+        newcomer = PahoTransport(broker.url, f"newcomer-{run.topics.task}", clean_start=True,
+                                 rng=random.Random(2))
+        newcomer.start(log)
+        log.wait_for(Connected)
+        for topic in (run.topics.model(), run.topics.model_chunks_filter()):
+            newcomer.subscribe(topic)
+        manifest_msg = log.wait_for(MessageReceived, lambda m: m.topic == run.topics.model())
+        manifest = codec.decode_body(codec.decode(manifest_msg.payload), ChunkManifest)
+        retained = {m.topic for m in log.messages(1 + len(manifest.chunks))
+                    if m.topic != run.topics.model()}
+        time.sleep(1.0)  # anything more would be a stale chunk
+        retained |= {m.topic for m in log.messages(0) if m.topic != run.topics.model()}
+        assert retained == {run.topics.model_chunk(h) for h in manifest.chunks}
+        newcomer.stop()
+    finally:
+        run.close()
