@@ -138,7 +138,8 @@ class EdgeService:
         self.stopping = threading.Event()
         self.rejected: Counter[str] = Counter()
         self.model_chunks = chunked.ModelChunks(config.state_dir / "chunks", ChunkLimits(
-            max_message_bytes=security.limits.max_message_bytes, max_assemblies=1))
+            max_message_bytes=security.limits.max_message_bytes, max_assemblies=1,
+            max_total_bytes=security.limits.max_message_bytes))
         self._chunk_prefix = self.topics.model_chunks_filter()[:-1]
         self.eval_stats: dict[str, float] = {}
         self.snapshot: Snapshot | None = None

@@ -32,9 +32,9 @@ class EdgeSecurity:
         self.signing_key = signing_key
 
     @classmethod
-    def from_paths(cls, file: str, paths: dict[str, Path]) -> EdgeSecurity:
+    def from_paths(cls, file: str, paths: dict[str, Path], limits: codec.Limits = codec.Limits()) -> EdgeSecurity:
         keyring, key = signing.load_credentials(file, paths)
-        return cls(keyring=keyring, signing_key=key)
+        return cls(limits=limits, keyring=keyring, signing_key=key)
 
     def open_from_aggregator(self, payload: bytes, kinds: Kind | tuple[Kind, ...]) -> codec.Envelope:
         """Decode and authenticate an aggregator message whose kind must be one of ``kinds``
