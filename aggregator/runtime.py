@@ -211,8 +211,8 @@ class AggregatorService:
 
     def _connection_watch(self) -> ConnectionWatch:
         t = self.topics
-        own = (t.round(), t.model(), t.metrics(), t.state(), t.deployment(), t.deployed(),
-               t.updates_filter(), t.status_filter())
+        own = (t.round(), t.model(), t.model_chunks_filter(), t.metrics(), t.state(), t.deployment(),
+               t.deployed(), t.updates_filter(), t.update_chunks_filter(), t.status_filter())
         timeout = self.config.broker.startup_timeout_s or None
         return ConnectionWatch(self.config.broker.url, timeout, started_at=time.monotonic(),
                                identity=self.config.broker.client_id, own_topics=own)

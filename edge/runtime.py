@@ -204,7 +204,8 @@ class EdgeService:
         timeout = self.config.broker.startup_timeout_s or None
         return ConnectionWatch(self.config.broker.url, timeout, started_at=time.monotonic(),
                                identity=device, own_topics=(t.status(device), t.update(device),
-                                                            t.round(), t.model(), t.deployment()))
+                                                            t.update_chunk(device), t.round(), t.model(),
+                                                            t.model_chunks_filter(), t.deployment()))
 
     def _drain(self) -> list[TransportEvent]:
         out = []
@@ -377,20 +378,23 @@ class EdgeService:
         self._refresh(self.clock())
         self._publish_status(force=True)
         for whole in self.model_chunks.take_restored():  # assembled before a restart
-            self._on_message(MessageReceived(self.topics.model(), whole, True))
+            self._on_message(MessageReceived(self.topics.model(), whole, True), assembled=True)
         self.notifier.notify(f"READY=1\nSTATUS=connected; {self.activity or 'ready'} "
                              f"{self.activity_detail}".rstrip())
 
-    def _on_message(self, msg: MessageReceived) -> None:
+    def _on_message(self, msg: MessageReceived, assembled: bool = False) -> None:
         now = self.clock()
         try:
             parsed = parse_topic(msg.topic)
             if parsed.kind is TopicKind.MODEL_CHUNK:
                 whole = self.model_chunks.on_chunk(msg.payload, now)
                 if whole is not None:  # checked from here on as if it had come in one piece
-                    self._on_message(MessageReceived(self.topics.model(), whole, msg.retained, msg.arrived))
+                    self._on_message(MessageReceived(self.topics.model(), whole, msg.retained, msg.arrived),
+                                     assembled=True)
             elif parsed.kind is TopicKind.MODEL:
-                env = self.security.open_from_aggregator(msg.payload, (Kind.MODEL, Kind.MANIFEST))
+                # a manifest, but never one inside an assembled message
+                kinds = (Kind.MODEL,) if assembled else (Kind.MODEL, Kind.MANIFEST)
+                env = self.security.open_from_aggregator(msg.payload, kinds)
                 if env.kind == Kind.MANIFEST:
                     self.model_chunks.on_manifest(codec.decode_body(env, ChunkManifest), now)
                     return
