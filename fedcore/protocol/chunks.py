@@ -250,9 +250,6 @@ class Assembler:
     def pending(self) -> list[Progress]:
         return [self._progress(a) for a in self._by_source.values()]
 
-    def finished(self, source: str, sha256: bytes) -> bool:
-        return (source, sha256) in self._done
-
     # ---- input -----------------------------------------------------------------------------
 
     def offer_manifest(self, source: str, manifest: ChunkManifest) -> Progress | None:
