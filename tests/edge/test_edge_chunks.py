@@ -17,6 +17,7 @@ from edge.security import EdgeSecurity
 from fedcore.datasets import default_train_config, load_dataset
 from fedcore.learning.models import init_params
 from fedcore.protocol import chunks, codec
+from fedcore.protocol.chunks import Assembler
 from fedcore.protocol.messages import (
     ChunkManifest,
     GlobalModel,
@@ -29,6 +30,7 @@ from fedcore.protocol.tensors import encode_tensors
 from fedcore.protocol.topics import Topics
 from fedcore.service_config import BrokerConfig
 from fedcore.transport.base import MessageReceived, PublishDenied
+from fedcore.transport.chunk_spool import FileChunkStore
 from fedcore.transport.memory import MemoryBroker, MemoryTransport
 
 LIMIT = 16 * 1024
@@ -100,3 +102,37 @@ def test_a_refused_chunk_topic_is_a_permanent_acl_problem(tmp_path: Path) -> Non
     watch = edge._connection_watch()
     verdict = watch.handle(PublishDenied(TOPICS.update_chunk("gw1"), 135), 0.0)
     assert verdict is not None and verdict.exit_code == 77
+
+
+def test_a_model_assembled_before_a_restart_is_installed_from_the_spool(tmp_path: Path) -> None:
+    """Every chunk was on disk when the gateway died: the restarted gateway installs the
+    model from its spool, though the broker no longer has it, and trains on it."""
+    broker = MemoryBroker(max_packet_size=LIMIT)
+    edge, spec, _ = service(tmp_path, broker)
+    edge.stop()  # never run: only its spool folder and the spec are used
+    weights = init_params(spec, np.random.default_rng(1))
+    payload = codec.encode(codec.make_envelope(Kind.MODEL, "f", "t", 0, "aggregator",
+                                               GlobalModel(0, 0, b"", spec, encode_tensors(weights)), 0.0))
+    manifest, parts = chunks.split(payload, 10_000, "model")
+    spool = FileChunkStore(tmp_path / "chunks")
+    Assembler(spool).offer_manifest("model", manifest)
+    (key,) = [k for k, _ in spool.records()]
+    for i, part in enumerate(parts):  # written, then the process died before taking it
+        spool.write(key, i * manifest.chunk_size, part)
+    seen: queue.Queue[MessageReceived] = queue.Queue()
+    aggregator = MemoryTransport(broker, "aggregator")
+    aggregator.start(lambda e: seen.put(e) if isinstance(e, MessageReceived) else None)
+    aggregator.subscribe(TOPICS.update_chunks_filter())
+    train = default_train_config(load_dataset("synthetic", gateways=1, max_rows_per_unit=200))
+    aggregator.publish(TOPICS.round(), codec.encode(codec.make_envelope(
+        Kind.ROUND, "f", "t", 1, "aggregator", RoundAnnouncement(1, 0, 1e12, train), 0.0)), retain=True)
+    restarted, _, _ = service(tmp_path, broker)
+    thread = threading.Thread(target=restarted.run, daemon=True)
+    thread.start()
+    try:
+        seen.get(timeout=60)  # a chunk of its update: it installed version 0 and trained
+    finally:
+        restarted.stop()
+        thread.join(timeout=10)
+    assert restarted.machine.version == 0 and not restarted.rejected
+    assert list((tmp_path / "chunks").iterdir()) == []
