@@ -17,6 +17,7 @@ from aggregator.rounds import IncompatibleState, Ledger
 from aggregator.runtime import AggregatorService
 from aggregator.security import AggregatorSecurity
 from fedcore.errors import ConfigError
+from fedcore.protocol import codec
 from fedcore.systemd import SystemdNotifier
 from fedcore.trace import tracer
 from fedcore.transport.factory import transport_from_config
@@ -106,7 +107,8 @@ def build_aggregator(config_path: str | Path) -> AggregatorService:
         raise ConfigError(config.file, "state.dir", str(config.state_dir),
                           f"cannot use the state folder: {exc.strerror or exc}") from None
     transport = transport_from_config(config.broker)
-    security = AggregatorSecurity.from_paths(config.file, config.security, config.state_dir / "audit.jsonl")
+    security = AggregatorSecurity.from_paths(config.file, config.security, config.state_dir / "audit.jsonl",
+                                             codec.Limits(max_message_bytes=config.broker.max_message))
     metrics = None
     if config.metrics_port:
         from aggregator.metrics import AggregatorMetrics

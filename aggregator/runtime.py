@@ -38,6 +38,7 @@ from aggregator import checkpoint as checkpoints
 from aggregator import commands
 from aggregator import deployment as dm
 from aggregator import rounds as sm
+from aggregator.chunked import ChunkedLink
 from aggregator.config import AggregatorConfig
 from aggregator.fusion import ServerUpdateFn, make_fuse
 from aggregator.security import AggregatorSecurity
@@ -46,8 +47,10 @@ from aggregator.task_state import task_state
 from fedcore.errors import RemoteProtocolError
 from fedcore.learning.models import init_params
 from fedcore.protocol import codec
+from fedcore.protocol.chunks import ChunkLimits
 from fedcore.protocol.messages import (
     CanaryReport,
+    ChunkManifest,
     DataStats,
     Deployment,
     Kind,
@@ -60,7 +63,13 @@ from fedcore.protocol.tensors import encode_tensors
 from fedcore.protocol.topics import TopicKind, Topics, parse_topic
 from fedcore.systemd import SystemdNotifier
 from fedcore.trace import NoTrace, Tracer
-from fedcore.transport.base import Connected, MessageReceived, Transport, TransportEvent
+from fedcore.transport.base import (
+    Connected,
+    MessageReceived,
+    PayloadTooLargeError,
+    Transport,
+    TransportEvent,
+)
 from fedcore.transport.connection import ConnectionWatch
 
 if TYPE_CHECKING:
@@ -123,6 +132,11 @@ class AggregatorService:
                      self.machine.lineage or "(none)", config.state_dir, saved.meta["round"],
                      saved.meta["version"])
         self.writer = StateWriter(config.state_dir, config.keep_models, metrics, clock)
+        # messages over the broker's limit travel as chunks, up to what the decoder accepts;
+        # assemblies are files (sparse until filled), so many gateways may send at once
+        self.chunked = ChunkedLink(transport, self.topics, config.state_dir, ChunkLimits(
+            max_message_bytes=security.limits.max_message_bytes, max_assemblies=64,
+            max_total_bytes=1024 * 1024 * 1024))
         if saved is not None:  # its model file, if a crash lost it
             self.writer.models_due[int(saved.meta["version"])] = saved.weights
         self._held: list[Carried] = []  # actions waiting for a checkpoint that failed
@@ -162,6 +176,9 @@ class AggregatorService:
                     self._apply(self.machine.handle(sm.Started(now, os.urandom(4))))
                     self._apply_deploy(self.deploy.on_start(self.machine.version, now))
                     self._publish_deployed()
+                    for device, whole in self.chunked.take_restored():  # assembled before a restart
+                        self._on_message(MessageReceived(self.topics.update(device), whole, False), now,
+                                         assembled=True)
                 else:  # a restarted broker may serve older retained copies: ours again
                     if item.session_present:
                         log.info("reconnected: re-publishing the retained model, round and deployment")
@@ -194,8 +211,8 @@ class AggregatorService:
 
     def _connection_watch(self) -> ConnectionWatch:
         t = self.topics
-        own = (t.round(), t.model(), t.metrics(), t.state(), t.deployment(), t.deployed(),
-               t.updates_filter(), t.status_filter())
+        own = (t.round(), t.model(), t.model_chunks_filter(), t.metrics(), t.state(), t.deployment(),
+               t.deployed(), t.updates_filter(), t.update_chunks_filter(), t.status_filter())
         timeout = self.config.broker.startup_timeout_s or None
         return ConnectionWatch(self.config.broker.url, timeout, started_at=time.monotonic(),
                                identity=self.config.broker.client_id, own_topics=own)
@@ -210,30 +227,45 @@ class AggregatorService:
     # ---- inbound ---------------------------------------------------------------------------
 
     def _on_connected(self, event: Connected) -> None:
-        for topic in (self.topics.updates_filter(), self.topics.status_filter()):
+        for topic in (self.topics.updates_filter(), self.topics.update_chunks_filter(),
+                      self.topics.status_filter()):
             self.transport.subscribe(topic, qos=1)
         log.info("connected to broker (session present: %s)", event.session_present)
         self.notifier.notify(f"READY=1\nSTATUS=lineage {self.machine.lineage or 'new'}, round "
                              f"{self.machine.round}, model version {self.machine.version}")
 
-    def _on_message(self, msg: MessageReceived, now: float) -> None:
+    def _on_message(self, msg: MessageReceived, now: float, assembled: bool = False) -> None:
         try:
             parsed = parse_topic(msg.topic)
             if parsed.kind is TopicKind.STATUS:
                 self._on_status(parsed.device or "", msg, now)
             elif parsed.kind is TopicKind.UPDATE:
-                self._on_device_message(parsed.device or "", msg, now)
+                self._on_device_message(parsed.device or "", msg, now, assembled)
+            elif parsed.kind is TopicKind.UPDATE_CHUNK:
+                device = parsed.device or ""
+                whole = self.chunked.on_chunk(device, msg.payload)
+                if whole is not None:  # checked from here on as if it had come in one piece
+                    self._on_message(MessageReceived(self.topics.update(device), whole, False, msg.arrived),
+                                     now, assembled=True)
         except RemoteProtocolError as exc:
             self._count_rejection(exc.reason)
             self.security.audit_rejection(msg.topic, exc.reason, exc.detail, now)
             log.warning("rejected message on %s: %s", msg.topic, exc)
 
-    def _on_device_message(self, device: str, msg: MessageReceived, now: float) -> None:
-        """The device's own topic carries its updates, statistics and canary reports."""
-        env = self.security.open(msg.payload, device, (Kind.UPDATE, Kind.STATS, Kind.CANARY))
+    def _on_device_message(self, device: str, msg: MessageReceived, now: float,
+                           assembled: bool = False) -> None:
+        """The device's own topic carries its updates, statistics and canary reports, or the
+        manifest of one sent in chunks (never inside an assembled message)."""
+        kinds = (Kind.UPDATE, Kind.STATS, Kind.CANARY) + (() if assembled else (Kind.MANIFEST,))
+        env = self.security.open(msg.payload, device, kinds)
         self._check_scope(env)
         kind = Kind(env.kind)
-        if kind is Kind.STATS:
+        if kind is Kind.MANIFEST:
+            manifest = codec.decode_body(env, ChunkManifest)
+            if manifest.kind not in (Kind.UPDATE, Kind.STATS, Kind.CANARY):
+                raise RemoteProtocolError("bad_kind", f"a chunked {manifest.kind[:20]!r} on an update topic")
+            self.chunked.on_manifest(device, manifest)
+        elif kind is Kind.STATS:
             stats = codec.decode_body(env, DataStats)
             self._apply(self.machine.handle(sm.StatsReceived(now, env.sender, stats)))
         elif kind is Kind.CANARY:
@@ -340,8 +372,15 @@ class AggregatorService:
         env = codec.make_envelope(kind, self.config.fleet, self.config.task, round_,
                                   self.config.broker.client_id, body, self.clock())
         payload = codec.encode(self.security.sign(env))
+        if topic == self.topics.model():  # the one message that may be larger than a packet
+            return self.chunked.publish_model(payload, lambda manifest: self._seal(manifest, round_))
         self.transport.publish(topic, payload, qos=1, retain=True)
         return len(payload) + len(topic)
+
+    def _seal(self, manifest: ChunkManifest, round_: int) -> bytes:
+        env = codec.make_envelope(Kind.MANIFEST, self.config.fleet, self.config.task, round_,
+                                  self.config.broker.client_id, manifest, self.clock())
+        return codec.encode(self.security.sign(env))
 
     def _save(self, action: sm.SaveCheckpoint) -> bool:
         checkpoint = action.checkpoint
@@ -550,7 +589,10 @@ class AggregatorService:
                                      self.machine.lineage, version)
         except ImportError:  # the litert extra is not installed on this aggregator
             return
-        self._publish(Kind.DEPLOYED, self.topics.deployed(), body, 0)
+        try:
+            self._publish(Kind.DEPLOYED, self.topics.deployed(), body, 0)
+        except PayloadTooLargeError as exc:  # not chunked: its readers use no fedgate code
+            log.error("deployed model of version %d not published: %s", version, exc)
 
     # ---- the task state -------------------------------------------------------------------
 

@@ -41,13 +41,14 @@ class AggregatorSecurity:
         self.audit_log = audit
 
     @classmethod
-    def from_paths(cls, file: str, paths: dict[str, Path], audit_path: Path | None) -> AggregatorSecurity:
+    def from_paths(cls, file: str, paths: dict[str, Path], audit_path: Path | None,
+                   limits: codec.Limits = codec.Limits()) -> AggregatorSecurity:
         keyring, key = signing.load_credentials(file, paths)
         audit = None
         if audit_path is not None:
             audit_path.parent.mkdir(parents=True, exist_ok=True)
             audit = AuditLog(audit_path)
-        return cls(keyring=keyring, signing_key=key, audit=audit)
+        return cls(limits=limits, keyring=keyring, signing_key=key, audit=audit)
 
     def open(self, payload: bytes, topic_device: str, kinds: Kind | tuple[Kind, ...]) -> codec.Envelope:
         """Decode and authenticate a device's message whose kind must be one of ``kinds``."""

@@ -20,13 +20,14 @@ bits. A client's MQTT username is its certificate CN (``use_identity_as_username
   user's deny lines before anything else and stops at the first one that matches, so the
   operator can write nothing anywhere. No device can carry an operator's name
   (provisioning keeps names unique), so the denied topics belong to nobody.
-- ``{fleet}`` is the fleet name or ``+``. ``{task}`` is ``+`` unless the fleet declares its
-  tasks (``fedgate provision ca --task``): then every line a device or the aggregator
-  *writes* under is repeated per task, so a device can write (and retain) under those
-  tasks only. ``{stage}`` is repeated per :data:`~fedcore.protocol.topics.SECAGG_STAGES`.
-  With declared tasks, what one device can keep in the broker's retained store is bounded:
-  (tasks x (1 update + 4 stages) + status + telemetry) messages of at most the broker's
-  ``message_size_limit``. Reads stay ``+``: reading grows nothing.
+- ``{fleet}`` is the fleet name or ``+``; ``{chunk}`` (a model chunk's hash, written by the
+  aggregator alone) is ``+``. ``{task}`` is ``+`` unless the fleet declares its tasks
+  (``fedgate provision ca --task``): then every line a device or the aggregator *writes*
+  under is repeated per task, so a device can write (and retain) under those tasks only.
+  ``{stage}`` is repeated per :data:`~fedcore.protocol.topics.SECAGG_STAGES`. With declared
+  tasks, what one device can keep in the broker's retained store is bounded:
+  (tasks x (1 update + 1 update chunk + 4 stages) + status + telemetry) messages of at most
+  the broker's ``message_size_limit``. Reads stay ``+``: reading grows nothing.
 
 Anything not granted is denied (Mosquitto's rule once an acl_file is set). A test parses
 this output back and checks it against the rules and real topics built by ``Topics``.
@@ -51,7 +52,7 @@ def _access(read: bool, write: bool) -> str | None:
 
 
 def _fill(rule: AclRule, fleet: str, device: str) -> str:
-    return rule.pattern.format(fleet=fleet, task="+", device=device, stage="+")
+    return rule.pattern.format(fleet=fleet, task="+", device=device, stage="+", chunk="+")
 
 
 def _lines(prefix: str, access: str, rule: AclRule, fleet: str, device: str, tasks: tuple[str, ...]) -> list[str]:
@@ -60,7 +61,8 @@ def _lines(prefix: str, access: str, rule: AclRule, fleet: str, device: str, tas
     if "write" not in access or not (per_task or "{stage}" in rule.pattern):
         return [f"{prefix} {access} {_fill(rule, fleet, device)}"]
     stages = SECAGG_STAGES if "{stage}" in rule.pattern else ("+",)
-    writes = [f"{prefix} write " + rule.pattern.format(fleet=fleet, task=task, device=device, stage=stage)
+    writes = [f"{prefix} write " + rule.pattern.format(fleet=fleet, task=task, device=device, stage=stage,
+                                                       chunk="+")
               for task in (tasks if per_task else ("+",)) for stage in stages]
     return ([f"{prefix} read {_fill(rule, fleet, device)}"] if access == "readwrite" else []) + writes
 

@@ -16,6 +16,7 @@ from edge.security import EdgeSecurity
 from edge.store import StoreReader
 from fedcore.errors import ConfigError
 from fedcore.pipeline import EdgePipelineState, make_encoder
+from fedcore.protocol import codec
 from fedcore.protocol.topics import Topics
 from fedcore.systemd import SystemdNotifier
 from fedcore.trace import tracer
@@ -70,7 +71,8 @@ def build_edge(config_path: str | Path) -> EdgeService:
         check_identity(config.broker.cert_file, config.file,
                        [("device.id", config.device), ("broker.client_id", config.broker.client_id)])
     source = make_source(config)
-    security = EdgeSecurity.from_paths(config.file, config.security)
+    security = EdgeSecurity.from_paths(config.file, config.security,
+                                       codec.Limits(max_message_bytes=config.broker.max_message))
     topics = Topics(config.fleet, config.task)
     # the will is signed once at start-up; its content ("offline") does not go stale
     will = Will(topics.status(config.device), offline_status(config, security, time.time()))

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Protocol
 import msgspec
 import numpy as np
 
+from edge import chunked
 from edge import deployment as dm
 from edge import participant as pm
 from edge import state as saved_state
@@ -47,8 +48,10 @@ from edge.security import EdgeSecurity
 from fedcore.errors import RemoteProtocolError
 from fedcore.learning.training import evaluate, train_local
 from fedcore.protocol import codec
+from fedcore.protocol.chunks import ChunkLimits
 from fedcore.protocol.messages import (
     CanaryReport,
+    ChunkManifest,
     Deployment,
     GlobalModel,
     Kind,
@@ -134,6 +137,10 @@ class EdgeService:
         self.events: queue.Queue[TransportEvent] = queue.Queue()
         self.stopping = threading.Event()
         self.rejected: Counter[str] = Counter()
+        self.model_chunks = chunked.ModelChunks(config.state_dir / "chunks", ChunkLimits(
+            max_message_bytes=security.limits.max_message_bytes, max_assemblies=1,
+            max_total_bytes=security.limits.max_message_bytes))
+        self._chunk_prefix = self.topics.model_chunks_filter()[:-1]
         self.eval_stats: dict[str, float] = {}
         self.snapshot: Snapshot | None = None
         self.trained_until = remembered.trained_until  # newest row time of the last round trained
@@ -154,7 +161,7 @@ class EdgeService:
     def run(self) -> int:
         """Serve until stop(); returns the exit code (0, or the broker watch's 69/77/78)."""
         watch = self._connection_watch()
-        self.transport.start(self.events.put)
+        self.transport.start(self._enqueue)
         code = 0
         while not self.stopping.is_set():
             self.notifier.watchdog()
@@ -185,12 +192,20 @@ class EdgeService:
         self._goodbye()
         return 0
 
+    def _enqueue(self, event: TransportEvent) -> None:
+        """On the transport's thread: queue the event, unless it is a chunk beyond the bound."""
+        if (isinstance(event, MessageReceived) and event.topic.startswith(self._chunk_prefix)
+                and not self.model_chunks.admit(len(event.payload))):
+            return  # retained on the broker: asked for again once the queue has drained
+        self.events.put(event)
+
     def _connection_watch(self) -> ConnectionWatch:
         t, device = self.topics, self.config.device
         timeout = self.config.broker.startup_timeout_s or None
         return ConnectionWatch(self.config.broker.url, timeout, started_at=time.monotonic(),
                                identity=device, own_topics=(t.status(device), t.update(device),
-                                                            t.round(), t.model(), t.deployment()))
+                                                            t.update_chunk(device), t.round(), t.model(),
+                                                            t.model_chunks_filter(), t.deployment()))
 
     def _drain(self) -> list[TransportEvent]:
         out = []
@@ -224,6 +239,9 @@ class EdgeService:
             self._refresh(now)  # new rows reach the status (the aggregator's schedule counts them)
             if waiting and self.activity != "waiting_for_data" and self.announcement is not None:
                 self._apply(self.machine.handle(pm.RoundAnnounced(now, self.announcement)))
+        if self.model_chunks.stalled(now):
+            log.info("chunked model incomplete: asking the broker for its chunks again")
+            self.transport.subscribe(self.topics.model_chunks_filter(), qos=1)  # retained again
         if now - self._status_at >= self.config.status_interval_s:
             self._publish_status(force=True)
         elif self._status_due:
@@ -350,7 +368,8 @@ class EdgeService:
 
     def _on_connected(self, event: Connected) -> None:
         # the round first: whether rounds are private is known before the model is evaluated
-        for topic in (self.topics.round(), self.topics.model(), self.topics.deployment()):
+        for topic in (self.topics.round(), self.topics.model(), self.topics.model_chunks_filter(),
+                      self.topics.deployment()):
             self.transport.subscribe(topic, qos=1)
         self.connected_since = self.clock()
         if self.metrics is not None:
@@ -358,15 +377,27 @@ class EdgeService:
         log.debug("session present: %s", event.session_present)  # the connection watch logs the connect
         self._refresh(self.clock())
         self._publish_status(force=True)
+        for whole in self.model_chunks.take_restored():  # assembled before a restart
+            self._on_message(MessageReceived(self.topics.model(), whole, True), assembled=True)
         self.notifier.notify(f"READY=1\nSTATUS=connected; {self.activity or 'ready'} "
                              f"{self.activity_detail}".rstrip())
 
-    def _on_message(self, msg: MessageReceived) -> None:
+    def _on_message(self, msg: MessageReceived, assembled: bool = False) -> None:
         now = self.clock()
         try:
             parsed = parse_topic(msg.topic)
-            if parsed.kind is TopicKind.MODEL:
-                env = self.security.open_from_aggregator(msg.payload, Kind.MODEL)
+            if parsed.kind is TopicKind.MODEL_CHUNK:
+                whole = self.model_chunks.on_chunk(msg.payload, now)
+                if whole is not None:  # checked from here on as if it had come in one piece
+                    self._on_message(MessageReceived(self.topics.model(), whole, msg.retained, msg.arrived),
+                                     assembled=True)
+            elif parsed.kind is TopicKind.MODEL:
+                # a manifest, but never one inside an assembled message
+                kinds = (Kind.MODEL,) if assembled else (Kind.MODEL, Kind.MANIFEST)
+                env = self.security.open_from_aggregator(msg.payload, kinds)
+                if env.kind == Kind.MANIFEST:
+                    self.model_chunks.on_manifest(codec.decode_body(env, ChunkManifest), now)
+                    return
                 model = codec.decode_body(env, GlobalModel)
                 self.trace.mark("model_received", version=model.version, sent=env.timestamp,
                                 arrived=msg.arrived, start=now)
@@ -427,7 +458,7 @@ class EdgeService:
                                   action.round, self.config.device, action.update,
                                   self.clock(), message_id=action.message_id)
         payload = codec.encode(self.security.sign(env))
-        self.transport.publish(self.topics.update(self.config.device), payload, qos=1)
+        self._to_aggregator(Kind.UPDATE, payload, action.round)
         self.trace.mark("update_published", round=action.round, bytes=len(payload))
         if action.resend:
             log.info("round %d: update re-sent (%d bytes)", action.round, len(payload))
@@ -448,9 +479,22 @@ class EdgeService:
         body = self.source.statistics(snap, action.lineage)
         env = codec.make_envelope(Kind.STATS, self.config.fleet, self.config.task, action.round,
                                   self.config.device, body, self.clock())
-        self.transport.publish(self.topics.update(self.config.device),
-                               codec.encode(self.security.sign(env)), qos=1)
+        self._to_aggregator(Kind.STATS, codec.encode(self.security.sign(env)), action.round)
         log.info("statistics of %d training rows sent for lineage %s", body.count, action.lineage)
+
+    def _to_aggregator(self, kind: Kind, payload: bytes, round_: int) -> None:
+        """Publish one signed message on this gateway's update topic: whole when it fits the
+        broker's limit, else as a signed manifest and chunks (edge.chunked)."""
+        def seal(manifest: ChunkManifest) -> bytes:
+            env = codec.make_envelope(Kind.MANIFEST, self.config.fleet, self.config.task, round_,
+                                      self.config.device, manifest, self.clock())
+            return codec.encode(self.security.sign(env))
+
+        pubs = chunked.to_aggregator(payload, kind, self.topics, self.config.device, self.transport, seal)
+        for pub in pubs:
+            self.transport.publish(pub.topic, pub.payload, qos=1)
+        if len(pubs) > 1:
+            log.info("%s of %d bytes sent as %d chunks", kind.value, len(payload), len(pubs) - 1)
 
     def _scaled(self, spec: ModelSpec) -> LocalData | None:
         snap = self.snapshot or self._refresh(self.clock())

@@ -32,18 +32,22 @@ class EdgeSecurity:
         self.signing_key = signing_key
 
     @classmethod
-    def from_paths(cls, file: str, paths: dict[str, Path]) -> EdgeSecurity:
+    def from_paths(cls, file: str, paths: dict[str, Path], limits: codec.Limits = codec.Limits()) -> EdgeSecurity:
         keyring, key = signing.load_credentials(file, paths)
-        return cls(keyring=keyring, signing_key=key)
+        return cls(limits=limits, keyring=keyring, signing_key=key)
 
-    def open_from_aggregator(self, payload: bytes, kind: Kind) -> codec.Envelope:
+    def open_from_aggregator(self, payload: bytes, kinds: Kind | tuple[Kind, ...]) -> codec.Envelope:
+        """Decode and authenticate an aggregator message whose kind must be one of ``kinds``
+        (a chunk manifest is bound to the aggregator here: its kind is not one only the
+        aggregator sends)."""
+        allowed = (kinds,) if isinstance(kinds, Kind) else kinds
         env = codec.decode(payload, self.limits)
-        if env.kind != kind.value:
-            raise RemoteProtocolError("bad_kind", f"{env.kind!r} on a {kind.value} topic")
+        if env.kind not in {k.value for k in allowed}:
+            raise RemoteProtocolError("bad_kind", f"{env.kind!r} on a {allowed[0].value} topic")
+        if env.sender != self.aggregator_id:
+            raise RemoteProtocolError("sender_mismatch", f"{env.sender!r} is not the aggregator")
         if self.keyring is not None:
             signing.authenticate(env, self.keyring, None)
-        elif env.sender != self.aggregator_id:
-            raise RemoteProtocolError("sender_mismatch", f"{env.sender!r} is not the aggregator")
         return env
 
     def sign(self, env: codec.Envelope) -> codec.Envelope:

@@ -19,6 +19,8 @@ class BrokerConfig:
     cert_file: Path | None = None
     key_file: Path | None = None
     max_payload: int = 8 * 1024 * 1024
+    # the largest message taken in: one that is larger than max_payload arrives in chunks
+    max_message: int = 8 * 1024 * 1024
     file: str = ""  # the config file it came from, named in errors about its TLS files
     # a service that has not reached the broker this long after starting exits 69 (0: never)
     startup_timeout_s: float = 120.0
@@ -38,6 +40,7 @@ def broker_config(sec: Section, default_client_id: str) -> BrokerConfig:
         cert_file=tls[1],
         key_file=tls[2],
         max_payload=sec.int("max_payload", 8 * 1024 * 1024, min=1024),
+        max_message=sec.int("max_message", 8 * 1024 * 1024, min=1024, max=1024 * 1024 * 1024),
         file=sec.file,
         startup_timeout_s=sec.float("startup_timeout_s", 120.0, min=0.0),
     )

@@ -31,6 +31,7 @@ class Kind(StrEnum):
     DEPLOYMENT = "deployment"  # aggregator -> gateways: which version runs for inference
     DEPLOYED = "deployed"  # aggregator -> plant systems: the deployed model as .tflite
     STATE = "state"  # aggregator -> operators: the task's state (status, dashboard)
+    MANIFEST = "manifest"  # either way: a message too large for one packet, as chunks
 
 
 class ModelSpec(msgspec.Struct, frozen=True, array_like=True):
@@ -269,6 +270,21 @@ class TaskState(msgspec.Struct, frozen=True, array_like=True):
     updated_at: float = 0.0
 
 
+class ChunkManifest(msgspec.Struct, frozen=True, array_like=True):
+    """A message sent as content-addressed chunks (``fedcore.protocol.chunks``).
+
+    The chunks are the message's bytes cut every ``chunk_size`` bytes; ``chunks`` holds
+    the SHA-256 of each, in order, and ``sha256`` the whole message's. The manifest travels
+    signed in its own envelope; the message it describes is a complete signed envelope too.
+    """
+
+    kind: str  # the kind of the message carried (what the receiver expects on the topic)
+    size: int
+    chunk_size: int
+    chunks: tuple[bytes, ...]
+    sha256: bytes
+
+
 BODY_TYPES: dict[Kind, type[msgspec.Struct]] = {
     Kind.ROUND: RoundAnnouncement,
     Kind.UPDATE: ModelUpdate,
@@ -282,4 +298,5 @@ BODY_TYPES: dict[Kind, type[msgspec.Struct]] = {
     Kind.DEPLOYMENT: Deployment,
     Kind.DEPLOYED: DeployedModel,
     Kind.STATE: TaskState,
+    Kind.MANIFEST: ChunkManifest,
 }

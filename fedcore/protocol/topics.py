@@ -2,11 +2,13 @@
 
 ```
 fg/{fleet}/{task}/round                 retained  aggregator -> edges: round announcement
-fg/{fleet}/{task}/model                 retained  aggregator -> edges: signed global model
+fg/{fleet}/{task}/model                 retained  aggregator -> edges: signed global model (or its chunk manifest)
+fg/{fleet}/{task}/model/chunk/{chunk}   retained  aggregator -> edges: a large model's chunks, named by SHA-256
 fg/{fleet}/{task}/deployment            retained  aggregator -> edges: version to run (inference)
 fg/{fleet}/{task}/deployed              retained  aggregator -> plant systems: deployed .tflite
 fg/{fleet}/{task}/state                 retained  aggregator -> operators: the task's state
 fg/{fleet}/{task}/update/{device}       QoS 1     edge -> aggregator: updates, statistics, canary reports
+fg/{fleet}/{task}/update/{device}/chunk QoS 1     edge -> aggregator: a large update's chunks
 fg/{fleet}/{task}/secagg/{stage}/{device}         secure-aggregation stages
 fg/{fleet}/{task}/metrics               retained  round summaries
 fg/{fleet}/status/{device}              retained  birth / last will / gateway status
@@ -35,15 +37,18 @@ _NAME = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,63}\Z")
 # unmasking). A fixed list, so the ACL names each one and no device can grow the broker's
 # retained store under stage names of its own.
 SECAGG_STAGES = ("keys", "shares", "masked", "unmask")
+_CHUNK = re.compile(r"^[0-9a-f]{64}\Z")  # a chunk's SHA-256 in hex
 
 
 class TopicKind(Enum):
     ROUND = "round"
     MODEL = "model"
+    MODEL_CHUNK = "model_chunk"
     DEPLOYMENT = "deployment"
     DEPLOYED = "deployed"
     STATE = "state"
     UPDATE = "update"
+    UPDATE_CHUNK = "update_chunk"
     SECAGG = "secagg"
     METRICS = "metrics"
     STATUS = "status"
@@ -55,7 +60,7 @@ class AclRule:
     """Who may do what on a topic pattern. ``{device}`` is the client's certificate CN."""
 
     kind: TopicKind
-    pattern: str  # with {fleet}, {task}, {device}, {stage} placeholders
+    pattern: str  # with {fleet}, {task}, {device}, {stage}, {chunk} placeholders
     device_write: bool
     device_read: bool
     aggregator_write: bool
@@ -66,10 +71,12 @@ class AclRule:
 ACL_RULES: tuple[AclRule, ...] = (
     AclRule(TopicKind.ROUND, "fg/{fleet}/{task}/round", False, True, True, True, True),
     AclRule(TopicKind.MODEL, "fg/{fleet}/{task}/model", False, True, True, True, True),
+    AclRule(TopicKind.MODEL_CHUNK, "fg/{fleet}/{task}/model/chunk/{chunk}", False, True, True, True, True),
     AclRule(TopicKind.DEPLOYMENT, "fg/{fleet}/{task}/deployment", False, True, True, True, True),
     AclRule(TopicKind.DEPLOYED, "fg/{fleet}/{task}/deployed", False, False, True, True, True),
     AclRule(TopicKind.STATE, "fg/{fleet}/{task}/state", False, False, True, True, True),
     AclRule(TopicKind.UPDATE, "fg/{fleet}/{task}/update/{device}", True, False, False, True),
+    AclRule(TopicKind.UPDATE_CHUNK, "fg/{fleet}/{task}/update/{device}/chunk", True, False, False, True),
     AclRule(TopicKind.SECAGG, "fg/{fleet}/{task}/secagg/{stage}/{device}", True, True, True, True),
     AclRule(TopicKind.METRICS, "fg/{fleet}/{task}/metrics", False, True, True, True, True),
     AclRule(TopicKind.STATUS, "fg/{fleet}/status/{device}", True, False, True, True, True),
@@ -122,6 +129,15 @@ class Topics:
     def model(self) -> str:
         return f"{self._base}/model"
 
+    def model_chunk(self, chunk_hash: bytes) -> str:
+        """Where the chunk with this SHA-256 of a chunked model is retained."""
+        if len(chunk_hash) != 32:
+            raise LocalProtocolError(f"a chunk is named by its 32-byte SHA-256, not {len(chunk_hash)} bytes")
+        return f"{self._base}/model/chunk/{chunk_hash.hex()}"
+
+    def model_chunks_filter(self) -> str:
+        return f"{self._base}/model/chunk/+"
+
     def metrics(self) -> str:
         return f"{self._base}/metrics"
 
@@ -145,6 +161,12 @@ class Topics:
 
     def updates_filter(self) -> str:
         return f"{self._base}/update/+"
+
+    def update_chunk(self, device: str) -> str:
+        return f"{self._base}/update/{check_name(device, 'device')}/chunk"
+
+    def update_chunks_filter(self) -> str:
+        return f"{self._base}/update/+/chunk"
 
     def secagg(self, stage: str, device: str) -> str:
         return f"{self._base}/secagg/{_stage(stage)}/{check_name(device, 'device')}"
@@ -177,6 +199,10 @@ def parse_topic(topic: str) -> ParsedTopic:
         return ParsedTopic(TopicKind(parts[3]), fleet, parts[2], None)
     if len(parts) == 5 and parts[3] == "update":
         return ParsedTopic(TopicKind.UPDATE, fleet, parts[2], parts[4])
+    if len(parts) == 6 and parts[3] == "model" and parts[4] == "chunk" and _CHUNK.match(parts[5]):
+        return ParsedTopic(TopicKind.MODEL_CHUNK, fleet, parts[2], None)
+    if len(parts) == 6 and parts[3] == "update" and parts[5] == "chunk":
+        return ParsedTopic(TopicKind.UPDATE_CHUNK, fleet, parts[2], parts[4])
     if len(parts) == 6 and parts[3] == "secagg" and parts[4] in SECAGG_STAGES:
         return ParsedTopic(TopicKind.SECAGG, fleet, parts[2], parts[5], stage=parts[4])
     raise RemoteProtocolError("bad_topic", f"not a fedgate topic: {topic!r}")

@@ -35,6 +35,9 @@ class Outbox:
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         pass
 
+    def payload_limit(self, topic: str, qos: int = 1) -> int:
+        return 8 * 1024 * 1024
+
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                 wait: float | None = None) -> None:
         self.sent.append(topic)

@@ -254,6 +254,21 @@ def test_only_the_aggregator_publishes_the_model(connect: Any) -> None:
     assert msg.payload == b"model v1"
 
 
+def test_chunk_topics_follow_the_same_acl(connect: Any) -> None:
+    aggregator, gw1, gw2 = connect("aggregator"), connect("gw1"), connect("gw2")
+    chunk = TOPICS.model_chunk(b"\x07" * 32)
+    assert aggregator.subscribe(TOPICS.update_chunks_filter()) < 128
+    assert gw2.subscribe(TOPICS.model_chunks_filter()) < 128
+    assert gw1.publish(chunk, b"evil chunk") == NOT_AUTHORIZED  # only the aggregator sends models
+    assert gw1.publish(TOPICS.update_chunk("gw2"), b"forged chunk") == NOT_AUTHORIZED
+    assert gw1.publish(TOPICS.update_chunk("gw1"), b"own chunk") < 128
+    assert aggregator.publish(chunk, b"model chunk") < 128
+    (up,) = aggregator.received(1)
+    assert (up.topic, up.payload) == (TOPICS.update_chunk("gw1"), b"own chunk")
+    (down,) = gw2.received(1)
+    assert (down.topic, down.payload) == (chunk, b"model chunk")
+
+
 def test_gateway_cannot_read_other_gateways_updates(connect: Any) -> None:
     gw1, gw2 = connect("gw1"), connect("gw2")
     # Mosquitto 2.0 grants the subscription itself and applies the read ACL per message.

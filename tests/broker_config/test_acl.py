@@ -87,14 +87,19 @@ class Acl:
         return bool(self._decide(patterns, access, topic))
 
 
+CHUNK = bytes(range(32))  # a chunk's SHA-256 names its topic
+
+
 def concrete(kind: TopicKind, topics: Topics, device: str) -> str:
     return {
         TopicKind.ROUND: topics.round(),
         TopicKind.MODEL: topics.model(),
+        TopicKind.MODEL_CHUNK: topics.model_chunk(CHUNK),
         TopicKind.DEPLOYMENT: topics.deployment(),
         TopicKind.DEPLOYED: topics.deployed(),
         TopicKind.STATE: topics.state(),
         TopicKind.UPDATE: topics.update(device),
+        TopicKind.UPDATE_CHUNK: topics.update_chunk(device),
         TopicKind.SECAGG: topics.secagg("keys", device),
         TopicKind.METRICS: topics.metrics(),
         TopicKind.STATUS: topics.status(device),
@@ -123,7 +128,7 @@ def test_rule_patterns_are_the_topics_module_own_topics() -> None:
     topics = Topics("plant", "task")
     assert {r.kind for r in ACL_RULES} == set(TopicKind)
     for rule in ACL_RULES:
-        built = rule.pattern.format(fleet="plant", task="task", device="gw1", stage="keys")
+        built = rule.pattern.format(fleet="plant", task="task", device="gw1", stage="keys", chunk=CHUNK.hex())
         assert built == concrete(rule.kind, topics, "gw1")
 
 

@@ -177,3 +177,14 @@ def test_a_scaler_table_is_refused_because_the_aggregator_now_sends_it(tmp_path:
 def test_keys_of_the_data_set_source_are_unknown_to_a_store(tmp_path: Path) -> None:
     err = refused(tmp_path, {**BASE, "unit": "R80711"})
     assert err.key == "data.unit" and "'R80711'" in str(err) and "unknown key" in str(err)
+
+
+def test_broker_max_message_sets_what_the_gateway_takes_in(tmp_path: Path) -> None:
+    path = edge_toml(tmp_path, BASE)
+    path.write_text(path.read_text() + "\n[broker]\nmax_payload = 262144\nmax_message = 67108864\n")
+    config = load_edge_config(path)
+    assert (config.broker.max_payload, config.broker.max_message) == (262144, 64 * 1024 * 1024)
+    path.write_text(path.read_text().replace("max_message = 67108864", "max_message = 10"))
+    with pytest.raises(ConfigError) as exc:
+        load_edge_config(path)
+    assert (exc.value.key, exc.value.value) == ("broker.max_message", 10)

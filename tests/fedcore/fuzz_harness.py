@@ -35,6 +35,7 @@ from fedcore.protocol import codec, signing, tensors
 from fedcore.protocol.messages import (
     BODY_TYPES,
     CanaryReport,
+    ChunkManifest,
     DataStats,
     DeployedModel,
     Deployment,
@@ -106,6 +107,7 @@ def seed_bodies() -> list[msgspec.Struct]:
         CanaryReport(4, 3, 2, {"rmse": 1.0}, {"rmse": 1.1}, 30),
         Deployment(4, "L1", "canary", 2, tensors.encode_tensors(w), 3, tensors.encode_tensors(w), ("gw1",), "auto", 1.0),
         DeployedModel(4, "L1", 2, spec, b"TFL3" * 8, b"\x00" * 32),
+        ChunkManifest("model", 70, 32, (b"\x02" * 32, b"\x03" * 32, b"\x04" * 32), b"\x05" * 32),
         TaskState("L1", "waiting", 3, 2, 0, "schedule", 5.0, ("gw1",), (), (), 2, "latest", -1, (), {"late": 1},
                   {"gw1": 0.5}, "rmse", False, (RoundPoint(2, 2, 1, 100, 0.5, 0.1, 1.0),), 2.0),
     ]
@@ -157,7 +159,8 @@ def seed_envelopes() -> list[codec.Envelope]:
 def seed_topics() -> list[str]:
     return [TOPICS.round(), TOPICS.model(), TOPICS.metrics(), TOPICS.deployment(),
             TOPICS.deployed(), TOPICS.state(), TOPICS.update("gw1"),
-            TOPICS.secagg("keys", "gw1"), TOPICS.status("gw1"), TOPICS.telemetry("gw1")]
+            TOPICS.secagg("keys", "gw1"), TOPICS.status("gw1"), TOPICS.telemetry("gw1"),
+            TOPICS.model_chunk(b"\x06" * 32), TOPICS.update_chunk("gw1")]
 
 
 def mutate(data: bytes, rng: random.Random, donors: list[bytes]) -> bytes:
