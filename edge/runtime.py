@@ -43,6 +43,7 @@ from edge import participant as pm
 from edge import state as saved_state
 from edge.config import EdgeConfig
 from edge.data import DataSource, LocalData, ScalingError, Snapshot, scaled
+from edge.outbox import Outbox
 from edge.security import EdgeSecurity
 from fedcore.errors import RemoteProtocolError
 from fedcore.learning.training import evaluate, train_local
@@ -63,6 +64,7 @@ from fedcore.transport.base import (
     Connected,
     Disconnected,
     MessageReceived,
+    PublishAcknowledged,
     Transport,
     TransportEvent,
 )
@@ -112,6 +114,7 @@ class EdgeService:
         server: ModelServer | None = None,
         metrics: EdgeMetrics | None = None,
         trace: Tracer | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self.config = config
         self.transport = transport
@@ -125,6 +128,8 @@ class EdgeService:
         self.server = server
         self.metrics = metrics
         self.trace = trace or NoTrace()
+        # what the gateway publishes; main.py gives it the on-disk spool (edge.outbox)
+        self.outbox = outbox or Outbox(transport, None, metrics)
         remembered = saved_state.load(config.state_dir)
         self.machine = pm.Participant(config.device, encode=encode, lineage=remembered.lineage)
         self.private = remembered.private
@@ -179,6 +184,7 @@ class EdgeService:
         self.trace.close()
         if code:
             self.transport.stop()
+            self.outbox.close()
             if self.metrics is not None:
                 self.metrics.close()
             return code
@@ -213,10 +219,13 @@ class EdgeService:
         if isinstance(item, Connected):
             self._on_connected(item)
         elif isinstance(item, Disconnected):  # the connection watch logs it
+            self.outbox.on_disconnected()
             if self.metrics is not None:
                 self.metrics.connected.set(0)
         elif isinstance(item, MessageReceived):
             self._on_message(item)
+        elif isinstance(item, PublishAcknowledged):
+            self.outbox.on_acknowledged(item)
 
     def _tick(self, now: float) -> None:
         waiting = self.activity == "waiting_for_data"
@@ -246,6 +255,7 @@ class EdgeService:
         except Exception as exc:  # the broker may already be gone; the will covers it
             log.info("could not publish offline status: %s", exc)
         self.transport.stop()
+        self.outbox.close()
         if self.metrics is not None:
             self.metrics.close()
 
@@ -333,9 +343,8 @@ class EdgeService:
         if not force and key == self._status_sent:
             return
         self._status_sent, self._status_at, self._status_mono = key, self.clock(), mono
-        self.transport.publish(self.topics.status(self.config.device),
-                               signed_status(self.config, self.security, status, self.clock()),
-                               qos=1, retain=True)
+        self.outbox.publish_latest(self.topics.status(self.config.device),
+                                   signed_status(self.config, self.security, status, self.clock()))
 
     def _remember(self) -> None:
         state = saved_state.EdgeState(self.machine.lineage, self.deployer.sequence,
@@ -358,6 +367,7 @@ class EdgeService:
         log.debug("session present: %s", event.session_present)  # the connection watch logs the connect
         self._refresh(self.clock())
         self._publish_status(force=True)
+        self.outbox.on_connected()  # the status first, then what is spooled, oldest first
         self.notifier.notify(f"READY=1\nSTATUS=connected; {self.activity or 'ready'} "
                              f"{self.activity_detail}".rstrip())
 
@@ -427,7 +437,8 @@ class EdgeService:
                                   action.round, self.config.device, action.update,
                                   self.clock(), message_id=action.message_id)
         payload = codec.encode(self.security.sign(env))
-        self.transport.publish(self.topics.update(self.config.device), payload, qos=1)
+        self.outbox.publish(self.topics.update(self.config.device), payload, kind=Kind.UPDATE,
+                            round=action.round, message_id=env.message_id)
         self.trace.mark("update_published", round=action.round, bytes=len(payload))
         if action.resend:
             log.info("round %d: update re-sent (%d bytes)", action.round, len(payload))
@@ -448,8 +459,9 @@ class EdgeService:
         body = self.source.statistics(snap, action.lineage)
         env = codec.make_envelope(Kind.STATS, self.config.fleet, self.config.task, action.round,
                                   self.config.device, body, self.clock())
-        self.transport.publish(self.topics.update(self.config.device),
-                               codec.encode(self.security.sign(env)), qos=1)
+        self.outbox.publish(self.topics.update(self.config.device),
+                            codec.encode(self.security.sign(env)), kind=Kind.STATS,
+                            round=action.round, message_id=env.message_id)
         log.info("statistics of %d training rows sent for lineage %s", body.count, action.lineage)
 
     def _scaled(self, spec: ModelSpec) -> LocalData | None:
@@ -597,8 +609,9 @@ class EdgeService:
     def _send_canary(self, body: CanaryReport) -> None:
         env = codec.make_envelope(Kind.CANARY, self.config.fleet, self.config.task, 0,
                                   self.config.device, body, self.clock())
-        self.transport.publish(self.topics.update(self.config.device),
-                               codec.encode(self.security.sign(env)), qos=1)
+        self.outbox.publish(self.topics.update(self.config.device),
+                            codec.encode(self.security.sign(env)), kind=Kind.CANARY, round=0,
+                            message_id=env.message_id)
 
     def _serve(self, version: int, weights: list[np.ndarray]) -> None:
         """Run ``version`` in LiteRT (when inference is on) and publish its scores."""
@@ -623,8 +636,9 @@ class EdgeService:
             return
         env = codec.make_envelope(Kind.TELEMETRY, self.config.fleet, self.config.task,
                                   model.round, self.config.device, body, self.clock())
-        self.transport.publish(self.topics.telemetry(self.config.device),
-                               codec.encode(self.security.sign(env)), qos=1)
+        self.outbox.publish(self.topics.telemetry(self.config.device),
+                            codec.encode(self.security.sign(env)), kind=Kind.TELEMETRY,
+                            round=model.round, message_id=env.message_id)
         log.info("model version %d running in LiteRT (int8, %d bytes): %s", version,
                  self.server.size, {k: round(v, 3) for k, v in body.values.items()})
 
