@@ -111,7 +111,7 @@ class Outbox:
             return
         waiting = [e for e in self.spool if e.seq not in self._handed]
         if waiting:
-            log.info("sending %d spooled messages (%d bytes)", len(waiting),
+            log.info("sending spooled messages: %d, %d bytes", len(waiting),
                      sum(len(e.payload) for e in waiting))
         for entry in waiting:
             self._send(entry)

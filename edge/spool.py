@@ -194,7 +194,7 @@ class Spool:
             self._keep(entry, entry.size)
         self._file = open(self.path, "ab")
         if self._live:
-            log.info("%s: %d unsent messages (%d bytes) from before the restart",
+            log.info("%s: %d unsent (%d bytes) from before the restart",
                      self.path, len(self._live), self.live_bytes)
         for entry in self._make_room():  # the bounds may have shrunk since they were written
             log.warning("%s: dropped message %s (%s, round %d): over [spool] bounds",
