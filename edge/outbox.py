@@ -19,9 +19,9 @@ next start.
   *now*; an older one is worth nothing once a newer exists, and a restarted gateway
   publishes a fresh one. While offline the newest per topic waits in memory; it is not
   spooled.
-- **Same message twice**: a message whose (topic, message id) is already spooled is not
-  spooled again (the participant re-sends its cached update when a round is re-announced;
-  the spooled copy is on its way).
+- **Same message twice**: a resend (the participant re-sends its cached update when a
+  round is re-announced) whose (topic, message id) is still spooled is not spooled again:
+  the spooled copy is on its way.
 - **Trouble is counted, never fatal**: an entry dropped for room (``full``), refused by the
   broker (``refused``, PUBACK >= 0x80), larger than the broker takes or the spool holds
   (``too_large``) or found torn after a power cut (``torn``) is logged and counted in
@@ -66,12 +66,15 @@ class Outbox:
     # ---- what the runtime calls
 
     def publish(self, topic: str, payload: bytes, *, kind: str, round: int, message_id: str,
-                qos: int = 1, retain: bool = False) -> None:
-        """Spool and (when connected) send a signed message."""
+                qos: int = 1, retain: bool = False, resend: bool = False) -> None:
+        """Spool and (when connected) send a signed message. ``resend``: the caller sends a
+        message again under its old message id; if that one is still spooled, it is on its
+        way and this copy is dropped. (Without ``resend`` nothing is compared: several
+        messages may share a message id, e.g. the parts of one large message.)"""
         if self.spool is None:
             self.transport.publish(topic, payload, qos=qos, retain=retain)
             return
-        if self.spool.find(topic, message_id) is not None:
+        if resend and self.spool.find(topic, message_id) is not None:
             log.debug("message %s is spooled already; not spooled twice", message_id)
             return
         try:

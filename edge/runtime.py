@@ -17,6 +17,10 @@ is doing - connection, lineage, the version it runs and the one it trains from, 
 and new, its last round and holdout evaluation, what it refused. It is published on every
 change and at least every ``status_interval_s``; the last will says ``offline``.
 
+Delivery: what the gateway must deliver (updates, statistics, canary reports, telemetry)
+goes through :class:`~edge.outbox.Outbox`, which spools it to disk before publishing and
+lets go on the broker's PUBACK; the status goes through it too, newest only.
+
 When several round announcements are queued (a gateway back from a partition gets its
 persistent session's backlog), only the newest is handled: training once on the current
 round, not once per missed round.
@@ -438,7 +442,7 @@ class EdgeService:
                                   self.clock(), message_id=action.message_id)
         payload = codec.encode(self.security.sign(env))
         self.outbox.publish(self.topics.update(self.config.device), payload, kind=Kind.UPDATE,
-                            round=action.round, message_id=env.message_id)
+                            round=action.round, message_id=env.message_id, resend=action.resend)
         self.trace.mark("update_published", round=action.round, bytes=len(payload))
         if action.resend:
             log.info("round %d: update re-sent (%d bytes)", action.round, len(payload))
