@@ -192,7 +192,7 @@ class Spool:
         self._file_bytes = loaded.valid_length
         for entry in loaded.entries:
             self._keep(entry, entry.size)
-        self._file = open(self.path, "ab")
+        self._fd = _open_append(self.path)
         if self._live:
             log.info("%s: %d unsent (%d bytes) from before the restart",
                      self.path, len(self._live), self.live_bytes)
@@ -254,7 +254,7 @@ class Spool:
         return entry
 
     def close(self) -> None:
-        self._file.close()
+        os.close(self._fd)
 
     def _keep(self, entry: Entry, size: int) -> None:
         self._live[entry.seq] = entry
@@ -273,33 +273,53 @@ class Spool:
         return out
 
     def _write(self, record: bytes, sync: bool) -> None:
-        self._file.write(record)
-        self._file.flush()
-        if sync:
-            os.fsync(self._file.fileno())
+        """Append ``record`` whole or not at all: a write cut short (a full disk) is cut
+        off again, so the next record does not follow a torn one (which would end the file
+        there on the next load)."""
+        try:
+            view, written = memoryview(record), 0
+            while written < len(record):
+                written += os.write(self._fd, view[written:])
+            if sync:
+                os.fsync(self._fd)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, self._file_bytes)
+            except OSError:
+                pass
+            raise
         self._file_bytes += len(record)
 
     def _maybe_compact(self) -> None:
         if not self._live:
             if self._file_bytes:
-                self._file.truncate(0)
-                self._file.flush()
+                os.ftruncate(self._fd, 0)
                 self._file_bytes = 0
             return
         live = self.live_bytes
         if self._file_bytes < COMPACT_MIN_BYTES or self._file_bytes <= 2 * live:
             return
         tmp = self.path.with_name(FILE + ".tmp")
-        with open(tmp, "wb") as f:
-            for entry in self._live.values():
-                f.write(encode_entry(entry))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                for entry in self._live.values():
+                    f.write(encode_entry(entry))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:  # a full disk: the longer file is still right; try later
+            log.warning("%s: cannot compact: %s", self.path, exc.strerror or exc)
+            tmp.unlink(missing_ok=True)
+            return
         os.replace(tmp, self.path)
         _fsync_dir(self.path.parent)
-        self._file.close()
-        self._file = open(self.path, "ab")
+        os.close(self._fd)
+        self._fd = _open_append(self.path)
         self._file_bytes = live
+
+
+def _open_append(path: Path) -> int:
+    """Unbuffered: every write reaches the OS at once, so a failed one is known at once."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
 
 
 def _fsync_dir(path: Path) -> None:

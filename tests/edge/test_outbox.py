@@ -3,6 +3,8 @@ spool only on a PUBACK, what a restarted gateway sends, and what is counted."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,3 +176,44 @@ def test_a_message_already_spooled_is_not_spooled_again(
     assert spooled(tmp_path) == ["id-0"]
     gw.send(1)  # not a resend (parts of one message may share an id): spooled
     assert spooled(tmp_path) == ["id-0", "id-0"]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("mounts a tmpfs")
+    mount = tmp_path / "state"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_sends_from_memory_and_spools_again_when_there_is_room(
+        broker: MemoryBroker, received: list[bytes], small_disk: Path) -> None:
+    broker.refuse_connections("broker down", client_id="gw1")
+    gw = Gateway(broker, small_disk)
+    gw.send(2)
+    filler = small_disk / "filler"
+    with open(filler, "wb", buffering=0) as f:  # no room left for the next record
+        try:
+            while f.write(b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+    big = b"x" * 20_000
+    gw.outbox.publish(UPDATE, big, kind="update", round=2, message_id="id-big")
+    assert gw.outbox.spool is not None and gw.outbox.spool.dropped == {"disk_error": 1}
+    assert spooled(small_disk) == ["id-0", "id-1"]  # the failed write left no torn record
+    filler.unlink()
+    gw.send(1, first=3)
+    assert spooled(small_disk) == ["id-0", "id-1", "id-3"]
+    broker.accept_connections("gw1")
+    gw.transport.reconnect()
+    gw.pump()
+    # the one that could not be spooled went from memory (the transport's queue), after the
+    # spooled ones were handed over on connect
+    assert sorted(received) == sorted([b"update 0", b"update 1", big, b"update 3"])
+    assert spooled(small_disk) == []
