@@ -56,7 +56,7 @@ class Outbox:
         self.connected = False
         self._in_flight: dict[int, int] = {}  # packet id -> spool sequence number
         self._handed: set[int] = set()  # sequence numbers the transport holds
-        self._latest: dict[str, tuple[bytes, bool]] = {}  # topic -> newest payload, retain
+        self._latest: dict[str, tuple[bytes, int, bool]] = {}  # topic -> newest payload, qos, retain
         self._disk_failing = False
         if spool is not None and metrics is not None:
             for reason, count in spool.dropped.items():  # found while loading
@@ -103,13 +103,13 @@ class Outbox:
             self._latest.pop(topic, None)
             self.transport.publish(topic, payload, qos=qos, retain=retain)
         else:
-            self._latest[topic] = (payload, retain)
+            self._latest[topic] = (payload, qos, retain)
 
     def on_connected(self) -> None:
         self.connected = True
         latest, self._latest = self._latest, {}
-        for topic, (payload, retain) in latest.items():
-            self.transport.publish(topic, payload, qos=1, retain=retain)
+        for topic, (payload, qos, retain) in latest.items():
+            self.transport.publish(topic, payload, qos=qos, retain=retain)
         if self.spool is None:
             return
         waiting = [e for e in self.spool if e.seq not in self._handed]
