@@ -15,6 +15,18 @@ from fedcore.config import Section, load_toml
 from fedcore.service_config import BrokerConfig, broker_config, name
 
 DAY = 86400.0
+SPOOL_MAX_ENTRIES = 1000
+SPOOL_MAX_BYTES = 64 * 1024 * 1024
+SPOOL_MIN_BYTES = 64 * 1024  # below this not even one small update fits
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    """``[spool]``: the bounds of ``state_dir/spool.bin``, the unsent messages (edge.spool).
+    When full, the oldest message is dropped (counted, logged)."""
+
+    max_entries: int = SPOOL_MAX_ENTRIES
+    max_bytes: int = SPOOL_MAX_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +67,7 @@ class EdgeConfig:
     trace: bool = False  # step timestamps to state_dir/trace.jsonl (fedcore.trace)
     attack: str = ""  # for attack experiments only: name of edge.attacks' attack
     security: dict[str, Path] = field(default_factory=dict)
+    spool: SpoolConfig = SpoolConfig()
 
 
 def _attack(sec: Section) -> str:
@@ -82,6 +95,12 @@ def load_edge_config(path: str | Path) -> EdgeConfig:
     sec = root.section("security")
     security = {k: sec.path(k) for k in ("keyring", "signing_key", "revocations") if sec.has(k)}
     sec.reject_unknown()
+    spool = root.section("spool")
+    spool_config = SpoolConfig(
+        max_entries=spool.int("max_entries", SPOOL_MAX_ENTRIES, min=1),
+        max_bytes=spool.int("max_bytes", SPOOL_MAX_BYTES, min=SPOOL_MIN_BYTES),
+    )
+    spool.reject_unknown()
     cfg = EdgeConfig(
         file=str(path),
         device=device,
@@ -99,6 +118,7 @@ def load_edge_config(path: str | Path) -> EdgeConfig:
         keep_models=inference.int("keep_models", 3, min=1),
         attack=_attack(experiment),
         security=security,
+        spool=spool_config,
     )
     state.reject_unknown()
     inference.reject_unknown()

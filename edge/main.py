@@ -11,8 +11,10 @@ import numpy as np
 
 from edge.config import EdgeConfig, load_edge_config
 from edge.data import DatasetSource, DataSource, StoreSource
+from edge.outbox import Outbox
 from edge.runtime import EdgeService, offline_status
 from edge.security import EdgeSecurity
+from edge.spool import Spool
 from edge.store import StoreReader
 from fedcore.errors import ConfigError
 from fedcore.pipeline import EdgePipelineState, make_encoder
@@ -76,7 +78,8 @@ def build_edge(config_path: str | Path) -> EdgeService:
     topics = Topics(config.fleet, config.task)
     # the will is signed once at start-up; its content ("offline") does not go stale
     will = Will(topics.status(config.device), offline_status(config, security, time.time()))
-    transport = transport_from_config(config.broker, will=will)
+    # PUBACKs are reported so the spool keeps each message until the broker has it
+    transport = transport_from_config(config.broker, will=will, report_acks=True)
     # the pipeline's randomness (noise, stochastic rounding) is separate from training's
     encode = make_encoder(EdgePipelineState(), np.random.default_rng([config.seed, 1]))
     attack = None
@@ -100,9 +103,15 @@ def build_edge(config_path: str | Path) -> EdgeService:
             raise ConfigError(config.file, "state.metrics_port", config.metrics_port,
                               f"cannot listen on {config.metrics_addr}:{config.metrics_port}: "
                               f"{exc.strerror or exc}") from None
+    try:
+        spool = Spool(config.state_dir, config.spool.max_entries, config.spool.max_bytes)
+    except OSError as exc:
+        raise ConfigError(config.file, "state.dir", str(config.state_dir),
+                          f"cannot open the spool there: {exc.strerror or exc}") from None
     return EdgeService(config, transport, source, security, encode=encode, attack=attack,
                        notifier=SystemdNotifier.from_environment(), server=server, metrics=metrics,
-                       trace=tracer(config.trace, config.state_dir))
+                       trace=tracer(config.trace, config.state_dir),
+                       outbox=Outbox(transport, spool, metrics))
 
 
 def run_edge(config_path: str | Path) -> int:

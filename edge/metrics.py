@@ -22,6 +22,11 @@ class EdgeMetrics:
         self.sat_out = r.counter("fedgate_edge_rounds_sat_out", "Rounds it did not take part in, by reason",
                                  ["reason"])
         self.rejected = r.counter("fedgate_edge_rejected", "Messages it refused, by reason", ["reason"])
+        self.spool_entries = r.gauge("fedgate_edge_spool_entries",
+                                     "Messages spooled on disk that the broker has not acknowledged")
+        self.spool_bytes = r.gauge("fedgate_edge_spool_bytes", "Bytes those spooled messages take")
+        self.spool_dropped = r.counter("fedgate_edge_spool_dropped",
+                                       "Messages that left the spool unsent, by reason", ["reason"])
         self.connected = r.gauge("fedgate_edge_connected", "1 while connected to the broker")
         self.server = MetricsServer(r, port, addr)
 

@@ -17,6 +17,10 @@ is doing - connection, lineage, the version it runs and the one it trains from, 
 and new, its last round and holdout evaluation, what it refused. It is published on every
 change and at least every ``status_interval_s``; the last will says ``offline``.
 
+Delivery: what the gateway must deliver (updates, statistics, canary reports, telemetry)
+goes through :class:`~edge.outbox.Outbox`, which spools it to disk before publishing and
+lets go on the broker's PUBACK; the status goes through it too, newest only.
+
 When several round announcements are queued (a gateway back from a partition gets its
 persistent session's backlog), only the newest is handled: training once on the current
 round, not once per missed round.
@@ -44,6 +48,7 @@ from edge import participant as pm
 from edge import state as saved_state
 from edge.config import EdgeConfig
 from edge.data import DataSource, LocalData, ScalingError, Snapshot, scaled
+from edge.outbox import Outbox
 from edge.security import EdgeSecurity
 from fedcore.errors import RemoteProtocolError
 from fedcore.learning.training import evaluate, train_local
@@ -66,6 +71,7 @@ from fedcore.transport.base import (
     Connected,
     Disconnected,
     MessageReceived,
+    PublishAcknowledged,
     Transport,
     TransportEvent,
 )
@@ -115,6 +121,7 @@ class EdgeService:
         server: ModelServer | None = None,
         metrics: EdgeMetrics | None = None,
         trace: Tracer | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self.config = config
         self.transport = transport
@@ -128,6 +135,8 @@ class EdgeService:
         self.server = server
         self.metrics = metrics
         self.trace = trace or NoTrace()
+        # what the gateway publishes; main.py gives it the on-disk spool (edge.outbox)
+        self.outbox = outbox or Outbox(transport, None, metrics)
         remembered = saved_state.load(config.state_dir)
         self.machine = pm.Participant(config.device, encode=encode, lineage=remembered.lineage)
         self.private = remembered.private
@@ -186,6 +195,7 @@ class EdgeService:
         self.trace.close()
         if code:
             self.transport.stop()
+            self.outbox.close()
             if self.metrics is not None:
                 self.metrics.close()
             return code
@@ -228,10 +238,13 @@ class EdgeService:
         if isinstance(item, Connected):
             self._on_connected(item)
         elif isinstance(item, Disconnected):  # the connection watch logs it
+            self.outbox.on_disconnected()
             if self.metrics is not None:
                 self.metrics.connected.set(0)
         elif isinstance(item, MessageReceived):
             self._on_message(item)
+        elif isinstance(item, PublishAcknowledged):
+            self.outbox.on_acknowledged(item)
 
     def _tick(self, now: float) -> None:
         waiting = self.activity == "waiting_for_data"
@@ -264,6 +277,7 @@ class EdgeService:
         except Exception as exc:  # the broker may already be gone; the will covers it
             log.info("could not publish offline status: %s", exc)
         self.transport.stop()
+        self.outbox.close()
         if self.metrics is not None:
             self.metrics.close()
 
@@ -351,9 +365,8 @@ class EdgeService:
         if not force and key == self._status_sent:
             return
         self._status_sent, self._status_at, self._status_mono = key, self.clock(), mono
-        self.transport.publish(self.topics.status(self.config.device),
-                               signed_status(self.config, self.security, status, self.clock()),
-                               qos=1, retain=True)
+        self.outbox.publish_latest(self.topics.status(self.config.device),
+                                   signed_status(self.config, self.security, status, self.clock()))
 
     def _remember(self) -> None:
         state = saved_state.EdgeState(self.machine.lineage, self.deployer.sequence,
@@ -379,6 +392,7 @@ class EdgeService:
         self._publish_status(force=True)
         for whole in self.model_chunks.take_restored():  # assembled before a restart
             self._on_message(MessageReceived(self.topics.model(), whole, True), assembled=True)
+        self.outbox.on_connected()  # the status first, then what is spooled, oldest first
         self.notifier.notify(f"READY=1\nSTATUS=connected; {self.activity or 'ready'} "
                              f"{self.activity_detail}".rstrip())
 
@@ -458,7 +472,7 @@ class EdgeService:
                                   action.round, self.config.device, action.update,
                                   self.clock(), message_id=action.message_id)
         payload = codec.encode(self.security.sign(env))
-        self._to_aggregator(Kind.UPDATE, payload, action.round)
+        self._to_aggregator(Kind.UPDATE, payload, action.round, env.message_id, resend=action.resend)
         self.trace.mark("update_published", round=action.round, bytes=len(payload))
         if action.resend:
             log.info("round %d: update re-sent (%d bytes)", action.round, len(payload))
@@ -479,12 +493,14 @@ class EdgeService:
         body = self.source.statistics(snap, action.lineage)
         env = codec.make_envelope(Kind.STATS, self.config.fleet, self.config.task, action.round,
                                   self.config.device, body, self.clock())
-        self._to_aggregator(Kind.STATS, codec.encode(self.security.sign(env)), action.round)
+        self._to_aggregator(Kind.STATS, codec.encode(self.security.sign(env)), action.round, env.message_id)
         log.info("statistics of %d training rows sent for lineage %s", body.count, action.lineage)
 
-    def _to_aggregator(self, kind: Kind, payload: bytes, round_: int) -> None:
-        """Publish one signed message on this gateway's update topic: whole when it fits the
-        broker's limit, else as a signed manifest and chunks (edge.chunked)."""
+    def _to_aggregator(self, kind: Kind, payload: bytes, round_: int, message_id: str,
+                       resend: bool = False) -> None:
+        """Spool and publish one signed message on this gateway's update topic: whole when it
+        fits the broker's limit, else as a signed manifest and chunks (edge.chunked), every
+        part under the message's id (edge.outbox)."""
         def seal(manifest: ChunkManifest) -> bytes:
             env = codec.make_envelope(Kind.MANIFEST, self.config.fleet, self.config.task, round_,
                                       self.config.device, manifest, self.clock())
@@ -492,7 +508,8 @@ class EdgeService:
 
         pubs = chunked.to_aggregator(payload, kind, self.topics, self.config.device, self.transport, seal)
         for pub in pubs:
-            self.transport.publish(pub.topic, pub.payload, qos=1)
+            self.outbox.publish(pub.topic, pub.payload, kind=kind, round=round_, message_id=message_id,
+                                resend=resend)
         if len(pubs) > 1:
             log.info("%s of %d bytes sent as %d chunks", kind.value, len(payload), len(pubs) - 1)
 
@@ -641,8 +658,9 @@ class EdgeService:
     def _send_canary(self, body: CanaryReport) -> None:
         env = codec.make_envelope(Kind.CANARY, self.config.fleet, self.config.task, 0,
                                   self.config.device, body, self.clock())
-        self.transport.publish(self.topics.update(self.config.device),
-                               codec.encode(self.security.sign(env)), qos=1)
+        self.outbox.publish(self.topics.update(self.config.device),
+                            codec.encode(self.security.sign(env)), kind=Kind.CANARY, round=0,
+                            message_id=env.message_id)
 
     def _serve(self, version: int, weights: list[np.ndarray]) -> None:
         """Run ``version`` in LiteRT (when inference is on) and publish its scores."""
@@ -667,8 +685,9 @@ class EdgeService:
             return
         env = codec.make_envelope(Kind.TELEMETRY, self.config.fleet, self.config.task,
                                   model.round, self.config.device, body, self.clock())
-        self.transport.publish(self.topics.telemetry(self.config.device),
-                               codec.encode(self.security.sign(env)), qos=1)
+        self.outbox.publish(self.topics.telemetry(self.config.device),
+                            codec.encode(self.security.sign(env)), kind=Kind.TELEMETRY,
+                            round=model.round, message_id=env.message_id)
         log.info("model version %d running in LiteRT (int8, %d bytes): %s", version,
                  self.server.size, {k: round(v, 3) for k, v in body.values.items()})
 

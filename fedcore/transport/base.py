@@ -21,7 +21,9 @@ Guarantees every implementation gives:
 - **A denied publish is visible.** With ``wait`` set, ``publish`` blocks until the PUBACK
   and returns its MQTT v5 reason code; ``PublishResult.denied`` is True for codes >= 0x80
   (135: not authorized by the ACL). Whether or not anyone waits, a denied PUBACK is also
-  reported as a :class:`PublishDenied` event naming the topic.
+  reported as a :class:`PublishDenied` event naming the topic. A transport built with
+  ``report_acks=True`` reports every PUBACK as :class:`PublishAcknowledged` with the
+  packet id ``publish`` returned, so a caller can keep a message until the broker has it.
 - **A failed connection attempt says why.** Every attempt that does not end in a CONNACK
   success is reported as a :class:`ConnectFailed` event with the real reason, whether
   retrying can help (``permanent``) and the delay before the next attempt. The transport
@@ -118,8 +120,24 @@ class PublishDenied:
         return REASON_NAMES.get(self.reason_code, f"reason code {self.reason_code}")
 
 
+@dataclass(frozen=True, slots=True)
+class PublishAcknowledged:
+    """The broker answered our QoS >= 1 publish with packet id ``mid`` (the ``mid`` of its
+    :class:`PublishResult`). Reported only by transports built with ``report_acks=True``:
+    a caller that keeps a message until the broker has it (the gateway's spool) learns
+    here when to let go. ``reason_code`` >= 0x80 means refused (also a PublishDenied)."""
+
+    mid: int
+    reason_code: int
+
+    @property
+    def refused(self) -> bool:
+        return self.reason_code >= 0x80
+
+
 TransportEvent = (
     Connected | Disconnected | MessageReceived | SubscriptionRefused | ConnectFailed | PublishDenied
+    | PublishAcknowledged
 )
 
 # --------------------------------------------------------------------------- values

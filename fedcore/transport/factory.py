@@ -36,6 +36,7 @@ def transport_from_config(
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     backoff: tuple[float, float] = (0.5, 30.0),
     auth_probe: bool = False,
+    report_acks: bool = False,
 ) -> PahoTransport:
     """The service's transport. A missing or unreadable ``ca_file`` / ``cert_file`` /
     ``key_file`` (or a key that does not belong to the certificate) raises ConfigError
@@ -44,7 +45,8 @@ def transport_from_config(
     ``client_id`` and the session options exist for ``fedgate config check --live``, which
     connects beside a running service without taking over its session. The reconnect jitter
     comes from the OS unless ``seed`` is given (tests): a fleet that restarts together must
-    not retry in lockstep."""
+    not retry in lockstep. ``report_acks``: report every PUBACK as an event (the gateway's
+    spool keeps a message until then)."""
     return PahoTransport(
         broker_url(broker),
         broker.client_id if client_id is None else client_id,
@@ -57,6 +59,7 @@ def transport_from_config(
         backoff_min=backoff[0],
         backoff_max=backoff[1],
         config_file=broker.file or NO_CONFIG_FILE,
+        report_acks=report_acks,
         rng=random.Random(seed if seed is not None else os.urandom(8)),
         auth_probe=auth_probe,
     )

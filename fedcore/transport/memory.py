@@ -22,7 +22,9 @@ Semantics modelled (the ones runtimes rely on):
   survives a disconnect; QoS >= 1 messages for it queue (QoS 0 ones are dropped) and arrive
   after reconnecting, up to ``max_queued_messages``.
 - A publish on a dropped connection waits in the transport's outbox (as in paho) and is
-  sent on reconnect; ``wait=`` then raises TransportError, since nothing can be acked.
+  sent on reconnect with the same packet id; ``wait=`` then raises TransportError, since
+  nothing can be acked. ``report_acks=True``: each QoS >= 1 publish the broker took is
+  reported as ``PublishAcknowledged(mid, code)``.
 - Last will on ``kill()`` / ``drop_connection()``; none on ``stop()``.
 - ``authorize(client_id, action, topic)`` denies with reason code 135, like a Mosquitto ACL;
   a denied QoS >= 1 publish is also reported to the publisher as ``PublishDenied``.
@@ -57,6 +59,7 @@ from fedcore.transport.base import (
     ConnectFailed,
     Disconnected,
     MessageReceived,
+    PublishAcknowledged,
     PublishDenied,
     PublishResult,
     SubscriptionRefused,
@@ -287,6 +290,7 @@ class MemoryTransport:
         will: Will | None = None,
         max_payload: int = 8 * 1024 * 1024,
         url: str = "mqtt://memory:1883",
+        report_acks: bool = False,
     ) -> None:
         self.broker = broker
         self.client_id = client_id
@@ -300,7 +304,9 @@ class MemoryTransport:
         self._dead = False
         self._subs: dict[str, int] = {}
         self._unsent: set[str] = set()
-        self._outbox: list[tuple[str, bytes, int, bool]] = []
+        self._outbox: list[tuple[int, str, bytes, int, bool]] = []
+        self._report_acks = report_acks
+        self._last_mid = 0
         self._sent = 0
         self._received = 0
 
@@ -336,17 +342,25 @@ class MemoryTransport:
         check_publish(topic, payload, qos, self.payload_limit(topic, qos))
         if self._dead:
             raise LocalProtocolError(f"{self.client_id}: publish after kill()/stop()")
+        self._last_mid = self._last_mid % 65535 + 1  # packet ids 1..65535, as in MQTT
+        mid = self._last_mid
         if not self._connected:
             if qos > 0:
-                self._outbox.append((topic, bytes(payload), qos, retain))
+                self._outbox.append((mid, topic, bytes(payload), qos, retain))
             if wait is not None and qos > 0:
                 raise TransportError(f"no PUBACK for {topic!r} within {wait} s (disconnected)")
-            return PublishResult(0)
+            return PublishResult(mid)
+        code = self._send(mid, topic, payload, qos, retain)
+        return PublishResult(mid, code if wait is not None and qos > 0 else None)
+
+    def _send(self, mid: int, topic: str, payload: bytes, qos: int, retain: bool) -> int:
         self._sent += publish_packet_size(topic, len(payload), qos)
         code = self.broker._publish(self.client_id, topic, bytes(payload), qos, retain)
+        if qos > 0 and self._report_acks:
+            self._emit(PublishAcknowledged(mid, code))
         if qos > 0 and code >= 0x80:
             self._emit(PublishDenied(topic, code))
-        return PublishResult(0, code if wait is not None and qos > 0 else None)
+        return code
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         check_topic_filter(topic_filter)
@@ -406,8 +420,11 @@ class MemoryTransport:
         self._emit(Connected(present))
         self.broker._after_connect(self.client_id)
         outbox, self._outbox = self._outbox, []
-        for topic, payload, qos, retain in outbox:
-            self.publish(topic, payload, qos, retain)
+        for mid, topic, payload, qos, retain in outbox:  # same packet id, as paho resends
+            if self._connected:
+                self._send(mid, topic, payload, qos, retain)
+            else:
+                self._outbox.append((mid, topic, payload, qos, retain))
 
     def _lost(self, reason: str, send_will: bool = True) -> None:
         self._connected = False

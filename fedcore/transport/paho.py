@@ -36,6 +36,11 @@ runs on that thread.
   condition until its packet id shows up (the last acks are kept in a small bounded map
   so a PUBACK that overtakes the waiter is not lost). A code >= 0x80 is also reported as
   :class:`~fedcore.transport.base.PublishDenied` with the topic, remembered per packet id.
+  With ``report_acks`` every ``on_publish`` is also reported as
+  :class:`~fedcore.transport.base.PublishAcknowledged` (packet id, code); paho keeps an
+  unacknowledged QoS 1 message and resends it with the same packet id after a reconnect,
+  so the packet id ``publish`` returned names the message until its PUBACK. (paho also
+  calls ``on_publish`` when a QoS 0 message is written: callers track only their own ids.)
 - **Byte counters** count every MQTT byte written to / read from the connection (all
   packet types: CONNECT, PUBLISH, acks, pings), after TLS decryption; TLS records and
   TCP/IP headers are not counted (``HookedClient``'s ``_sock_send`` / ``_sock_recv``).
@@ -71,6 +76,7 @@ from fedcore.transport.base import (
     ConnectFailed,
     Disconnected,
     MessageReceived,
+    PublishAcknowledged,
     PublishDenied,
     PublishResult,
     SubscriptionRefused,
@@ -120,6 +126,7 @@ class PahoTransport:
         backoff_max: float = 30.0,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         config_file: str = NO_CONFIG_FILE,
+        report_acks: bool = False,
         rng: random.Random,
         auth_probe: bool = False,
     ) -> None:
@@ -132,6 +139,7 @@ class PahoTransport:
             )
         self.client_id = client_id
         self.auth_probe = auth_probe
+        self._report_acks = report_acks
         self._clean_start = clean_start
         self._session_expiry = session_expiry
         self._keepalive = keepalive
@@ -384,6 +392,8 @@ class PahoTransport:
                 while len(self._early_acks) > _ACKS_KEPT:
                     self._early_acks.popitem(last=False)
             self._acks.notify_all()
+        if self._report_acks:
+            self._emit(PublishAcknowledged(mid, code))
         if topic is not None and code >= 0x80:
             self._denied(topic, code)
 

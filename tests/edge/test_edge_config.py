@@ -188,3 +188,29 @@ def test_broker_max_message_sets_what_the_gateway_takes_in(tmp_path: Path) -> No
     with pytest.raises(ConfigError) as exc:
         load_edge_config(path)
     assert (exc.value.key, exc.value.value) == ("broker.max_message", 10)
+
+
+def spool_config(tmp_path: Path, spool: str) -> Path:
+    path = tmp_path / "edge.toml"
+    path.write_text(DEVICE + '[data]\nunit = "R80711"\n\n' + spool)
+    return path
+
+
+def test_the_spool_bounds_default_and_are_read(tmp_path: Path) -> None:
+    default = load_edge_config(spool_config(tmp_path, "")).spool
+    assert (default.max_entries, default.max_bytes) == (1000, 64 * 1024 * 1024)
+    set_ = load_edge_config(spool_config(tmp_path, "[spool]\nmax_entries = 5\nmax_bytes = 70000\n")).spool
+    assert (set_.max_entries, set_.max_bytes) == (5, 70000)
+
+
+@pytest.mark.parametrize(("text", "key", "value"), [
+    ("max_entries = 0", "spool.max_entries", 0),
+    ("max_bytes = 100", "spool.max_bytes", 100),
+    ('max_bytes = "64M"', "spool.max_bytes", "64M"),
+    ("max_mb = 64", "spool.max_mb", 64),
+])
+def test_a_wrong_spool_key_is_named_with_its_value(tmp_path: Path, text: str, key: str, value: Any) -> None:
+    path = spool_config(tmp_path, f"[spool]\n{text}\n")
+    with pytest.raises(ConfigError) as err:
+        load_edge_config(path)
+    assert (err.value.file, err.value.key, err.value.value) == (str(path), key, value)
