@@ -25,7 +25,8 @@ What is counted, over the whole run of a scenario (definitions also in RESULTS_f
   twice for the same round, i.e. under two message ids);
 - updates lost: fresh updates (message ids) a gateway logged as sent for a committed round
   in which it is not a participant (the round summary), less those the aggregator refused
-  with a logged reason (listed apart);
+  with a logged reason about the update itself (listed apart; ``late`` and ``stale_round``
+  are not: such an update was sent for a round still open and counts as lost);
 - samples lost: the training rows of the lost updates; and, apart, records a sample store
   misses (the turbines number their rows: a record number never written);
 - time to recover: from the injection, and from the end of the fault (restart or heal),
@@ -33,6 +34,8 @@ What is counted, over the whole run of a scenario (definitions also in RESULTS_f
 
 Usage: python bench/bench_faults.py [--quick] [--scenarios gateway-kill partition ...]
        [--repeat 3] [--out bench/faults.json] [--results bench/RESULTS_faults.md]
+       [--soak bench/soak.json]
+       python bench/bench_faults.py --from-json bench/faults.json --results ... (re-render)
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fault_fleet import FaultFleet, FleetOptions  # noqa: E402
 from fault_report import render_results, table  # noqa: E402
 
+TIMING_REASONS = ("late", "stale_round")
 SCENARIOS = ("aggregator-kill", "gateway-kill", "bridge-kill", "broker-restart",
              "broker-restart-persistent", "partition")
 
@@ -168,9 +172,12 @@ def account(fleet: FaultFleet, history: History, result: ScenarioResult) -> None
     first = min(rounds, default=1)
     result.rounds_committed = len(rounds)
     result.rounds_missing = [r for r in range(first, last + 1) if r not in rounds]
-    refused = fleet.rejected()
+    # round 0 is the statistics round: no model update. "late" and "stale_round" say when
+    # the update arrived, not what is wrong with it (it was sent for an open round): such
+    # an update counts as lost
+    refused = [(d, r, why) for d, r, why in fleet.rejected() if r >= 1]
     result.updates_refused = refused
-    refused_keys = {(d, r) for d, r, _ in refused}
+    refused_keys = {(d, r) for d, r, why in refused if why not in TIMING_REASONS}
     per_key: dict[tuple[str, int], list[int]] = {}
     for sent in fleet.sent():
         if sent.round <= last:  # the round in progress at the end is not judged
@@ -241,7 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/faults.json")
     parser.add_argument("--results", default="", help="also write this RESULTS markdown file")
     parser.add_argument("--soak", default="", help="a bench_soak.py JSON record to cite in --results")
+    parser.add_argument("--from-json", default="",
+                        help="run nothing: print the table (and write --results) of this record")
     args = parser.parse_args(argv)
+    if args.from_json:
+        record = json.loads(Path(args.from_json).read_text())
+        print(table(record))
+        if args.results:
+            Path(args.results).write_text(render_results(record, Path(args.soak) if args.soak else None))
+        return 0
     if args.quick:
         args.repeat, args.partition_s, args.settle = 1, min(args.partition_s, 20.0), 1
     rng = random.Random(args.seed)

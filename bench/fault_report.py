@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+TIMING_REASONS = ("late", "stale_round")  # bench_faults.py counts these updates as lost
 DEFINITIONS = """\
 What is counted, over the whole run of a scenario (warm-up, every injection, every recovery):
 
@@ -17,8 +18,11 @@ What is counted, over the whole run of a scenario (warm-up, every injection, eve
 - **updates lost**: fresh updates (message ids) a gateway logged as sent (`round R: update
   sent`) for a round that committed, where the gateway is not among the round summary's
   participants, or for a round that never committed; excluding updates the aggregator refused
-  with a logged, documented reason (listed apart as refused). A re-send of a cached update
-  (same message id) is not a new update.
+  with a logged, documented reason about the update itself (listed apart as refused). A
+  `late` or `stale_round` refusal is not such a reason: the gateway sent the update for a
+  round that was still open when it sent it, so such an update counts as lost. A re-send of a cached
+  update (same message id) is not a new update; the statistics round (round 0) carries no
+  update and is not counted.
 - **samples lost**: the training rows of the lost updates. Apart from that, **records
   missed**: the turbines number their rows (`row_seq`); a record number between the first and
   the last in a gateway's sample store that the store never received (the bridge was not
@@ -41,6 +45,12 @@ def _span(values: list[float]) -> str:
     return _fmt(values[0]) if len(values) == 1 else f"{_fmt(min(values))}-{_fmt(max(values))}"
 
 
+def before_faults(r: dict[str, Any]) -> int:
+    """Lost updates of rounds before the first fault (start-up, not the fault's doing)."""
+    first = min((s["round"] for s in r["injections"]), default=math.inf)
+    return sum(1 for _, n, _ in r["updates_lost"] if n < first)
+
+
 def row(r: dict[str, Any]) -> list[str]:
     shots = r["injections"]
     missed = sum(r["store_missing"].values())
@@ -50,8 +60,10 @@ def row(r: dict[str, Any]) -> list[str]:
         str(r["rounds_committed"]),
         str(len(r["rounds_missing"]) + len(r["rounds_rerun"])),
         str(len(r["deadline_extended"])),
-        f"{len(r['updates_lost'])} of {r['updates_sent']}",
-        str(len(r["updates_refused"])) + (f" ({r['updates_unknown']} unknown)" if r["updates_unknown"] else ""),
+        f"{len(r['updates_lost'])} of {r['updates_sent']}"
+        + (f" ({early} before the first fault)" if (early := before_faults(r)) else ""),
+        str(sum(1 for _, _, why in r["updates_refused"] if why not in TIMING_REASONS))
+        + (f" ({r['updates_unknown']} unknown)" if r["updates_unknown"] else ""),
         str(r["samples_lost"]),
         str(missed),
         _span([s["recover_from_injection_s"] for s in shots]),
@@ -61,7 +73,7 @@ def row(r: dict[str, Any]) -> list[str]:
 
 
 HEADER = ["scenario", "faults (mid-round)", "rounds committed", "rounds lost", "deadline extended",
-          "updates lost", "refused", "samples lost", "records missed", "recover from fault, s",
+          "updates lost", "refused for a reason", "samples lost", "records missed", "recover from fault, s",
           "recover from fault end, s", "run"]
 
 
@@ -104,7 +116,10 @@ def soak_section(path: Path) -> str:
         return ""
     soak = json.loads(path.read_text())
     s = soak["summary"]
-    lines = ["## Soak", "", "```sh", soak.get("command", f"python bench/bench_soak.py --rounds {soak['args']['rounds']}"), "```", "",
+    a = soak["args"]
+    command = (f"python bench/bench_soak.py --rounds {a['rounds']} --gateways {a['gateways']} "
+               f"--sample {a['sample']:g} --out {a['out']}")
+    lines = ["## Soak (`bench/bench_soak.py`)", "", "```sh", command, "```", "",
              f"{s['rounds']:.0f} rounds in {s['seconds']:.0f} s; RSS (MB) after the warm-up (the first fifth "
              "of the samples) and at the end:", "",
              "| process | after warm-up | end | max | growth |", "|---|---:|---:|---:|---:|"]
