@@ -199,6 +199,10 @@ def account(fleet: FaultFleet, history: History, result: ScenarioResult) -> None
             continue  # refused with a reason: listed in updates_refused
         result.updates_lost += [(device, rnd, r) for r in lost]
     result.samples_lost = sum(r for _, _, r in result.updates_lost)
+    if rounds and not result.updates_sent:
+        # rounds committed but no gateway log line matched: the log format changed and
+        # every "0 lost" would be false
+        raise RuntimeError("no 'update sent' line found in the gateways' logs (fault_fleet.UPDATE_SENT)")
     for device in fleet.devices:
         result.store_records[device], result.store_missing[device] = fleet.store_gaps(device)
     result.lineages = fleet.lineages()
