@@ -134,7 +134,7 @@ class FaultFleet:
         self.start("aggregator")
 
     def _start_broker(self) -> None:
-        provision.init_ca(self.fleet_dir, fleet=FLEET)
+        provision.init_ca(self.fleet_dir, fleet=FLEET, tasks=[TASK])
         provision.provision_aggregator(self.fleet_dir)
         for device in self.devices:
             provision.provision_device(self.fleet_dir, device)
