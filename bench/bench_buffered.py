@@ -26,7 +26,7 @@ discarded on the gateway as obsolete, or refused as late, stale or too stale).
 
 Usage (the figures in bench/RESULTS.md come from this command)::
 
-    python bench/bench_buffered.py [--dataset batteries] [--seeds 0 1 2] [--target 0.06]
+    python bench/bench_buffered.py [--dataset batteries] [--seeds 0 1 2 3 4] [--target 0.045]
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class SimGateway:
     y: np.ndarray
     machine: edge.Participant
     rng: np.random.Generator
+    link_rng: random.Random  # its link schedule: the same in both modes for one seed
     period: float
     train_s: float
     up: bool = True
@@ -98,17 +99,17 @@ class Simulation:
                  train_time: tuple[float, float], latency: float) -> None:
         self.ds, self.spec, self.target, self.horizon, self.latency = ds, spec, target, horizon, latency
         self.now = 0.0
-        self.rng = random.Random(seed)
         weights = init_params(spec, np.random.default_rng(seed))
         self.server = agg.RoundStateMachine(config, spec, weights, random.Random(seed))
         self.events: list[tuple[float, int, str, Any]] = []
         self._seq = 0
         self.gateways: dict[str, SimGateway] = {}
         for i, (name, unit) in enumerate(ds.units.items()):
+            link_rng = random.Random(f"{seed}/{name}")
             self.gateways[name] = SimGateway(
                 name, unit.x_train, unit.y_train, edge.Participant(name),
-                np.random.default_rng([seed, i]), self.rng.uniform(*period),
-                self.rng.uniform(*train_time), up=self.rng.random() >= OFFLINE_SHARE)
+                np.random.default_rng([seed, i]), link_rng, link_rng.uniform(*period),
+                link_rng.uniform(*train_time), up=link_rng.random() >= OFFLINE_SHARE)
         self.retained_model: GlobalModel | None = None
         self.retained_round: RoundAnnouncement | None = None
         self.trainings = 0
@@ -158,7 +159,7 @@ class Simulation:
 
     def _link_time(self, g: SimGateway) -> float:
         mean = g.period * (OFFLINE_SHARE if not g.up else 1 - OFFLINE_SHARE)
-        return self.now + self.rng.expovariate(1.0 / mean)
+        return self.now + g.link_rng.expovariate(1.0 / mean)
 
     def toggle(self, g: SimGateway) -> None:
         g.up = not g.up
@@ -209,7 +210,8 @@ class Simulation:
                 weights, result = train_local(self.spec, action.weights, g.x, g.y, action.train, g.rng)
                 done = edge.TrainingFinished(self.now, action.round, action.base_version, weights,
                                              result.num_samples, result.loss, {}, action.lineage)
-                self.at(self.now + g.train_s * self.rng.uniform(0.8, 1.2), "trained", (g.name, done))
+                jitter = float(g.rng.uniform(0.8, 1.2))
+                self.at(self.now + g.train_s * jitter, "trained", (g.name, done))
             elif isinstance(action, edge.PublishUpdate):
                 if g.up:
                     self.at(self.now + self.latency, "update", (g.name, action))
@@ -236,8 +238,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="batteries")
     parser.add_argument("--gateways", type=int, default=None)
-    parser.add_argument("--target", type=float, default=0.06, help="RMSE to reach")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--target", type=float, default=0.045, help="RMSE to reach")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--horizon", type=float, default=6 * 3600.0, help="simulated seconds")
     parser.add_argument("--period", type=float, nargs=2, default=[600.0, 3600.0],
                         help="range of each link's mean up+down cycle, seconds")
@@ -246,7 +248,7 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.5)
     parser.add_argument("--round-timeout", type=float, default=300.0)
     parser.add_argument("--min-participants", type=int, default=2)
-    parser.add_argument("--buffer-size", type=int, default=5)
+    parser.add_argument("--buffer-size", type=int, default=10)
     parser.add_argument("--max-staleness", type=int, default=5)
     parser.add_argument("--staleness-exponent", type=float, default=0.5)
     args = parser.parse_args()
