@@ -619,8 +619,8 @@ class RoundStateMachine:
             return [self._reject(device, update.round, "late", f"round {update.round} < {self.round}")]
         elif update.round > self.round:
             return [self._reject(device, update.round, "wrong_round", f"round {update.round} > {self.round}")]
-        if device in self.received and not self._may_defer(device, update.base_version):
-            return [self._reject(device, update.round, "duplicate_device", "already sent this round")]
+        if device in self.received and (refused := self._second_update_refusal(device, update)):
+            return [self._reject(device, update.round, *refused)]
         if device in self.excluded:
             return [self._reject(device, update.round, "budget_spent", "privacy budget spent")]
         if device in self.reputation.quarantined:
@@ -780,13 +780,17 @@ class RoundStateMachine:
                 actions.append(GatewayQuarantined(event.device, event.round, event.score))
         return actions
 
-    def _may_defer(self, device: str, base_version: int) -> bool:
-        """Buffered: a gateway's second update while its first is in the open buffer (one
-        trained before it went away, one after it came back) waits for the next buffer, one
-        at most, if it will still be within max_staleness there. One gateway never holds two
-        places in one buffer."""
-        return (self.is_buffered and device not in self.deferred
-                and self.version + 1 - base_version <= self.config.buffered.max_staleness)
+    def _second_update_refusal(self, device: str, update: ModelUpdate) -> tuple[str, str] | None:
+        """Why a gateway's second update while its first is in the open buffer is refused.
+        Buffered: it (one trained before the gateway went away, one after it came back)
+        waits for the next buffer instead, one at most, if it will still be within
+        max_staleness there. One gateway never holds two places in one buffer."""
+        if not self.is_buffered:
+            return "duplicate_device", "already sent this round"
+        if device in self.deferred:
+            return "duplicate_device", "one update in this buffer and one waiting for the next"
+        return buf.refusal(self.config.buffered, update.round, update.base_version,
+                           self.round, self.version + 1)  # as it will stand in the next buffer
 
     def _weighted(self, received: _Received) -> Params:
         if not self.is_buffered:

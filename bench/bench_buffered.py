@@ -208,8 +208,12 @@ class Simulation:
         for action in g.machine.handle(event):
             if isinstance(action, edge.StartTraining):
                 weights, result = train_local(self.spec, action.weights, g.x, g.y, action.train, g.rng)
-                done = edge.TrainingFinished(self.now, action.round, action.base_version, weights,
-                                             result.num_samples, result.loss, {}, action.lineage)
+                done: edge.Event = edge.TrainingFinished(
+                    self.now, action.round, action.base_version, weights, result.num_samples,
+                    result.loss, {}, action.lineage)
+                if not np.isfinite(result.loss) or not all(np.isfinite(w).all() for w in weights):
+                    # as edge/runtime.py does: a diverged training sits out, nothing is sent
+                    done = edge.TrainingFailed(self.now, action.round, "training diverged")
                 jitter = float(g.rng.uniform(0.8, 1.2))
                 self.at(self.now + g.train_s * jitter, "trained", (g.name, done))
             elif isinstance(action, edge.PublishUpdate):

@@ -181,3 +181,13 @@ def test_sync_mode_still_refuses_a_stale_base() -> None:
     delta, _ = encode_raw(zeros(), PipelineConfig())
     out = m.handle(agg.UpdateReceived(T0, "gw1", "x", ModelUpdate(1, 3, 10, delta), 100))
     assert [a.reason for a in out if isinstance(a, agg.UpdateRejected)] == ["stale_base"]
+
+
+def test_a_second_update_that_would_be_too_stale_in_the_next_buffer_is_refused_as_such() -> None:
+    d = Driver(k=2, max_staleness=1)
+    d.update("gw1", 1.0)
+    d.update("gw2", 1.0)  # version 1
+    d.update("gw1", 1.0)  # fresh, in the open buffer
+    out = d.update("gw1", 1.0, base=0, round_=1)  # staleness 1 now, 2 in the next buffer
+    assert [r.reason for r in d.of(agg.UpdateRejected, out)] == ["too_stale"]
+    assert d.machine.deferred == {}
