@@ -354,8 +354,7 @@ class Participant:
         self.phase, self.training_base = ParticipantPhase.READY, None
         if (ann is None or base is None or event.lineage != self.lineage
                 or event.round != self.training_round):
-            # a result of another lineage or mode: obsolete
-            return self._train_buffered() if self.buffered is not None else self._restart_if_pending()
+            return self._restart_if_pending()  # a result of another lineage or mode: obsolete
         action = self._publish(event, subtract(event.weights, base), ann)
         return [action, *self._train_buffered()]
 
@@ -397,4 +396,5 @@ class Participant:
     def _restart_if_pending(self) -> list[Action]:
         ann, self.pending = self.pending, None
         self.training_round = -1
-        return self._on_round(ann) if ann is not None else []
+        # (a buffered announcement that came during a synchronous training starts one now)
+        return self._on_round(ann) if ann is not None else self._train_buffered()

@@ -105,3 +105,14 @@ def test_buffered_refusals_name_file_key_and_value(tmp_path: Path, change, key, 
         load_aggregator_config(path)
     text = str(err.value)
     assert str(path) in text and key in text and words in text  # words start with the value
+
+
+def test_the_buffered_example_of_the_configuration_reference_loads(tmp_path: Path) -> None:
+    page = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    section = page.split('### Buffered rounds (`[rounds] mode = "buffered"`)', 1)[1]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    text = GOOD.replace('rule = "trimmed_mean"\ntrim_fraction = 0.2', 'rule = "fedavg"')
+    text = text.replace("[rounds]\nrounds = 3\n", "").replace("[fusion]", example + "[fusion]")
+    rounds = load_aggregator_config(write(tmp_path, text)).rounds
+    assert rounds.mode == "buffered" and rounds.buffered.buffer_size == 10
+    assert rounds.min_participants == 2

@@ -89,3 +89,15 @@ def test_a_synchronous_announcement_still_waits_for_its_round() -> None:
     p.handle(edge.ModelReceived(0.0, model(1, parent=body_hash(m0))))
     # the round moved on while training: a synchronous result is obsolete, nothing is sent
     assert p.handle(trained(start, 1.0)) == []
+
+
+def test_a_switch_to_buffered_during_a_synchronous_training_trains_once_it_returns() -> None:
+    p = edge.Participant("gw1")
+    p.handle(edge.ModelReceived(0.0, model(0)))
+    (start,) = p.handle(edge.RoundAnnounced(0.0, ann(1, 0, mode="sync")))
+    # the aggregator restarted with mode = "buffered": it re-announces buffer 1 on version 0
+    assert p.handle(edge.RoundAnnounced(0.0, ann(1, 0))) == []  # busy
+    (restart,) = p.handle(trained(start, 1.0))  # the synchronous result has no round left
+    assert isinstance(restart, edge.StartTraining) and restart.base_version == 0
+    (publish,) = p.handle(trained(restart, 1.0))
+    assert isinstance(publish, edge.PublishUpdate) and publish.update.base_version == 0
