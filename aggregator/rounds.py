@@ -51,6 +51,11 @@ Rules:
    on the previous version; ``aggregator.downlink`` keeps what gateways hold (the fused
    delta is relative to it) and re-sends the current version in full when a gateway comes
    online while the retained model is a delta.
+6. Buffered mode (``RoundConfig.mode == "buffered"``): a round is one buffer. Rule 2's round
+   and base checks give way to ``aggregator.buffered`` (any base within ``max_staleness``;
+   ``too_stale``, ``future_base``), a gateway's second update goes into the next buffer,
+   rule 3 closes the buffer at ``buffer_size`` updates, and rule 4 scales each delta by its
+   staleness weight before fusion. The announcement says ``mode = "buffered"``.
 """
 
 from __future__ import annotations
