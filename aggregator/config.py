@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aggregator.buffered import MODES, BufferedConfig
 from aggregator.deployment import POLICIES, DeployConfig
 from aggregator.reputation import ReputationConfig
 from aggregator.rounds import RoundConfig
@@ -133,6 +134,8 @@ def load_aggregator_config(path: str | Path) -> AggregatorConfig:
         schedule=_schedule(root.section("schedule")),
         scaling=scaling,
         keep_history=state.int("keep_history", 1000, min=10),
+        mode=rsec.str("mode", "sync", choices=MODES),
+        buffered=_buffered(rsec),
     )
     rsec.reject_unknown()
     fsec = root.section("fusion")
@@ -141,6 +144,8 @@ def load_aggregator_config(path: str | Path) -> AggregatorConfig:
         params={k: v for k, v in fsec.data.items() if k not in ("rule", "root_data")},
         root_data=fsec.path("root_data") if fsec.has("root_data") else None,
     )
+    if rounds.mode == "buffered":
+        _check_buffered(rsec, fsec, root.section("schedule"), rounds, fusion)
     cfg = AggregatorConfig(
         file=str(path),
         broker=broker,
@@ -164,6 +169,45 @@ def load_aggregator_config(path: str | Path) -> AggregatorConfig:
     root.reject_unknown()
     _check_fusion(fsec, fusion)
     return cfg
+
+
+BUFFERED_KEYS = ("buffer_size", "max_staleness", "staleness_exponent")
+# Rules that fuse a weighted mean: a staleness-discounted delta keeps its meaning. Rank and
+# distance rules (median, trimmed mean, Krum, geometric median) and FLTrust judge one round's
+# cohort against itself or the server's fresh reference; a buffer mixes bases.
+BUFFERED_RULES = ("fedavg", "norm_bound")
+
+
+def _buffered(sec: Section) -> BufferedConfig:
+    mode = sec.data.get("mode", "sync")
+    if mode != "buffered":
+        for key in BUFFERED_KEYS:
+            if sec.has(key):
+                raise sec.error(key, sec.data[key], 'is for mode = "buffered" only')
+        return BufferedConfig()
+    return BufferedConfig(
+        buffer_size=sec.int("buffer_size", 10, min=1),
+        max_staleness=sec.int("max_staleness", 5, min=0),
+        staleness_exponent=sec.float("staleness_exponent", 0.5, min=0.0, max=4.0),
+    )
+
+
+def _check_buffered(rsec: Section, fsec: Section, ssec: Section, rounds: RoundConfig,
+                    fusion: FusionConfig) -> None:
+    """What buffered rounds refuse, at config check (docs/configuration.md, [rounds])."""
+    if rounds.min_participants > rounds.buffered.buffer_size:
+        raise rsec.error("min_participants", rounds.min_participants,
+                         f"must be <= buffer_size ({rounds.buffered.buffer_size}) in buffered mode")
+    if rounds.fraction < 1.0:
+        raise rsec.error("fraction", rounds.fraction, "selects a cohort per round; buffered mode "
+                         "takes every online gateway's update (leave it 1.0)")
+    if fusion.rule not in BUFFERED_RULES:
+        raise fsec.error("rule", fusion.rule, "needs one round's whole cohort; buffered mode "
+                         f"supports {', '.join(BUFFERED_RULES)}")
+    if rounds.schedule != Schedule():
+        key = next(k for k in ("interval_s", "windows", "timezone", "min_new_rows") if ssec.has(k))
+        raise ssec.error(key, ssec.data[key], "schedules synchronous rounds; buffered mode runs "
+                         "continuously (gateways send when their link is up)")
 
 
 def _reputation(sec: Section) -> ReputationConfig | None:

@@ -124,6 +124,7 @@ class UpdateAccepted:
     device: str
     round: int
     num_samples: int
+    staleness: int = 0  # buffered mode: versions between its base and the current model
 
 
 @dataclass(frozen=True, slots=True)

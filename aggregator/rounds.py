@@ -56,6 +56,11 @@ Rules:
    on the previous version; ``aggregator.downlink`` keeps what gateways hold (the fused
    delta is relative to it) and re-sends the current version in full when a gateway comes
    online while the retained model is a delta.
+6. Buffered mode (``RoundConfig.mode == "buffered"``): a round is one buffer. Rule 2's round
+   and base checks give way to ``aggregator.buffered`` (any base within ``max_staleness``;
+   ``too_stale``, ``future_base``), a gateway's second update goes into the next buffer,
+   rule 3 closes the buffer at ``buffer_size`` updates, and rule 4 scales each delta by its
+   staleness weight before fusion. The announcement says ``mode = "buffered"``.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ from typing import Any, Protocol
 import msgspec
 import numpy as np
 
+from aggregator import buffered as buf
 from aggregator import reputation as rep
 from aggregator import robust
 from aggregator.downlink import Downlink
@@ -194,6 +200,8 @@ class RoundConfig:
     max_sample_share: float = 0.0  # no gateway's fusion weight above this share (0 = off)
     straggler_factor: float = 2.0  # wait for the rest this many times the time to half (0 = off)
     straggler_min_s: float = 5.0  # ... and at least this long
+    mode: str = "sync"  # "buffered": FedBuff-style asynchronous rounds (aggregator.buffered)
+    buffered: buf.BufferedConfig = buf.BufferedConfig()
 
 
 @dataclass
@@ -201,6 +209,7 @@ class _Received:
     update: ModelUpdate
     delta: Params
     wire_bytes: int
+    staleness: int = 0  # buffered mode: versions between its base and the current model
 
 
 class RoundStateMachine:
@@ -246,6 +255,7 @@ class RoundStateMachine:
         self.next_check = 0.0
         self.attempt = 0
         self.received: dict[str, _Received] = {}
+        self.deferred: dict[str, _Received] = {}  # buffered: the next buffer's first updates
         self.stats: dict[str, DataStats] = {}
         self.refused: set[str] = set()  # gateways whose update this round failed validation
         self.seen_ids: dict[str, int] = {}  # message id -> round, for duplicate detection
@@ -500,7 +510,7 @@ class RoundStateMachine:
 
     def _start_collecting(self, now: float) -> None:
         self.phase = Phase.COLLECTING
-        self.received = {}
+        self.received, self.deferred = self.deferred, {}  # (deferred: buffered mode only)
         self.refused = set()
         self.alerts = []
         self.attempt = 0
@@ -531,6 +541,7 @@ class RoundStateMachine:
             pipeline=self.config.pipeline,
             selected=self.selected,
             lineage=self.lineage,
+            mode=self.config.mode,
         )
 
     def expected(self) -> set[str]:
@@ -615,19 +626,24 @@ class RoundStateMachine:
             return [self._reject(device, update.round, "late", f"no round collecting ({self.phase.value})")]
         if event.message_id in self.seen_ids:
             return [self._reject(device, update.round, "duplicate", event.message_id)]
-        if update.round < self.round:
+        if self.is_buffered:  # any round and base within max_staleness (aggregator.buffered)
+            refused = buf.refusal(self.config.buffered, update.round, update.base_version,
+                                  self.round, self.version)
+            if refused is not None:
+                return [self._reject(device, update.round, *refused)]
+        elif update.round < self.round:
             return [self._reject(device, update.round, "late", f"round {update.round} < {self.round}")]
-        if update.round > self.round:
+        elif update.round > self.round:
             return [self._reject(device, update.round, "wrong_round", f"round {update.round} > {self.round}")]
-        if device in self.received:
-            return [self._reject(device, update.round, "duplicate_device", "already sent this round")]
+        if device in self.received and (refused := self._second_update_refusal(device, update)):
+            return [self._reject(device, update.round, *refused)]
         if device in self.excluded:
             return [self._reject(device, update.round, "budget_spent", "privacy budget spent")]
         if device in self.reputation.quarantined:
             return [self._reject(device, update.round, "quarantined", "released only by an operator")]
         if self.selected and device not in self.selected:
             return [self._reject(device, update.round, "not_selected")]
-        if update.base_version != self.version:
+        if update.base_version != self.version and not self.is_buffered:
             return [self._reject(device, update.round, "stale_base",
                                  f"built on version {update.base_version}, current {self.version}")]
         problem = self._validate(device, update)
@@ -639,9 +655,15 @@ class RoundStateMachine:
         budget = self._charge_privacy(device, update.round, update.num_samples)
         if budget is not None:
             return [budget, *self._maybe_close(event.now)]
-        self.seen_ids[event.message_id] = update.round
-        self.received[device] = _Received(update, delta, event.wire_bytes)
-        actions: list[Action] = [UpdateAccepted(device, update.round, update.num_samples)]
+        # buffered: remembered by the buffer it went into (its own round may be far older)
+        self.seen_ids[event.message_id] = self.round if self.is_buffered else update.round
+        staleness = self.version - update.base_version
+        if device in self.received:  # buffered: its second update goes into the next buffer
+            staleness += 1
+            self.deferred[device] = _Received(update, delta, event.wire_bytes, staleness)
+        else:
+            self.received[device] = _Received(update, delta, event.wire_bytes, staleness)
+        actions: list[Action] = [UpdateAccepted(device, update.round, update.num_samples, staleness)]
         return actions + self._maybe_close(event.now)
 
     def _validate(self, device: str, update: ModelUpdate) -> Params | UpdateRejected:
@@ -703,6 +725,10 @@ class RoundStateMachine:
         if self.phase is not Phase.COLLECTING:
             return []
         got = len(self.received)
+        if self.is_buffered:
+            nobody_else = self.expected() <= set(self.received) | self.refused
+            flush = buf.should_flush(self.config.buffered, got, self.quorum(), nobody_else)
+            return self._aggregate(now) if flush else []
         if got < self.quorum():
             return []
         if self.expected() <= set(self.received) | self.refused:
@@ -713,7 +739,9 @@ class RoundStateMachine:
 
     def _stragglers_due(self, now: float) -> bool:
         """Rule 3's straggler window: has it opened, and has it passed?"""
-        if self.config.straggler_factor <= 0 or len(self.received) < self.quorum():
+        if self.config.straggler_factor <= 0 or self.config.mode == "buffered":
+            return False  # a buffer does not wait for anyone in particular (rule 6)
+        if len(self.received) < self.quorum():
             return False
         expected = self.expected()
         if 2 * len(expected & (set(self.received) | self.refused)) < len(expected):
@@ -733,7 +761,7 @@ class RoundStateMachine:
 
     def _aggregate(self, now: float) -> list[Action]:
         devices = sorted(self.received)
-        deltas = [self.received[d].delta for d in devices]
+        deltas = [self._weighted(self.received[d]) for d in devices]
         claimed = [float(self.received[d].update.num_samples) for d in devices]
         counts = cap_shares(claimed, self.config.max_sample_share)
         for device, was, now_ in zip(devices, claimed, counts, strict=True):
@@ -792,8 +820,32 @@ class RoundStateMachine:
                 actions.append(GatewayQuarantined(event.device, event.round, event.score))
         return actions
 
+    def _second_update_refusal(self, device: str, update: ModelUpdate) -> tuple[str, str] | None:
+        """Why a gateway's second update while its first is in the open buffer is refused.
+        Buffered: it (one trained before the gateway went away, one after it came back)
+        waits for the next buffer instead, one at most, if it will still be within
+        max_staleness there. One gateway never holds two places in one buffer."""
+        if not self.is_buffered:
+            return "duplicate_device", "already sent this round"
+        if device in self.deferred:
+            return "duplicate_device", "one update in this buffer and one waiting for the next"
+        return buf.refusal(self.config.buffered, update.round, update.base_version,
+                           self.round, self.version + 1)  # as it will stand in the next buffer
+
+    def _weighted(self, received: _Received) -> Params:
+        if not self.is_buffered:
+            return received.delta
+        weight = buf.staleness_weight(received.staleness, self.config.buffered.staleness_exponent)
+        return buf.discount(received.delta, weight)
+
+    @property
+    def is_buffered(self) -> bool:
+        return self.config.mode == "buffered"
+
     def _forget_old_ids(self) -> None:
-        self.seen_ids = {m: r for m, r in self.seen_ids.items() if r >= self.round - 2}
+        # buffered: an update stays admissible for max_staleness versions, so must its id
+        keep = 2 + (self.config.buffered.max_staleness if self.is_buffered else 0)
+        self.seen_ids = {m: r for m, r in self.seen_ids.items() if r >= self.round - keep}
 
     def _make_model(self) -> GlobalModel:
         # one committed round per version (GlobalModel.round == version)

@@ -467,6 +467,9 @@ class AggregatorService:
         elif isinstance(action, sm.UpdateAccepted):
             if self.metrics is not None:
                 self.metrics.accepted.inc()
+            if action.staleness:
+                log.info("update from %s (round %d) folded with staleness %d", action.device,
+                         action.round, action.staleness)
         elif isinstance(action, sm.QuorumMissed):
             log.warning("round %d: quorum missed (%d of %d); deadline extended",
                         action.round, action.received, action.needed)

@@ -31,6 +31,15 @@ result back as ``TrainingFinished``.
   this gateway's row statistics (``SendStatistics``); no model is needed for it. With
   ``purpose == "wait"`` (the aggregator waits for its schedule) there is nothing to do.
 
+- **Buffered mode** (``RoundAnnouncement.mode == "buffered"``, ``aggregator.buffered``): there
+  is no cohort to wait for. The gateway trains on the newest model it holds as soon as it
+  holds one it has not trained on yet, and the announcement that follows each new version
+  (``StartTraining`` names that version as the base and that buffer as the round), and
+  publishes the result when training returns, even if a newer model arrived meanwhile: the
+  aggregator folds it with a staleness weight instead of dropping it. Then it trains again
+  on the newest model, if that is newer than the one just used. A buffered announcement
+  carries the training and pipeline config; re-sends follow the synchronous rule.
+
 Because the round and model topics are retained, a gateway that was offline catches up
 from the latest announcement and model as soon as it reconnects.
 """
@@ -197,6 +206,11 @@ class Participant:
         self.training_round = -1
         self.last_sent: PublishUpdate | None = None
         self.last_sent_base = -1
+        # buffered mode: the announcement in force, and the weights the running training
+        # started from (its delta is relative to them, whatever model arrives meanwhile)
+        self.buffered: RoundAnnouncement | None = None
+        self.training_base: Params | None = None
+        self.trained_version = -1  # newest base version trained on in this lineage
 
     @property
     def version(self) -> int:
@@ -212,6 +226,9 @@ class Participant:
         if isinstance(event, TrainingFailed):
             self.phase = ParticipantPhase.READY
             actions: list[Action] = [SatOut(event.round, event.reason)]
+            if self.buffered is not None:  # try again on the next model, not in a loop now
+                self.training_base = None
+                return actions
             if self.pending is not None and self.pending.round != event.round:
                 return actions + self._restart_if_pending()
             self.pending, self.training_round = None, -1
@@ -225,6 +242,7 @@ class Participant:
         self.model, self.model_hash, self.weights = None, b"", None
         self.training_round = -1
         self.last_sent, self.last_sent_base = None, -1
+        self.buffered, self.training_base, self.trained_version = None, None, -1
         if self.pending is not None and self.pending.lineage != lineage:
             self.pending = None
         return [LineageChanged(old, lineage)]
@@ -260,6 +278,8 @@ class Participant:
         if self.phase is ParticipantPhase.WAITING_MODEL:
             self.phase = ParticipantPhase.READY
         actions: list[Action] = [InstallModel(model, weights)]
+        if self.buffered is not None:
+            return actions + self._train_buffered()
         if self.pending is not None and self.phase is not ParticipantPhase.TRAINING:
             pending, self.pending = self.pending, None
             actions += self._on_round(pending)
@@ -294,6 +314,10 @@ class Participant:
         sent = self.last_sent
         if sent is not None and sent.round == ann.round and self.last_sent_base == ann.model_version:
             return [PublishUpdate(sent.round, sent.message_id, sent.update, resend=True)]
+        if ann.mode == "buffered":
+            self.buffered, self.pending = ann, None
+            return self._train_buffered()
+        self.buffered = None  # back to synchronous rounds
         if sent is not None and ann.round <= sent.round:
             return []  # an old announcement (retained) for a round already done
         if self.phase is ParticipantPhase.TRAINING:
@@ -311,7 +335,32 @@ class Participant:
         self.pending = ann
         return [StartTraining(ann.round, ann.model_version, self.weights, ann.train, ann.lineage)]
 
+    def _train_buffered(self) -> list[Action]:
+        """Buffered mode: train on the newest model held, unless already trained on it."""
+        ann = self.buffered
+        if (ann is None or self.phase is not ParticipantPhase.READY or self.weights is None
+                or ann.lineage != self.lineage or ann.model_version != self.version
+                or self.version <= self.trained_version):
+            # busy, trained on this one already, or the model and its announcement (which
+            # follows each new version) do not match yet
+            return []
+        self.phase = ParticipantPhase.TRAINING
+        self.training_round, self.training_base = ann.round, self.weights
+        self.trained_version = self.version
+        return [StartTraining(ann.round, self.version, self.weights, ann.train, ann.lineage)]
+
+    def _on_trained_buffered(self, event: TrainingFinished) -> list[Action]:
+        ann, base = self.buffered, self.training_base
+        self.phase, self.training_base = ParticipantPhase.READY, None
+        if (ann is None or base is None or event.lineage != self.lineage
+                or event.round != self.training_round):
+            return self._restart_if_pending()  # a result of another lineage or mode: obsolete
+        action = self._publish(event, subtract(event.weights, base), ann)
+        return [action, *self._train_buffered()]
+
     def _on_trained(self, event: TrainingFinished) -> list[Action]:
+        if self.training_base is not None:
+            return self._on_trained_buffered(event)
         ann = self.pending
         if (ann is None or event.round != self.training_round or event.lineage != self.lineage
                 or event.base_version != self.version or ann.round != event.round
@@ -322,7 +371,9 @@ class Participant:
         assert self.weights is not None
         self.pending = None
         self.phase = ParticipantPhase.READY
-        delta = subtract(event.weights, self.weights)
+        return [self._publish(event, subtract(event.weights, self.weights), ann)]
+
+    def _publish(self, event: TrainingFinished, delta: Params, ann: RoundAnnouncement) -> PublishUpdate:
         encoded, info = self.encode(delta, ann.pipeline)
         private = ann.pipeline.noise_multiplier > 0 or ann.train.dp_noise > 0
         update = ModelUpdate(
@@ -340,9 +391,10 @@ class Participant:
         action = PublishUpdate(event.round, new_message_id(), update)
         self.last_sent = action
         self.last_sent_base = event.base_version
-        return [action]
+        return action
 
     def _restart_if_pending(self) -> list[Action]:
         ann, self.pending = self.pending, None
         self.training_round = -1
-        return self._on_round(ann) if ann is not None else []
+        # (a buffered announcement that came during a synchronous training starts one now)
+        return self._on_round(ann) if ann is not None else self._train_buffered()

@@ -84,15 +84,23 @@ class Federation:
             elif isinstance(action, edge.PublishUpdate):
                 self.outbox.append((g.name, action))
 
-    def flush(self, drop: set[str] = frozenset()) -> None:
-        """Deliver queued updates to the aggregator (QoS 1: may be delivered more than once)."""
+    def flush(self, drop: set[str] = frozenset(), hold: set[str] = frozenset()) -> None:
+        """Deliver queued updates to the aggregator (QoS 1: may be delivered more than once).
+        ``hold``: these gateways' updates stay queued (their link is down)."""
         batch, self.outbox = self.outbox, []
         for name, action in batch:
             if name in drop:
                 continue
+            if name in hold:
+                self.outbox.append((name, action))
+                continue
             env = wire(Kind.UPDATE, action.update, sender=name, round_=action.round)
             body = codec.decode_body(env, ModelUpdate)
             self.feed(agg.UpdateReceived(self.now, name, action.message_id, body, 100))
+
+    def disconnect(self, g: Gateway) -> None:
+        g.online = False
+        self.feed(agg.DeviceOffline(self.now, g.name))
 
     def reconnect(self, g: Gateway) -> None:
         g.online = True

@@ -87,6 +87,10 @@ class RoundAnnouncement(msgspec.Struct, frozen=True, array_like=True):
     # "train": send a ModelUpdate; "statistics": send DataStats (the lineage's first step);
     # "wait": no round runs until ``deadline`` (the schedule), ``round`` is the next one
     purpose: str = "train"
+    # "sync": train on ``model_version`` for this round; "buffered": train on the newest model
+    # held, whenever there is one not yet trained on, and send whenever the link is up
+    # (aggregator.buffered); the aggregator folds updates up to its max_staleness
+    mode: str = "sync"
 
 
 class EncodedDelta(msgspec.Struct, frozen=True, array_like=True):

@@ -71,3 +71,48 @@ def test_not_toml_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_aggregator_config(write(tmp_path, "[task\n"))
     assert "not valid TOML" in str(err.value)
+
+
+BUFFERED = GOOD.replace('rule = "trimmed_mean"\ntrim_fraction = 0.2', 'rule = "fedavg"').replace(
+    "rounds = 3", 'rounds = 3\nmode = "buffered"\nbuffer_size = 4\nmax_staleness = 2\nstaleness_exponent = 1.0')
+
+
+def test_buffered_rounds_load(tmp_path: Path) -> None:
+    rounds = load_aggregator_config(write(tmp_path, BUFFERED)).rounds
+    assert rounds.mode == "buffered"
+    assert (rounds.buffered.buffer_size, rounds.buffered.max_staleness,
+            rounds.buffered.staleness_exponent) == (4, 2, 1.0)
+    assert load_aggregator_config(write(tmp_path, GOOD)).rounds.mode == "sync"
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "words"),
+    [
+        (('mode = "buffered"', 'mode = "async"'), "rounds.mode", "'async'"),
+        (("buffer_size = 4", "buffer_size = 0"), "rounds.buffer_size", "= 0: must be >= 1"),
+        (("max_staleness = 2", "max_staleness = -1"), "rounds.max_staleness", "= -1: must be >= 0"),
+        (("staleness_exponent = 1.0", "staleness_exponent = -0.5"), "rounds.staleness_exponent", "= -0.5: must be >= 0"),
+        (('mode = "buffered"\n', ""), "rounds.buffer_size", '= 4: is for mode = "buffered" only'),
+        (("rounds = 3", "rounds = 3\nmin_participants = 5"), "rounds.min_participants", "= 5: must be <= buffer_size (4)"),
+        (("rounds = 3", "rounds = 3\nfraction = 0.5"), "rounds.fraction", "= 0.5: selects a cohort"),
+        (('rule = "fedavg"', 'rule = "median"'), "fusion.rule", "'median': needs one round's whole cohort; buffered mode supports fedavg, norm_bound"),
+        (("[rounds]", "[schedule]\ninterval_s = 60\n[rounds]"), "schedule.interval_s", "= 60: schedules synchronous rounds"),
+    ],
+)
+def test_buffered_refusals_name_file_key_and_value(tmp_path: Path, change, key, words) -> None:
+    path = write(tmp_path, BUFFERED.replace(*change))
+    with pytest.raises(ConfigError) as err:
+        load_aggregator_config(path)
+    text = str(err.value)
+    assert str(path) in text and key in text and words in text  # words start with the value
+
+
+def test_the_buffered_example_of_the_configuration_reference_loads(tmp_path: Path) -> None:
+    page = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    section = page.split('### Buffered rounds (`[rounds] mode = "buffered"`)', 1)[1]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    text = GOOD.replace('rule = "trimmed_mean"\ntrim_fraction = 0.2', 'rule = "fedavg"')
+    text = text.replace("[rounds]\nrounds = 3\n", "").replace("[fusion]", example + "[fusion]")
+    rounds = load_aggregator_config(write(tmp_path, text)).rounds
+    assert rounds.mode == "buffered" and rounds.buffered.buffer_size == 10
+    assert rounds.min_participants == 2

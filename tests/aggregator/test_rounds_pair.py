@@ -202,3 +202,32 @@ def test_broker_that_lost_its_state_gets_model_and_round_again() -> None:
     assert fed.retained_round is not None and fed.retained_round.round == 2
     fed.flush()  # the gateways resent their cached round-2 updates
     assert fed.server.round == 3
+
+
+def test_a_buffered_run_finishes_and_an_away_gateways_work_counts_with_its_staleness() -> None:
+    from aggregator.buffered import BufferedConfig
+
+    gws = [Gateway("gw1", 1.0, 100), Gateway("gw2", 3.0, 100), Gateway("gw3", 5.0, 100)]
+    config = agg.RoundConfig(rounds=6, min_participants=2, mode="buffered",
+                             buffered=BufferedConfig(buffer_size=2, max_staleness=3))
+    fed = Federation(gws, config)
+    fed.start()
+    away = fed.gateways["gw3"]
+    fed.disconnect(away)  # its update on version 0 is queued on a link that is down
+    fed.flush(hold={"gw3"})  # gw1 + gw2 fill buffer 1: version 1
+    fed.flush(hold={"gw3"})  # again on version 1: version 2
+    assert fed.server.version == 2
+    fed.reconnect(away)  # gets version 2 and trains on it; its old update goes out too
+    while not fed.of(agg.RunFinished):
+        before = len(fed.actions)
+        fed.flush()
+        assert len(fed.actions) > before, "the buffered run stalled"
+    (finished,) = fed.of(agg.RunFinished)
+    assert finished.round == 6 and finished.model_version == 6
+    accepted = [a for a in fed.of(agg.UpdateAccepted) if a.device == "gw3"]
+    # built on version 0, it arrives behind the two others' updates on version 2: folded at 3
+    assert accepted[0].round == 1 and accepted[0].staleness == 3
+    # nothing refused but what was still in flight when the run ended
+    assert {r.reason for r in fed.of(agg.UpdateRejected)} <= {"finished"}
+    # every accepted update pulls towards its gateway's target: the model sits among them
+    assert 1.0 < float(fed.server.weights[0][0, 0]) < 5.0
