@@ -43,7 +43,9 @@ Rules:
    keepalive) costs a round the *straggler window*, not the deadline: once at least half
    the expected gateways and ``min_participants`` have answered, the rest get
    ``straggler_factor`` times as long again as that took (at least ``straggler_min_s``);
-   then the round closes without them, with an alert naming them. Who is online and ready is in
+   then the round closes without them, with an alert naming them. An expected gateway that
+   goes offline mid-round is awaited the same way (a broker that stops publishes every
+   last will, and the gateways return with their updates seconds later). Who is online and ready is in
    the checkpoint: a restarted aggregator waits for the same gateways (their retained
    status or resent update may come in any order) and forgets one that says nothing within
    ``CONFIRM_S`` of the restart.
@@ -250,6 +252,7 @@ class RoundStateMachine:
         self.deadline = 0.0
         self.announced_at = 0.0
         self.half_at: float | None = None  # when half the round's expected gateways had answered
+        self.left: set[str] = set()  # expected, went offline mid-round, not back (rule 3)
         self.last_start = 0.0
         self.waiting_for = ""
         self.next_check = 0.0
@@ -298,6 +301,7 @@ class RoundStateMachine:
         if isinstance(event, DeviceOnline):
             return self._on_online(event)
         if isinstance(event, DeviceOffline):
+            self._note_leaving(event.device)
             self._gone(event.device)
             return self._maybe_close(event.now)
         if isinstance(event, UpdateReceived):
@@ -317,6 +321,7 @@ class RoundStateMachine:
         device = event.device
         came = device not in self.online or device in self.unconfirmed
         self.unconfirmed.discard(device)
+        self.left.discard(device)  # back: waited for again if ready
         self.online.add(device)
         self.known.add(device)
         self.rows_new[device] = max(0, event.rows_new)
@@ -516,6 +521,7 @@ class RoundStateMachine:
         self.attempt = 0
         self.announced_at = now
         self.half_at = None
+        self.left = set()
         self.deadline = now + self.config.round_timeout_s
         self.selected = self._select()
 
@@ -731,19 +737,34 @@ class RoundStateMachine:
             return self._aggregate(now) if flush else []
         if got < self.quorum():
             return []
-        if self.expected() <= set(self.received) | self.refused:
+        if self._awaited() <= set(self.received) | self.refused:
             return self._aggregate(now)
         if self._stragglers_due(now):
             return self._close_without_stragglers(now)
         return []
 
+    def _note_leaving(self, device: str) -> None:
+        """An expected gateway that goes offline mid-round is awaited for the straggler window
+        still: a broker that stops publishes every gateway's last will, and the gateways
+        come back with their updates a few seconds later."""
+        if (self.phase is Phase.COLLECTING and self._straggler_rule() and device in self.expected()
+                and device not in self.received and device not in self.refused):
+            self.left.add(device)
+
+    def _straggler_rule(self) -> bool:
+        return self.config.straggler_factor > 0 and self.config.mode != "buffered"
+
+    def _awaited(self) -> set[str]:
+        """Whom a synchronous round still closes for: the expected, and those that left it."""
+        return self.expected() | (self.left - self.ignored)
+
     def _stragglers_due(self, now: float) -> bool:
         """Rule 3's straggler window: has it opened, and has it passed?"""
-        if self.config.straggler_factor <= 0 or self.config.mode == "buffered":
-            return False  # a buffer does not wait for anyone in particular (rule 6)
+        if not self._straggler_rule():
+            return False  # off, or buffered: a buffer waits for nobody in particular (rule 6)
         if len(self.received) < self.quorum():
             return False
-        expected = self.expected()
+        expected = self._awaited()
         if 2 * len(expected & (set(self.received) | self.refused)) < len(expected):
             return False
         if self.half_at is None:
@@ -752,7 +773,7 @@ class RoundStateMachine:
         return now >= self.half_at + max(self.config.straggler_min_s, self.config.straggler_factor * took)
 
     def _close_without_stragglers(self, now: float) -> list[Action]:
-        silent = sorted(self.expected() - set(self.received) - self.refused)
+        silent = sorted(self._awaited() - set(self.received) - self.refused)
         assert self.half_at is not None
         if silent:
             self.alerts.append(f"closed without {', '.join(silent)}: no update {now - self.half_at:.1f} s "

@@ -116,8 +116,10 @@ def test_delta_gateway_offline_for_a_round_recovers() -> None:
     c = fed.gateways["c"]
     c.online = False
     fed.feed(agg.DeviceOffline(fed.now, "c"))
-    fed.flush(drop={"c"})  # rounds 2 and 3 without c: model 3 is a delta on 2, never seen by c
-    fed.flush()
+    fed.flush(drop={"c"})  # round 2: c left it and is awaited for the straggler window
+    fed.now += 6
+    fed.feed(agg.Tick(fed.now))
+    fed.flush()  # rounds 2 and 3 without c: model 3 is a delta on 2, never seen by c
     assert fed.retained_model.encoding == "delta" and c.machine.version == 1
     refused = c.machine.handle(edge.ModelReceived(fed.now, fed.retained_model))
     assert refused == [edge.ModelRefused(3, "missing_base")]

@@ -713,3 +713,37 @@ def test_less_than_half_answered_waits_for_the_deadline_and_zero_turns_the_windo
         assert not d.of(agg.PublishMetrics, d.tick(T0 + 599.0))
         [published] = d.of(agg.PublishMetrics, d.tick(T0 + 600.0))
         assert published.summary.participants == answering
+
+
+def test_a_broker_restart_mid_round_loses_no_update() -> None:
+    """A stopping Mosquitto publishes every last will; the gateways return with their updates."""
+    d = Driver(agg.RoundConfig(rounds=5, min_participants=1, round_timeout_s=600))
+    d.start()
+    for name in ("gw1", "gw2", "gw3"):
+        d.online(name)
+    for name in ("gw1", "gw2", "gw3"):
+        d.feed(agg.DeviceOffline(d.now, name))
+    d.now = T0 + 2.0
+    for name in ("gw1", "gw2"):  # back first, with their resent updates
+        d.online(name)
+        assert not d.of(agg.PublishMetrics, d.update(name))
+    d.now = T0 + 4.0
+    d.online("gw3")
+    [published] = d.of(agg.PublishMetrics, d.update("gw3"))
+    assert published.summary.participants == ("gw1", "gw2", "gw3")
+    assert not d.of(agg.UpdateRejected)
+
+
+def test_a_gateway_that_left_and_stays_away_costs_the_straggler_window() -> None:
+    d = Driver(agg.RoundConfig(rounds=5, min_participants=1, round_timeout_s=600))
+    d.start()
+    for name in ("gw1", "gw2"):
+        d.online(name)
+    d.feed(agg.DeviceOffline(d.now, "gw2"))  # killed: its socket closed, the will went out
+    assert not d.of(agg.PublishMetrics, d.update("gw1"))
+    assert not d.of(agg.PublishMetrics, d.tick(T0 + 4.9))
+    [published] = d.of(agg.PublishMetrics, d.tick(T0 + 5.0))
+    assert published.summary.participants == ("gw1",)
+    assert any(a.startswith("closed without gw2") for a in published.summary.alerts)
+    # the next round does not wait for it at all: it was offline when the round began
+    assert d.of(agg.PublishMetrics, d.update("gw1"))

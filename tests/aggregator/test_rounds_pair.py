@@ -85,8 +85,13 @@ def test_gateway_offline_for_a_round_catches_up_from_retained_messages() -> None
     fed.feed(agg.DeviceOffline(fed.now, "gw2"))
     fed.server.config = agg.RoundConfig(rounds=4, min_participants=1)
     fed.feed(agg.Tick(fed.now))
-    fed.flush()  # round 2 with gw1 only
-    assert fed.of(agg.PublishMetrics)[-1].summary.participants == ("gw1",)
+    fed.flush(drop={"gw2"})  # round 2: gw2 left it, and is awaited for the straggler window
+    assert fed.server.round == 2
+    fed.now += 6
+    fed.feed(agg.Tick(fed.now))  # round 2 with gw1 only
+    [summary] = [a.summary for a in fed.of(agg.PublishMetrics) if a.summary.round == 2]
+    assert summary.participants == ("gw1",)
+    assert any("closed without gw2" in alert for alert in summary.alerts)
     fed.reconnect(gws["gw2"])
     assert gws["gw2"].machine.version == fed.server.version
     fed.flush()
