@@ -33,6 +33,7 @@ Rules (each a plain function below, called by the round machine):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +48,7 @@ class BufferedConfig:
     buffer_size: int = 10  # K: updates fused into one new model version
     max_staleness: int = 5  # versions an update's base may lag behind the current model
     staleness_exponent: float = 0.5  # weight (1 + staleness) ** -exponent; 0 = no discount
+    min_interval_s: float = 5.0  # a buffer short of K waits this long after the last version
 
 
 def staleness_weight(staleness: int, exponent: float) -> float:
@@ -68,11 +70,15 @@ def refusal(config: BufferedConfig, update_round: int, base_version: int,
     return None
 
 
-def should_flush(config: BufferedConfig, buffered: int, quorum: int, nobody_else: bool) -> bool:
-    """Rule 3: K updates, or every gateway that could add one has, with at least a quorum."""
+def should_flush(config: BufferedConfig, buffered: int, quorum: int, nobody_else: bool,
+                 open_s: float = math.inf) -> bool:
+    """Rule 3: K updates; or every gateway that could add one has, with at least a quorum,
+    once the buffer has been open ``min_interval_s``. (Without that floor a lone gateway
+    makes a version of its own update, trains on it at once, and so on, as fast as it can
+    train, on the same rows: CPU, uplink and privacy budget spent for nothing.)"""
     if buffered < quorum:
         return False
-    return buffered >= config.buffer_size or nobody_else
+    return buffered >= config.buffer_size or (nobody_else and open_s >= config.min_interval_s)
 
 
 def discount(delta: Params, weight: float) -> Params:

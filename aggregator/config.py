@@ -171,7 +171,7 @@ def load_aggregator_config(path: str | Path) -> AggregatorConfig:
     return cfg
 
 
-BUFFERED_KEYS = ("buffer_size", "max_staleness", "staleness_exponent")
+BUFFERED_KEYS = ("buffer_size", "max_staleness", "staleness_exponent", "min_interval_s")
 # Rules that fuse a weighted mean: a staleness-discounted delta keeps its meaning. Rank and
 # distance rules (median, trimmed mean, Krum, geometric median) and FLTrust judge one round's
 # cohort against itself or the server's fresh reference; a buffer mixes bases.
@@ -189,6 +189,7 @@ def _buffered(sec: Section) -> BufferedConfig:
         buffer_size=sec.int("buffer_size", 10, min=1),
         max_staleness=sec.int("max_staleness", 5, min=0),
         staleness_exponent=sec.float("staleness_exponent", 0.5, min=0.0, max=4.0),
+        min_interval_s=sec.float("min_interval_s", 5.0, min=0.0),
     )
 
 

@@ -574,6 +574,10 @@ class RoundStateMachine:
             return []
         if self.phase is Phase.COLLECTING and self._stragglers_due(event.now):
             return self._close_without_stragglers(event.now)
+        if self.phase is Phase.COLLECTING and self.is_buffered:
+            flushed = self._maybe_close(event.now)  # a buffer held for min_interval_s
+            if flushed:
+                return flushed
         if event.now < self.deadline:
             return []
         answered = len(self.stats) if self.phase is Phase.STATISTICS else len(self.received)
@@ -733,7 +737,8 @@ class RoundStateMachine:
         got = len(self.received)
         if self.is_buffered:
             nobody_else = self.expected() <= set(self.received) | self.refused
-            flush = buf.should_flush(self.config.buffered, got, self.quorum(), nobody_else)
+            flush = buf.should_flush(self.config.buffered, got, self.quorum(), nobody_else,
+                                     now - self.announced_at)
             return self._aggregate(now) if flush else []
         if got < self.quorum():
             return []

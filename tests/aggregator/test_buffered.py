@@ -157,7 +157,26 @@ def test_the_buffer_flushes_early_when_every_online_gateway_has_added_to_it() ->
     d.update("gw2", 1.0)
     assert d.machine.version == 0  # gw3 may still add
     d.actions += d.machine.handle(agg.DeviceOffline(d.now, "gw3"))
-    assert d.machine.version == 1  # nobody else can add: no point waiting for K
+    assert d.machine.version == 0  # nobody else can add, but a version is at most every 5 s
+    d.now += 4.9
+    d.actions += d.machine.handle(agg.Tick(d.now))
+    assert d.machine.version == 0
+    d.now += 0.1
+    d.actions += d.machine.handle(agg.Tick(d.now))
+    assert d.machine.version == 1  # no point waiting for K
+
+
+def test_a_lone_gateway_makes_at_most_one_version_per_min_interval() -> None:
+    """Without the floor it trained on its own update's version at once, on the same rows."""
+    d = Driver(k=10, min_participants=1, gateways=1)
+    versions = []
+    for _ in range(20):  # it answers each new version at once
+        d.now += 1.0
+        d.actions += d.machine.handle(agg.Tick(d.now))
+        if d.machine.version not in versions:
+            versions.append(d.machine.version)
+            d.update("gw1", 1.0)
+    assert versions == [0, 1, 2, 3, 4]  # a version at 5, 10, 15 and 20 s, not one a second
 
 
 def test_a_buffer_below_quorum_at_the_deadline_is_extended_then_flushed() -> None:

@@ -13,7 +13,7 @@ __all__ = ["run_factory"]  # the fixture, used by name below
 
 def buffered(run: Run, buffer_size: int) -> None:
     text = run.files.aggregator.read_text().replace(
-        "[rounds]\n", f'[rounds]\nmode = "buffered"\nbuffer_size = {buffer_size}\nmax_staleness = 3\n', 1)
+        "[rounds]\n", f'[rounds]\nmode = "buffered"\nbuffer_size = {buffer_size}\nmax_staleness = 3\nmin_interval_s = 0\n', 1)
     run.files.aggregator.write_text(text)
 
 
@@ -26,10 +26,16 @@ def test_a_buffered_run_publishes_a_version_per_buffer_and_survives_a_gateway_le
     assert all(len(s.participants) == 2 for s in seen)  # K = 2
     victim = next(iter(run.files.edges))
     run.kill(victim)  # its last will says offline: the other two keep filling buffers
-    later = [run.next_summary() for _ in range(5)]
-    assert [s.round for s in later] == list(range(later[0].round, later[0].round + 5))
-    assert all(not any(p.endswith(victim) for p in s.participants) for s in later[2:])
-    log = (run.tmp / "aggregator.log").read_text()
-    assert "Traceback" not in log
-    # three gateways, two places per version: work built on an older version was folded in
+    later = [run.next_summary() for _ in range(8)]
+    assert [s.round for s in later] == list(range(later[0].round, later[0].round + 8))
+    # what it sent before it died may still count, within max_staleness (3) versions
+    assert all(not any(p.endswith(victim) for p in s.participants) for s in later[4:])
+    # Three gateways, two places per version: work built on an older version is folded in
+    # (how soon depends on who trains fastest, so up to 30 more versions are allowed for it).
+    for _ in range(30):
+        log = (run.tmp / "aggregator.log").read_text()
+        if "folded with staleness" in log:
+            break
+        run.next_summary()
     assert "folded with staleness" in log
+    assert "Traceback" not in log
