@@ -43,6 +43,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.fusion import ServerUpdateFn, make_fuse
 from aggregator.security import AggregatorSecurity
 from aggregator.state_writer import StateWriter
+from aggregator.status_check import check_status
 from aggregator.task_state import task_state
 from fedcore.errors import RemoteProtocolError
 from fedcore.learning.models import init_params
@@ -302,6 +303,7 @@ class AggregatorService:
         if env.task != self.config.task:
             return  # a gateway of another task of the fleet: not ours to wait for
         status = codec.decode_body(env, Status)
+        check_status(status)  # a state or count the gateway software cannot send: refused
         if status.state == "online":
             ready = status.activity not in NOT_READY
             event: sm.Event = sm.DeviceOnline(now, device, ready, max(0, status.rows_new))
