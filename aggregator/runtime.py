@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import queue
 import random
 import signal
 import threading
@@ -41,6 +40,7 @@ from aggregator import rounds as sm
 from aggregator.chunked import ChunkedLink
 from aggregator.config import AggregatorConfig
 from aggregator.fusion import ServerUpdateFn, make_fuse
+from aggregator.inbox import Inbox
 from aggregator.security import AggregatorSecurity
 from aggregator.state_writer import StateWriter
 from aggregator.status_check import check_status
@@ -69,7 +69,6 @@ from fedcore.transport.base import (
     MessageReceived,
     PayloadTooLargeError,
     Transport,
-    TransportEvent,
 )
 from fedcore.transport.connection import ConnectionWatch
 
@@ -80,6 +79,7 @@ log = logging.getLogger("fedgate.aggregator")
 TICK_S = 0.2
 STATE_EVERY_S = 30.0
 NOT_READY = ("waiting_for_data", "incompatible")
+INBOX_MESSAGES = 2  # payload bytes waiting in the inbox: this many of the largest messages
 Carried = sm.Action | dm.DeployAction  # what the loop carries out, in order
 
 
@@ -104,7 +104,8 @@ class AggregatorService:
         self.metrics = metrics
         self.trace = trace or NoTrace()
         self.topics = Topics(config.fleet, config.task)
-        self.events: queue.Queue[TransportEvent] = queue.Queue()
+        # at most a few of the largest messages waiting (aggregator.inbox: back-pressure)
+        self.events = Inbox(INBOX_MESSAGES * security.limits.max_message_bytes)
         self.rejected: Counter[str] = Counter()  # message-level and update rejections
         self._housekept_at = 0.0
         self.stopping = threading.Event()
@@ -159,10 +160,7 @@ class AggregatorService:
         code = 0
         while not self.stopping.is_set():
             self.notifier.watchdog()
-            try:
-                item = self.events.get(timeout=TICK_S)
-            except queue.Empty:
-                item = None
+            item = self.events.get(timeout=TICK_S)
             verdict = watch.check(time.monotonic()) if item is None else watch.handle(item, time.monotonic())
             if verdict is not None:
                 log.log(verdict.level, "%s", verdict.message)
