@@ -51,6 +51,7 @@ class Hostile:
     payload: bytes
     reasons: frozenset[str]  # any one of these accounts for it
     counted: bool = True  # False: a part of a chunked message (its whole message is counted)
+    burst: bool = False  # sent without waiting for the broker's ack: as fast as the link goes
 
 
 class Mallory:
@@ -153,7 +154,7 @@ class Mallory:
             round_, version, _ = current()
             body = self.update(round_, version, delta=delta)
             yield Hostile(f"7.5 MB update {i}", topic, self.seal(Kind.UPDATE, round_, body),
-                          frozenset({"bad_shape"}))
+                          frozenset({"bad_shape"}), burst=i < count - 1)
 
     def flood(self, current: Current, count: int) -> Iterator[Hostile]:
         topic = self.topics.update(NAME)
@@ -236,5 +237,5 @@ def every(mallory: Mallory, current: Current) -> Iterator[Hostile]:
     yield from mallory.canary_reports(*current()[:2])
     yield from mallory.statuses()
     yield from mallory.manifests(*current()[:2])
-    yield from mallory.near_limit(current, count=12)
+    yield from mallory.near_limit(current, count=24)
     yield from mallory.flood(current, count=300)
