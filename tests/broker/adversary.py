@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 
+from aggregator.statistics import expected_columns
 from fedcore.learning.models import param_shapes
 from fedcore.protocol import codec, signing
 from fedcore.protocol.chunks import split
@@ -164,22 +165,23 @@ class Mallory:
             yield Hostile(f"flood {i}", topic, self.seal(Kind.UPDATE, round_, body),
                           frozenset({"bad_samples"}))
 
-    def statistics(self, round_: int, lineage: str) -> Iterator[Hostile]:
-        """DataStats out of bounds. The lineage here needs no scaler (no statistics round),
-        so they are refused as late before their content (tests/aggregator cover that)."""
+    def statistics(self, round_: int, lineage: str, in_round: bool) -> Iterator[Hostile]:
+        """DataStats out of bounds: refused for their content during the lineage's
+        statistics round (``in_round``), and as late at any other time."""
         topic = self.topics.update(NAME)
-        cols = (*self.spec.features, self.spec.target) if self.spec.features else ("a", "b")
+        cols = expected_columns(self.spec)
         k = len(cols)
         ok = DataStats(lineage, cols, 10, (0.0,) * k, (1.0,) * k)
-        for what, body in (
-            ("NaN sums", msgspec.structs.replace(ok, sums=(NAN,) * k)),
-            ("negative count", msgspec.structs.replace(ok, count=-5)),
-            ("count 2**62", msgspec.structs.replace(ok, count=2**62)),
-            ("wrong columns", msgspec.structs.replace(ok, columns=("x",) * (k + 3))),
-            ("wrong lineage", msgspec.structs.replace(ok, lineage="f" * 64)),
+        for what, body, reason in (
+            ("NaN sums", msgspec.structs.replace(ok, sums=(NAN,) * k), "bad_stats"),
+            ("negative count", msgspec.structs.replace(ok, count=-5), "bad_stats"),
+            ("count 2**62", msgspec.structs.replace(ok, count=2**62), "bad_stats"),
+            ("negative centred squares", msgspec.structs.replace(ok, m2=(-1.0,) * k), "bad_stats"),
+            ("wrong columns", msgspec.structs.replace(ok, columns=("x",) * (k + 3)), "bad_columns"),
+            ("wrong lineage", msgspec.structs.replace(ok, lineage="f" * 64), "wrong_lineage"),
         ):
             yield Hostile(f"statistics: {what}", topic, self.seal(Kind.STATS, round_, body),
-                          frozenset({"late"}))
+                          frozenset({reason if in_round else "late"}))
 
     def canary_reports(self, round_: int, version: int) -> Iterator[Hostile]:
         topic = self.topics.update(NAME)
@@ -233,7 +235,7 @@ def every(mallory: Mallory, current: Current) -> Iterator[Hostile]:
     """The whole attack; ``current()`` is the (round, model version, lineage) last announced,
     read again before each group so that most updates meet their own check."""
     yield from mallory.updates(*current()[:2])
-    yield from mallory.statistics(current()[0], current()[2])
+    yield from mallory.statistics(current()[0], current()[2], in_round=False)
     yield from mallory.canary_reports(*current()[:2])
     yield from mallory.statuses()
     yield from mallory.manifests(*current()[:2])

@@ -88,6 +88,10 @@ def test_hostile_signed_device_is_refused_with_counted_reasons(tmp_path: Path) -
     options = DemoOptions(dataset="synthetic", gateways=2, rounds=100_000, fleet="plant", task="t",
                           max_rows_per_unit=200)
     files = write_configs(tmp_path, url, options, dataset, spec, default_train_config(dataset), fleet)
+    # the lineage opens with a statistics round (fleet scaler), so DataStats meet their checks
+    text = files.aggregator.read_text()
+    assert 'scaling = "none"' in text
+    files.aggregator.write_text(text.replace('scaling = "none"', 'scaling = "federated"'))
     topics = Topics("plant", "t")
     provision.provision_operator(fleet, "watch")  # rewrites the ACL: the broker reloads it on restart
     broker.stop()
@@ -140,8 +144,30 @@ def test_hostile_signed_device_is_refused_with_counted_reasons(tmp_path: Path) -
     mallory_link = client(url, fleet / "devices" / NAME, NAME, max_payload=8 * 1024 * 1024 + 32 * 1024)
     try:
         procs.append(start(["aggregator", "run", "-c", str(files.aggregator)], "aggregator"))
-        procs += [start(["edge", "run", "-c", str(p)], u) for u, p in files.edges.items()]
         aggregator = procs[0]
+        key = signing.SigningKey.from_pem((fleet / "devices" / NAME / "signing.key").read_bytes())
+        mallory = Mallory(topics, key, spec, victim=devices[0])
+        mallory_link.start(lambda e: None)
+        wait_for(lambda: mallory_link.connected, 30, "mallory could not connect")
+        sent: list[Hostile] = []
+
+        def send(hostile: Hostile) -> None:
+            result = mallory_link.publish(hostile.topic, hostile.payload, qos=1,
+                                          wait=None if hostile.burst else 30)
+            assert not result.denied, f"the broker refused {hostile.what} on {hostile.topic}"
+            sent.append(hostile)
+
+        # The statistics round waits for the honest gateways, not yet started: mallory's
+        # answers are checked for their content, and none of them closes the round.
+        audit = tmp_path / "aggregator-state" / "audit.jsonl"
+        wait_for(lambda: bool(announced) and announced[-1].purpose == "statistics", 60,
+                 "no statistics round announced")
+        for hostile in mallory.statistics(announced[-1].round, announced[-1].lineage, in_round=True):
+            send(hostile)
+        wait_for(lambda: audit.exists() and len(rejections(audit)) >= len(sent), 30,
+                 "hostile statistics were not all rejected")
+        assert aggregator.poll() is None
+        procs += [start(["edge", "run", "-c", str(p)], u) for u, p in files.edges.items()]
         wait_for(lambda: committed() >= 2, 120, "no rounds committed by the honest fleet")
         wait_for(lambda: bool(announced), 30, "no round announcement seen")
         rss_before = rss_kb(aggregator.pid)
@@ -157,23 +183,14 @@ def test_hostile_signed_device_is_refused_with_counted_reasons(tmp_path: Path) -
         while current() != held:  # an update in flight when paused may still close one round
             held = current()
             time.sleep(1.0)
-        key = signing.SigningKey.from_pem((fleet / "devices" / NAME / "signing.key").read_bytes())
-        mallory = Mallory(topics, key, spec, victim=devices[0])
-        mallory_link.start(lambda e: None)
-        wait_for(lambda: mallory_link.connected, 30, "mallory could not connect")
-        sent: list[Hostile] = []
         rss_peak = rss_before
         for hostile in every(mallory, current):
-            result = mallory_link.publish(hostile.topic, hostile.payload, qos=1,
-                                          wait=None if hostile.burst else 30)
-            assert not result.denied, f"the broker refused {hostile.what} on {hostile.topic}"
-            sent.append(hostile)
+            send(hostile)
             rss_peak = max(rss_peak, rss_kb(aggregator.pid))
             assert aggregator.poll() is None, f"aggregator died after {hostile.what}"
         counted = [h for h in sent if h.counted]
         assert current() == held, "the round under attack closed while the honest gateways were paused"
 
-        audit = tmp_path / "aggregator-state" / "audit.jsonl"
         wait_for(lambda: len(rejections(audit)) >= len(counted), 60,
                  "not every hostile message was rejected with a reason")
         for p in procs[1:]:
