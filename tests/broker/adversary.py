@@ -239,5 +239,5 @@ def every(mallory: Mallory, current: Current) -> Iterator[Hostile]:
     yield from mallory.canary_reports(*current()[:2])
     yield from mallory.statuses()
     yield from mallory.manifests(*current()[:2])
-    yield from mallory.near_limit(current, count=24)
+    yield from mallory.near_limit(current, count=40)
     yield from mallory.flood(current, count=300)
