@@ -445,7 +445,7 @@ class AggregatorService:
                 self._after_announcement.append(action)
         elif isinstance(action, sm.PublishRound):
             ann = action.announcement
-            self.security.on_round(ann.round)
+            self.security.on_round(ann.round, self.clock())
             size = self._publish(Kind.ROUND, self.topics.round(), ann, ann.round)
             self._last_down = (self._last_down[0], size)
             self.trace.mark("round_published", round=ann.round, purpose=ann.purpose)
