@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from aggregator.audit import verify_chain
+from aggregator.security import MAX_REJECTION_LINES
 from fedcore.datasets import default_spec, default_train_config, load_dataset
 from fedcore.protocol import codec, signing
 from fedcore.protocol.messages import RoundAnnouncement, RoundSummary, TaskState
@@ -75,9 +76,19 @@ def finite(value: Any) -> bool:
     return True
 
 
-def rejections(audit: Path) -> list[dict[str, Any]]:
-    entries = [json.loads(line) for line in audit.read_text().splitlines() if line]
-    return [e for e in entries if e["kind"] == "rejection" and NAME in str(e.get("who", ""))]
+def rejections(audit: Path) -> Counter[str]:
+    """mallory's rejections in the audit log, by reason: one line each, and past the
+    per-round line cap (aggregator/security.py) the counts of a rejections_suppressed line."""
+    reasons: Counter[str] = Counter()
+    for line in audit.read_text().splitlines():
+        e = json.loads(line)
+        if NAME not in str(e.get("who", "")):
+            continue
+        if e["kind"] == "rejection":
+            reasons[e["reason"]] += 1
+        elif e["kind"] == "rejections_suppressed":
+            reasons.update(e["reasons"])
+    return reasons
 
 
 def test_hostile_signed_device_is_refused_with_counted_reasons(tmp_path: Path) -> None:
@@ -171,7 +182,7 @@ def test_hostile_signed_device_is_refused_with_counted_reasons(tmp_path: Path) -
                  "no statistics round announced")
         for hostile in mallory.statistics(announced[-1].round, announced[-1].lineage, in_round=True):
             send(hostile)
-        wait_for(lambda: audit.exists() and len(rejections(audit)) >= len(sent), 30,
+        wait_for(lambda: audit.exists() and rejections(audit).total() >= len(sent), 30,
                  "hostile statistics were not all rejected")
         assert aggregator.poll() is None
         procs += [start(["edge", "run", "-c", str(p)], u) for u, p in files.edges.items()]
@@ -183,7 +194,7 @@ def test_hostile_signed_device_is_refused_with_counted_reasons(tmp_path: Path) -
         # Hold the round open: with the honest gateways paused it waits for them (up to its
         # 60 s timeout, then longer: no quorum), so every hostile update meets the checks of
         # the round it names.
-        # Rounds here take a fraction of a second; without the pause many would be "late".
+        # (Rounds here take a fraction of a second; without the pause many would be "late".)
         for p in procs[1:]:
             p.send_signal(signal.SIGSTOP)
         held = current()
@@ -199,19 +210,25 @@ def test_hostile_signed_device_is_refused_with_counted_reasons(tmp_path: Path) -
         counted = [h for h in sent if h.counted]
         assert current() == held, "the round under attack closed while the honest gateways were paused"
 
-        wait_for(lambda: len(rejections(audit)) >= len(counted), 60,
-                 "not every hostile message was rejected with a reason")
         for p in procs[1:]:
             p.send_signal(signal.SIGCONT)
-        # the honest fleet goes on: two more rounds after the attack
+        # the honest fleet goes on: two more rounds after the attack (the first of them
+        # writes the counts of the rejections past the round's audit line cap)
         wait_for(lambda: committed() >= version_before + 2, 90, "rounds stopped committing")
+        wait_for(lambda: rejections(audit).total() >= len(counted), 60,
+                 "not every hostile message was rejected with a reason")
         rss_after = rss_kb(aggregator.pid)
         assert aggregator.poll() is None
 
         # every hostile message is one counted rejection with a reason it may carry
-        got = rejections(audit)
-        reasons = Counter(e["reason"] for e in got)
-        assert len(got) == len(counted), (len(got), len(counted), reasons)
+        reasons = rejections(audit)
+        assert reasons.total() == len(counted), (reasons.total(), len(counted), reasons)
+        # the flood cost the log a bounded number of lines: at most the cap per sender name
+        # (device, update topic, chunk topic, status topic) and round, plus one count line
+        lines = [json.loads(line) for line in audit.read_text().splitlines()]
+        mine = [e for e in lines if NAME in str(e.get("who", ""))]
+        rounds_touched = len({e["before_round"] for e in mine if e["kind"] == "rejections_suppressed"}) + 2
+        assert len(mine) <= rounds_touched * 4 * (MAX_REJECTION_LINES + 1), len(mine)
         allowed = set().union(*(h.reasons for h in counted))
         assert set(reasons) <= allowed, set(reasons) - allowed
         # each message was refused for its own reason (the replay: replayed, or out of the
@@ -248,7 +265,8 @@ def test_hostile_signed_device_is_refused_with_counted_reasons(tmp_path: Path) -
             assert all(np.isfinite(arrays[k]).all() for k in arrays.files if k != "meta")
         assert "NaN" not in meta and "Infinity" not in meta
         accepted = [json.loads(line) for line in audit.read_text().splitlines()]
-        assert not [e for e in accepted if e["kind"] != "rejection" and NAME in json.dumps(e)]
+        refusals = ("rejection", "rejections_suppressed")
+        assert not [e for e in accepted if e["kind"] not in refusals and NAME in json.dumps(e)]
     finally:
         mallory_link.stop()
         for p in procs:
