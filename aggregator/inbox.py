@@ -8,7 +8,8 @@ network thread stops reading the socket, TCP pushes back, and the broker holds t
 under its own limits (``max_queued_messages``). One event is always admitted into an empty
 queue, so a single message as large as the codec allows never deadlocks. The loop never
 waits for the network thread (the aggregator publishes without waiting for acks), so a
-blocked ``put`` always ends.
+blocked ``put`` ends when the loop takes the next event, or at ``close`` (the service
+stopping: what still arrives is dropped, as events queued after the loop's end always were).
 """
 
 from __future__ import annotations
@@ -33,11 +34,15 @@ class Inbox:
         self.peak_bytes = 0  # the most payload bytes ever held at once
         self._events: deque[TransportEvent] = deque()
         self._cond = threading.Condition()
+        self._closed = False
 
     def put(self, event: TransportEvent) -> None:
         size = _size(event)
         with self._cond:
-            self._cond.wait_for(lambda: not self._events or self.held_bytes + size <= self.max_bytes)
+            self._cond.wait_for(lambda: self._closed or not self._events
+                                or self.held_bytes + size <= self.max_bytes)
+            if self._closed:
+                return
             self._events.append(event)
             self.held_bytes += size
             self.peak_bytes = max(self.peak_bytes, self.held_bytes)
@@ -56,6 +61,12 @@ class Inbox:
             self.held_bytes -= _size(event)
             self._cond.notify_all()
             return event
+
+    def close(self) -> None:
+        """Release a blocked ``put`` (the loop has stopped taking events)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     def __len__(self) -> int:
         with self._cond:

@@ -203,6 +203,7 @@ class AggregatorService:
         log.info("stopping at round %d, model version %d (exit %d)", self.machine.round,
                  self.machine.version, code)
         self.trace.close()
+        self.events.close()  # a network thread blocked on a full inbox must not hold stop()
         self.transport.stop()
         if self.metrics is not None:
             self.metrics.close()

@@ -48,3 +48,20 @@ def test_one_message_larger_than_the_bound_still_passes_an_empty_inbox() -> None
     inbox = Inbox(10)
     inbox.put(msg(50))
     assert inbox.get(0.0) == msg(50)
+
+
+def test_close_releases_a_blocked_put() -> None:
+    inbox = Inbox(100)
+    inbox.put(msg(80))
+    done = threading.Event()
+
+    def sender() -> None:
+        inbox.put(msg(80))
+        done.set()
+
+    t = threading.Thread(target=sender, daemon=True)
+    t.start()
+    assert not done.wait(0.3)
+    inbox.close()  # the service stops: the network thread must be able to finish
+    assert done.wait(10)
+    assert len(inbox) == 1  # what came after the loop stopped is dropped
