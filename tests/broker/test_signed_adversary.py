@@ -2,10 +2,13 @@
 
 "mallory" holds a valid device bundle (certificate, signing key in the fleet keyring) and
 sends hostile but validly signed messages of every kind a device may send (see
-``tests/broker/adversary.py``) while two honest gateways keep training. The aggregator must
-keep running and committing rounds, its memory must stay bounded, every hostile message
-must be a rejection with a reason in the hash-chained audit log, and what it publishes or
-keeps per round must stay small and finite, with mallory never among the participants.
+``tests/broker/adversary.py``): statistics answers during the lineage's statistics round,
+before the honest gateways start, then everything else while two honest gateways run,
+paused so that the round under attack stays open. The aggregator must keep running and
+committing rounds, its memory must stay bounded, every hostile message must be accounted
+for as a rejection with its reason in the hash-chained audit log and in its counters, and
+what it publishes or keeps per round must stay small and finite, with mallory never among
+the participants.
 """
 
 from __future__ import annotations
