@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import queue
 import random
 import signal
 import threading
@@ -41,8 +40,10 @@ from aggregator import rounds as sm
 from aggregator.chunked import ChunkedLink
 from aggregator.config import AggregatorConfig
 from aggregator.fusion import ServerUpdateFn, make_fuse
+from aggregator.inbox import Inbox
 from aggregator.security import AggregatorSecurity
 from aggregator.state_writer import StateWriter
+from aggregator.status_check import check_status
 from aggregator.task_state import task_state
 from fedcore.errors import RemoteProtocolError
 from fedcore.learning.models import init_params
@@ -68,7 +69,6 @@ from fedcore.transport.base import (
     MessageReceived,
     PayloadTooLargeError,
     Transport,
-    TransportEvent,
 )
 from fedcore.transport.connection import ConnectionWatch
 
@@ -79,6 +79,7 @@ log = logging.getLogger("fedgate.aggregator")
 TICK_S = 0.2
 STATE_EVERY_S = 30.0
 NOT_READY = ("waiting_for_data", "incompatible")
+INBOX_MESSAGES = 2  # payload bytes waiting in the inbox: this many of the largest messages
 Carried = sm.Action | dm.DeployAction  # what the loop carries out, in order
 
 
@@ -103,7 +104,8 @@ class AggregatorService:
         self.metrics = metrics
         self.trace = trace or NoTrace()
         self.topics = Topics(config.fleet, config.task)
-        self.events: queue.Queue[TransportEvent] = queue.Queue()
+        # at most a few of the largest messages waiting (aggregator.inbox: back-pressure)
+        self.events = Inbox(INBOX_MESSAGES * security.limits.max_message_bytes)
         self.rejected: Counter[str] = Counter()  # message-level and update rejections
         self._housekept_at = 0.0
         self.stopping = threading.Event()
@@ -158,10 +160,7 @@ class AggregatorService:
         code = 0
         while not self.stopping.is_set():
             self.notifier.watchdog()
-            try:
-                item = self.events.get(timeout=TICK_S)
-            except queue.Empty:
-                item = None
+            item = self.events.get(timeout=TICK_S)
             verdict = watch.check(time.monotonic()) if item is None else watch.handle(item, time.monotonic())
             if verdict is not None:
                 log.log(verdict.level, "%s", verdict.message)
@@ -204,6 +203,7 @@ class AggregatorService:
         log.info("stopping at round %d, model version %d (exit %d)", self.machine.round,
                  self.machine.version, code)
         self.trace.close()
+        self.events.close()  # a network thread blocked on a full inbox must not hold stop()
         self.transport.stop()
         if self.metrics is not None:
             self.metrics.close()
@@ -302,6 +302,7 @@ class AggregatorService:
         if env.task != self.config.task:
             return  # a gateway of another task of the fleet: not ours to wait for
         status = codec.decode_body(env, Status)
+        check_status(status)  # a state or count the gateway software cannot send: refused
         if status.state == "online":
             ready = status.activity not in NOT_READY
             event: sm.Event = sm.DeviceOnline(now, device, ready, max(0, status.rows_new))
@@ -445,7 +446,7 @@ class AggregatorService:
                 self._after_announcement.append(action)
         elif isinstance(action, sm.PublishRound):
             ann = action.announcement
-            self.security.on_round(ann.round)
+            self.security.on_round(ann.round, self.clock())
             size = self._publish(Kind.ROUND, self.topics.round(), ann, ann.round)
             self._last_down = (self._last_down[0], size)
             self.trace.mark("round_published", round=ann.round, purpose=ann.purpose)

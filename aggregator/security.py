@@ -12,6 +12,7 @@ the checkpoint, so a restarted aggregator still refuses what it had already acce
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from fedcore.protocol import codec, signing
 from fedcore.protocol.messages import EncodedDelta, Kind
 
 log = logging.getLogger("fedgate.aggregator")
+
+MAX_REJECTION_LINES = 32  # audit lines per sender (device or topic) between two round announcements
 
 
 class AggregatorSecurity:
@@ -39,6 +42,10 @@ class AggregatorSecurity:
         self.signing_key = signing_key
         self.guard = signing.ReplayGuard() if keyring is not None else None
         self.audit_log = audit
+        # rejection lines written per sender since the last round announcement, and what
+        # was only counted beyond MAX_REJECTION_LINES (reasons are a fixed set of names)
+        self._rejection_lines: Counter[str] = Counter()
+        self._suppressed: dict[str, Counter[str]] = {}
 
     @classmethod
     def from_paths(cls, file: str, paths: dict[str, Path], audit_path: Path | None,
@@ -68,9 +75,10 @@ class AggregatorSecurity:
     def sign(self, env: codec.Envelope) -> codec.Envelope:
         return signing.sign(env, self.signing_key) if self.signing_key is not None else env
 
-    def on_round(self, round_: int) -> None:
+    def on_round(self, round_: int, ts: float) -> None:
         if self.guard is not None:
             self.guard.advance(round_)
+        self._flush_suppressed(round_, ts)
 
     def decode_delta(self, encoded: EncodedDelta, shapes: Shapes) -> Params:
         return decode_update(encoded, shapes, self.limits)
@@ -80,7 +88,25 @@ class AggregatorSecurity:
             self.audit_log.append(kind, ts, **fields)
 
     def audit_rejection(self, who: str, reason: str, detail: str, ts: float) -> None:
-        self.audit("rejection", ts, who=who, reason=reason, detail=detail[:200])
+        """One line per rejection, up to MAX_REJECTION_LINES per sender between two round
+        announcements; the rest are counted by reason and written as one
+        ``rejections_suppressed`` line at the next announcement. A flood therefore costs
+        the log (and its fsyncs) a bounded number of lines per round, and every rejection
+        is still accounted for in the chain."""
+        if self.audit_log is None:
+            return
+        if self._rejection_lines[who] < MAX_REJECTION_LINES:
+            self._rejection_lines[who] += 1
+            self.audit("rejection", ts, who=who, reason=reason, detail=detail[:200])
+        else:
+            self._suppressed.setdefault(who, Counter())[reason] += 1
+
+    def _flush_suppressed(self, round_: int, ts: float) -> None:
+        for who, counts in sorted(self._suppressed.items()):
+            self.audit("rejections_suppressed", ts, who=who, reasons=dict(sorted(counts.items())),
+                       before_round=round_)
+        self._suppressed = {}
+        self._rejection_lines = Counter()
 
     def before_checkpoint(self, checkpoint: Checkpoint) -> None:
         if self.guard is not None:

@@ -24,6 +24,9 @@ from fedcore.protocol.messages import BODY_TYPES, Kind
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# Message ids are kept (replay guard, round state, checkpoint): ours are 16 hex digits, and
+# a longer one would let a peer grow what is kept per message by up to the message size.
+MAX_MESSAGE_ID = 64
 
 B = TypeVar("B", bound=msgspec.Struct)
 
@@ -104,6 +107,8 @@ def decode(data: bytes, limits: Limits = Limits()) -> Envelope:
         raise RemoteProtocolError("malformed", f"envelope: {exc}") from None
     if env.version != PROTOCOL_VERSION:
         raise RemoteProtocolError("bad_version", f"protocol version {env.version} (speak {PROTOCOL_VERSION})")
+    if not 0 < len(env.message_id) <= MAX_MESSAGE_ID:
+        raise RemoteProtocolError("malformed", f"message id of {len(env.message_id)} characters (1..{MAX_MESSAGE_ID})")
     try:
         Kind(env.kind)
     except ValueError:

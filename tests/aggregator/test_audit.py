@@ -202,3 +202,24 @@ def test_bad_appends_are_refused_and_write_nothing(
         log.append(kind, 9.0, **fields)
     assert path.read_bytes() == before
     assert verify_chain(path).ok
+
+
+def test_a_flood_of_rejections_costs_a_bounded_number_of_lines_per_round(tmp_path: Path) -> None:
+    from aggregator.security import MAX_REJECTION_LINES, AggregatorSecurity
+
+    path = tmp_path / "audit.jsonl"
+    security = AggregatorSecurity(audit=AuditLog(path))
+    for i in range(MAX_REJECTION_LINES + 100):
+        security.audit_rejection("mallory", "bad_samples" if i % 2 else "bad_stats", "x" * 500, 1.0)
+    security.audit_rejection("gw1", "late", "", 1.0)  # another sender has its own lines
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == MAX_REJECTION_LINES + 1
+    security.on_round(7, 2.0)  # the rest are written, counted, at the next announcement
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    last = lines[-1]
+    assert last["kind"] == "rejections_suppressed" and last["who"] == "mallory"
+    assert last["reasons"] == {"bad_samples": 50, "bad_stats": 50} and last["before_round"] == 7
+    assert all(len(line) < 1000 for line in path.read_text().splitlines())
+    security.audit_rejection("mallory", "late", "", 3.0)  # a new round: lines again
+    assert json.loads(path.read_text().splitlines()[-1])["kind"] == "rejection"
+    assert verify_chain(path).ok

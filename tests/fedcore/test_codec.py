@@ -105,6 +105,11 @@ def test_rejections_name_the_problem() -> None:
     assert _reason(codec.decode, odd) == "bad_kind"
     bad_body = codec.msgspec.structs.replace(env, body=b"\x93\x01\x02")
     assert _reason(codec.decode_body, bad_body, Status) == "bad_body"
+    # message ids are kept (replay guard, checkpoint): a peer cannot make them large
+    for message_id in ("", "x" * (codec.MAX_MESSAGE_ID + 1), "y" * 100_000):
+        long_id = codec.encode(codec.msgspec.structs.replace(env, message_id=message_id))
+        assert _reason(codec.decode, long_id) == "malformed"
+    assert codec.decode(codec.encode(codec.msgspec.structs.replace(env, message_id="z" * codec.MAX_MESSAGE_ID)))
 
 
 def test_tensor_rejections() -> None:
