@@ -68,7 +68,7 @@ class AggregatorConfig:
 def load_aggregator_config(path: str | Path) -> AggregatorConfig:
     root = load_toml(path)
     task = root.section("task", required=True)
-    fleet, task_name = name(task, "fleet"), name(task, "name")
+    fleet, task_name = name(task, "fleet"), name(task, "name", what="task")
     task.reject_unknown()
     broker = broker_config(root.section("broker"), "aggregator")
     msec = root.section("model", required=True)

@@ -250,7 +250,10 @@ class AggregatorService:
         except RemoteProtocolError as exc:
             self._count_rejection(exc.reason)
             self.security.audit_rejection(msg.topic, exc.reason, exc.detail, now)
-            log.warning("rejected message on %s: %s", msg.topic, exc)
+            # a copy of a message already taken is what QoS 1 and every resend produce: counted
+            # and audited like any rejection, but no warning for the operator to chase
+            level = logging.INFO if exc.reason == "replayed" else logging.WARNING
+            log.log(level, "rejected message on %s: %s", msg.topic, exc)
 
     def _on_device_message(self, device: str, msg: MessageReceived, now: float,
                            assembled: bool = False) -> None:
@@ -529,6 +532,8 @@ class AggregatorService:
                  len(summary.participants), summary.num_samples, self.machine.metric,
                  f"{metric:.4g}" if metric is not None else "n/a", summary.wall_s,
                  summary.bytes_up)
+        for alert in summary.alerts:  # a capped weight, a gateway closed out, a quarantine...
+            log.warning("round %d: %s", summary.round, alert)
         if self.metrics is not None:
             self.metrics.on_summary(summary, self.machine.metric)
 

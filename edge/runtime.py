@@ -481,8 +481,9 @@ class EdgeService:
         if self.metrics is not None:
             self.metrics.updates.inc()
             self.metrics.last_round.set(action.round)
-        log.info("round %d: update sent (%d bytes, %d training rows)", action.round, len(payload),
-                 action.update.num_samples)
+        log.info("round %d: update sent (%d bytes, %d training rows)%s", action.round, len(payload),
+                 action.update.num_samples,
+                 "" if self.outbox.connected else "; spooled until the broker is back")
 
     def _send_statistics(self, action: pm.SendStatistics) -> None:
         snap = self._refresh(self.clock())

@@ -9,6 +9,7 @@ Unknown keys are errors too: a typo must not silently fall back to a default.
 from __future__ import annotations
 
 import builtins
+import math
 import tomllib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -108,6 +109,8 @@ class Section:
         value = self._get(name, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.error(name, value, "must be a number")
+        if not math.isfinite(value) and value is not default:  # TOML has nan and inf
+            raise self.error(name, value, "must be a finite number")
         self._check_range(name, value, min, max)
         return float(value)
 

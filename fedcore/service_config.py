@@ -48,12 +48,16 @@ def broker_config(sec: Section, default_client_id: str) -> BrokerConfig:
     return cfg
 
 
-def name(sec: Section, key: str, default: str | None = None) -> str:
+def name(sec: Section, key: str, default: str | None = None, what: str | None = None) -> str:
+    """A topic-level name at ``key``; ``what`` is its kind when the key says otherwise
+    (``[task] name`` is a task)."""
     value = sec.str(key) if default is None else sec.str(key, default)
     try:
-        return check_name(value, key)
-    except LocalProtocolError:
-        raise sec.error(key, value, "use only letters, digits, '_', '.', '-' (max 64)") from None
+        return check_name(value, what or key)
+    except LocalProtocolError as exc:
+        reason = str(exc).split(" ", 2)[2] if "branch of the topic tree" in str(exc) else \
+            "use only letters, digits, '_', '.', '-' (max 64)"
+        raise sec.error(key, value, reason) from None
 
 
 def train_config(sec: Section) -> TrainConfig:

@@ -28,8 +28,11 @@ def _ca(args: argparse.Namespace) -> int:
 
 
 def _task(args: argparse.Namespace) -> int:
+    before = provision.declared_tasks(args.dir)
     if provision.declare_task(args.dir, args.name):
-        print(f"task {args.name} declared")
+        print(f"task {args.name} declared" if before else
+              f"task {args.name} declared: this fleet allowed any task name, now only {args.name} "
+              "(declare every other task it runs too)")
         _acl_reload_hint(args.dir)
     else:
         print(f"task {args.name} was already declared")
@@ -98,7 +101,7 @@ def register(subparsers: Any) -> None:
                     help="a task of this fleet (repeat for each): the ACL lets devices write under "
                     "these task names only (default: any task)")
 
-    task = add("task", _task, "declare one more task of a fleet created with --task", days=False)
+    task = add("task", _task, "declare a task: the ACL lets devices write under declared tasks only", days=False)
     task.add_argument("name", help="task name, 1-64 of [A-Za-z0-9_.-], no leading '.'")
 
     device = add("device", _device, "issue a gateway certificate and signing key")

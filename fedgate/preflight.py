@@ -73,6 +73,9 @@ def edge_subject(config: Any) -> Subject:
     if store is not None:  # the edge waits for the bridge to create it (StoreNotReady)
         paths.append(NamedPath("data.store", store, later="the edge waits for the bridge to write it"))
     paths.append(NamedPath("state.dir", config.state_dir, folder=True))
+    spool = config.state_dir / "spool.bin"
+    if spool.exists() or spool.is_symlink():  # the gateway creates it with its first message
+        paths.append(NamedPath("state.dir", spool))
     return Subject(
         "edge", config.file, config, config.broker,
         identity_keys=(("device.id", config.device), ("broker.client_id", config.broker.client_id)),
@@ -264,7 +267,9 @@ def check_broker(subject: Subject) -> list[Finding]:
             if isinstance(event, Connected):
                 took = time.monotonic() - started
                 tls = "TLS handshake and " if url.startswith("mqtts://") else ""
-                return [Finding("broker", f"{url}: {tls}CONNACK in {took:.2f} s (as {probe_id!r})")]
+                who = (f"as {subject.identity!r}, a clean session: the one the service kept on the "
+                       "broker is gone" if tls else f"as {probe_id!r}")
+                return [Finding("broker", f"{url}: {tls}CONNACK in {took:.2f} s ({who})")]
             verdict = watch.handle(event, time.monotonic())
         if verdict is not None and verdict.exit_code is not None:
             subject.transport = None

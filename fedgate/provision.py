@@ -208,7 +208,8 @@ def _check_identity_name(name: str, what: str) -> str:
     try:
         return check_name(name, what)
     except LocalProtocolError as exc:
-        raise ConfigError(_CMDLINE, what, name, _NAME_RULE) from exc
+        reserved = "branch of the topic tree" in str(exc)
+        raise ConfigError(_CMDLINE, what, name, str(exc).split(" ", 2)[2] if reserved else _NAME_RULE) from exc
 
 
 def _bundle_dir(layout: FleetLayout, name: str, role: str) -> Path:
@@ -383,6 +384,8 @@ def provision_broker(
     ``run_as_user`` (default ``mosquitto``) is the conf's ``user``: run as root, this hands
     ``broker/`` to that account when it exists (see :func:`broker_access_notes`).
     """
+    if not 1 <= port <= 65535:  # before anything is written
+        raise ConfigError(_CMDLINE, "--port", port, "must be a TCP port, 1-65535")
     layout = FleetLayout(Path(dir))
     run_as = run_as_user or DEFAULT_RUN_USER
     if not _USER.match(run_as):
@@ -413,19 +416,21 @@ def provision_broker(
     return conf
 
 
+def declared_tasks(dir: str | Path) -> list[str]:
+    """The fleet's declared tasks (empty: any task may be written under)."""
+    return list(_load_index(FleetLayout(Path(dir))).get("tasks", []))
+
+
 def declare_task(dir: str | Path, task: str, now: dt.datetime | None = None) -> bool:
-    """Add ``task`` to a fleet that declares its tasks; True when the broker's ACL changed
-    (Mosquitto must reload it). A fleet without declared tasks already allows any task."""
+    """Add ``task`` to the fleet's declared tasks; True when that changed them (the broker's
+    ACL then needs a reload). A fleet that allowed any task allows only ``task`` after it."""
     layout = FleetLayout(Path(dir))
     _load_ca(layout)
     index = _load_index(layout)
     _check_identity_name(task, "task")
-    if not index.get("tasks"):
-        raise ConfigError(str(layout.index), "tasks", "(none)",
-                          "this fleet allows any task name; declare them at `fedgate provision ca --task`")
-    if task in index["tasks"]:
+    if task in index.get("tasks", []):
         return False
-    index["tasks"] = sorted([*index["tasks"], task])
+    index["tasks"] = sorted([*index.get("tasks", []), task])
     _publish(layout, index, _now(now))
     return True
 

@@ -84,12 +84,20 @@ ACL_RULES: tuple[AclRule, ...] = (
 )
 
 
+# Fleet-level branches of the tree: a task of that name would put its model at
+# fg/FLEET/status/model, the status topic of a device named "model".
+RESERVED_TASKS = ("status", "telemetry")
+
+
 def check_name(value: str, what: str) -> str:
     """Validate a fleet/task/device/stage name for use inside a topic (our own input)."""
     if not isinstance(value, str) or not _NAME.match(value):
         raise LocalProtocolError(
             f"{what} {value!r} must be 1-64 of [A-Za-z0-9_.-], not starting with '.'"
         )
+    if what == "task" and value in RESERVED_TASKS:
+        raise LocalProtocolError(f"task {value!r} is a branch of the topic tree (fg/FLEET/{value}/...): "
+                                 "choose another name")
     return value
 
 

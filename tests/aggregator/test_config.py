@@ -57,6 +57,10 @@ def test_a_good_config_loads_into_frozen_objects(tmp_path: Path) -> None:
         (("[rounds]", '[pipeline]\ncompression = ["gzip"]\n[rounds]'), "pipeline.compression", "gzip"),
         (("[rounds]", "[reputation]\nwindow = 0\n[rounds]"), "reputation.window", ">= 1"),
         (('rule = "trimmed_mean"\ntrim_fraction = 0.2', 'rule = "fltrust"'), "fusion.root_data", "root data"),
+        (("rounds = 3", "rounds = 3\nstraggler_factor = nan"), "rounds.straggler_factor", "finite"),
+        (("rounds = 3", "rounds = 3\nround_timeout_s = inf"), "rounds.round_timeout_s", "finite"),
+        (("rounds = 3", 'rounds = 3\nmode = "buffered"\nmin_interval_s = -1'), "rounds.min_interval_s", ">= 0"),
+        (('name = "wind"', 'name = "status"'), "task.name", "branch of the topic tree"),
     ],
 )
 def test_bad_values_name_file_key_and_value(tmp_path: Path, change, key, words) -> None:

@@ -97,8 +97,15 @@ def test_a_device_writes_under_the_declared_task_and_stages_only(
     assert "fg/plant/pumps/update/%u" in (root / "broker" / "acl").read_text()
 
 
-def test_without_declared_tasks_the_fleet_says_so(workdir: Path) -> None:  # noqa: F811
+def test_a_fleet_of_any_task_can_be_restricted_later(workdir: Path) -> None:  # noqa: F811
+    with pytest.raises(ConfigError, match="branch of the topic tree"):
+        provision.init_ca(workdir / "reserved", fleet=FLEET, tasks=["status"])
+    provision.init_ca(workdir / "portless", fleet=FLEET)
+    with pytest.raises(ConfigError, match="1-65535"):
+        provision.provision_broker(workdir / "portless", port=0)
+    assert not (workdir / "portless" / "broker").exists()  # refused before anything is written
     root = workdir / "open"
     provision.init_ca(root, fleet=FLEET)
-    with pytest.raises(ConfigError, match="allows any task name"):
-        provision.declare_task(root, "wind")
+    assert provision.declared_tasks(root) == []  # any task
+    assert provision.declare_task(root, "wind")  # from now on, this one only
+    assert provision.declared_tasks(root) == ["wind"]

@@ -231,6 +231,12 @@ def test_declared_tasks_bound_what_anyone_can_write() -> None:
         Topics("plant", "wind").secagg("junk", "gw1")
     with pytest.raises(LocalProtocolError):
         generate_acl("plant", tasks=["../x"])
+    # a task named like a fleet-level branch would put its model on a device's status topic
+    for reserved in ("status", "telemetry"):
+        with pytest.raises(LocalProtocolError, match="branch of the topic tree"):
+            Topics("plant", reserved)
+        with pytest.raises(LocalProtocolError):
+            generate_acl("plant", tasks=[reserved])
 
 
 def test_conf_requires_client_certificates(tmp_path: Path) -> None:

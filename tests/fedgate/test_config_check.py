@@ -164,6 +164,13 @@ def test_plain_mqtt_and_no_security_skip_those_checks(fleet: Path, tmp_path: Pat
     assert sum(line.startswith("skip") for line in lines) == 3  # certificate name, tls, signing
 
 
+def test_a_spool_that_is_not_a_file_exits_78_as_the_gateway_would(fleet: Path, tmp_path: Path) -> None:
+    (tmp_path / "state" / "spool.bin").mkdir(parents=True)
+    code, lines = check(edge_toml(tmp_path / "edge.toml", fleet / "devices" / "gw1", state=tmp_path / "state"))
+    assert code == 78
+    assert any("spool.bin" in line and "Is a directory" in line for line in problems(lines))
+
+
 def test_state_folder_that_cannot_be_created_exits_78(fleet: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
