@@ -83,6 +83,13 @@ INBOX_MESSAGES = 2  # payload bytes waiting in the inbox: this many of the large
 Carried = sm.Action | dm.DeployAction  # what the loop carries out, in order
 
 
+# What an operator can do about a rejection that is usually the fleet's own doing.
+_HINTS = {
+    "unknown_key": " (a gateway provisioned after the aggregator started? copy the fleet's keyring.json "
+                   "to the aggregator's security.keyring and restart it)",
+}
+
+
 class AggregatorService:
     def __init__(
         self,
@@ -253,7 +260,7 @@ class AggregatorService:
             # a copy of a message already taken is what QoS 1 and every resend produce: counted
             # and audited like any rejection, but no warning for the operator to chase
             level = logging.INFO if exc.reason == "replayed" else logging.WARNING
-            log.log(level, "rejected message on %s: %s", msg.topic, exc)
+            log.log(level, "rejected message on %s: %s%s", msg.topic, exc, _HINTS.get(exc.reason, ""))
 
     def _on_device_message(self, device: str, msg: MessageReceived, now: float,
                            assembled: bool = False) -> None:

@@ -149,7 +149,9 @@ def check_environment(
     problems = sum(not f.ok for f in findings)
     if code == 0:
         broker = ", broker included" if live else " (the broker was not tried: add --live)"
-        out.write(f"{file}: ready to run: {len(findings)} checks passed{broker}\n")
+        skipped = sum(f.skipped for f in findings)
+        out.write(f"{file}: ready to run: {len(findings) - skipped} checks passed"
+                  f"{f', {skipped} skipped' if skipped else ''}{broker}\n")
     else:
         meaning = EXIT_CODES.get(code, "")
         out.write(f"{file}: {problems} problem{'s' if problems > 1 else ''}: "

@@ -256,7 +256,8 @@ class ConnectionWatch:
             f"This is permanent: the broker's ACL allows each client the topics named after "
             f"the name (CN) in its certificate, so {identity} differs from the name in the "
             f"client certificate (broker.cert_file), or the broker's ACL does not cover this "
-            f"fleet. Make them agree (`fedgate config check FILE` shows both)"
+            f"fleet or task (a task declared with `fedgate provision task` needs the broker "
+            f"reloaded: kill -HUP). Make them agree (`fedgate config check FILE` shows both)"
             f"{GIVING_UP}{_GIVING_UP[EXIT_NOT_AUTHORIZED]}",
             EXIT_NOT_AUTHORIZED,
         )
