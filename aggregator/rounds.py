@@ -44,7 +44,7 @@ Rules:
    the expected gateways and ``min_participants`` have answered, the rest get
    ``straggler_factor`` times as long again as that took (at least ``straggler_min_s``);
    then the round closes without them, with an alert naming them. An expected gateway that
-   goes offline mid-round is awaited the same way (a broker that stops publishes every
+   goes offline mid-round is awaited ``straggler_min_s`` (a broker that stops publishes every
    last will, and the gateways return with their updates seconds later). Who is online and ready is in
    the checkpoint: a restarted aggregator waits for the same gateways (their retained
    status or resent update may come in any order) and forgets one that says nothing within
@@ -252,7 +252,7 @@ class RoundStateMachine:
         self.deadline = 0.0
         self.announced_at = 0.0
         self.half_at: float | None = None  # when half the round's expected gateways had answered
-        self.left: set[str] = set()  # expected, went offline mid-round, not back (rule 3)
+        self.left: dict[str, float] = {}  # expected, went offline mid-round at, not back (rule 3)
         self.last_start = 0.0
         self.waiting_for = ""
         self.next_check = 0.0
@@ -301,7 +301,7 @@ class RoundStateMachine:
         if isinstance(event, DeviceOnline):
             return self._on_online(event)
         if isinstance(event, DeviceOffline):
-            self._note_leaving(event.device)
+            self._note_leaving(event.device, event.now)
             self._gone(event.device)
             return self._maybe_close(event.now)
         if isinstance(event, UpdateReceived):
@@ -321,7 +321,7 @@ class RoundStateMachine:
         device = event.device
         came = device not in self.online or device in self.unconfirmed
         self.unconfirmed.discard(device)
-        self.left.discard(device)  # back: waited for again if ready
+        self.left.pop(device, None)  # back: waited for again if ready
         self.online.add(device)
         self.known.add(device)
         self.rows_new[device] = max(0, event.rows_new)
@@ -521,7 +521,7 @@ class RoundStateMachine:
         self.attempt = 0
         self.announced_at = now
         self.half_at = None
-        self.left = set()
+        self.left = {}
         self.deadline = now + self.config.round_timeout_s
         self.selected = self._select()
 
@@ -574,10 +574,10 @@ class RoundStateMachine:
             return []
         if self.phase is Phase.COLLECTING and self._stragglers_due(event.now):
             return self._close_without_stragglers(event.now)
-        if self.phase is Phase.COLLECTING and self.is_buffered:
-            flushed = self._maybe_close(event.now)  # a buffer held for min_interval_s
-            if flushed:
-                return flushed
+        if self.phase is Phase.COLLECTING and (self.is_buffered or self.left):
+            closed = self._maybe_close(event.now)  # a buffer held for min_interval_s, or a
+            if closed:                              # gateway that left and is not back in time
+                return closed
         if event.now < self.deadline:
             return []
         answered = len(self.stats) if self.phase is Phase.STATISTICS else len(self.received)
@@ -742,26 +742,33 @@ class RoundStateMachine:
             return self._aggregate(now) if flush else []
         if got < self.quorum():
             return []
-        if self._awaited() <= set(self.received) | self.refused:
+        if self._awaited(now) <= set(self.received) | self.refused:
+            gone = sorted(set(self.left) - set(self.received) - self.refused - self.ignored)
+            if gone:
+                self.alerts.append(f"closed without {', '.join(gone)}: went offline during the round and was "
+                                   f"not back within straggler_min_s ({self.config.straggler_min_s:g} s)")
             return self._aggregate(now)
         if self._stragglers_due(now):
             return self._close_without_stragglers(now)
         return []
 
-    def _note_leaving(self, device: str) -> None:
-        """An expected gateway that goes offline mid-round is awaited for the straggler window
-        still: a broker that stops publishes every gateway's last will, and the gateways
-        come back with their updates a few seconds later."""
+    def _note_leaving(self, device: str, now: float) -> None:
+        """An expected gateway that goes offline mid-round is awaited ``straggler_min_s`` more:
+        a broker that stops publishes every gateway's last will, and the gateways come back
+        with their updates a few seconds later."""
         if (self.phase is Phase.COLLECTING and self._straggler_rule() and device in self.expected()
                 and device not in self.received and device not in self.refused):
-            self.left.add(device)
+            self.left[device] = now
 
     def _straggler_rule(self) -> bool:
         return self.config.straggler_factor > 0 and self.config.mode != "buffered"
 
-    def _awaited(self) -> set[str]:
-        """Whom a synchronous round still closes for: the expected, and those that left it."""
-        return self.expected() | (self.left - self.ignored)
+    def _awaited(self, now: float) -> set[str]:
+        """Whom a synchronous round still closes for: the expected, and those that left it
+        less than ``straggler_min_s`` ago."""
+        grace = self.config.straggler_min_s
+        back_soon = {d for d, at in self.left.items() if now < at + grace}
+        return self.expected() | (back_soon - self.ignored)
 
     def _stragglers_due(self, now: float) -> bool:
         """Rule 3's straggler window: has it opened, and has it passed?"""
@@ -769,7 +776,7 @@ class RoundStateMachine:
             return False  # off, or buffered: a buffer waits for nobody in particular (rule 6)
         if len(self.received) < self.quorum():
             return False
-        expected = self._awaited()
+        expected = self._awaited(now)
         if 2 * len(expected & (set(self.received) | self.refused)) < len(expected):
             return False
         if self.half_at is None:
@@ -778,7 +785,8 @@ class RoundStateMachine:
         return now >= self.half_at + max(self.config.straggler_min_s, self.config.straggler_factor * took)
 
     def _close_without_stragglers(self, now: float) -> list[Action]:
-        silent = sorted(self._awaited() - set(self.received) - self.refused)
+        silent = sorted((self._awaited(now) | (set(self.left) - self.ignored)) - set(self.received)
+                        - self.refused)
         assert self.half_at is not None
         if silent:
             self.alerts.append(f"closed without {', '.join(silent)}: no update {now - self.half_at:.1f} s "
