@@ -87,6 +87,11 @@ TICK_S = 0.2
 DATA_POLL_S = 5.0  # how often the gateway looks at its store between rounds
 STATUS_GAP_S = 1.0  # status changes go out at most this often; the newest always goes out
 STALE_AFTER_S = 600.0  # no new samples for this long: said in the status and the log
+# After a reconnect that resumed the session, the broker first resends what it sent on the
+# lost connection and was never acknowledged, then the backlog: round announcements wait
+# this long so that only the newest is acted on (a partitioned gateway otherwise trained at
+# once on an announcement a dozen rounds old, and its update was refused as stale_round).
+SETTLE_S = 1.0
 
 
 class Attack(Protocol):
@@ -164,6 +169,9 @@ class EdgeService:
         self._data_at = 0.0
         self._waiting_logged = 0.0
         self._samples_read, self._samples_at = -1, clock()  # when the store last grew
+        self._settle_until = 0.0  # monotonic: round announcements held until then (SETTLE_S)
+        self._held_round: MessageReceived | None = None
+        self._held_count = 0
 
     # ---- loop ------------------------------------------------------------------------------
 
@@ -242,11 +250,22 @@ class EdgeService:
             if self.metrics is not None:
                 self.metrics.connected.set(0)
         elif isinstance(item, MessageReceived):
+            if item.topic == self.topics.round() and time.monotonic() < self._settle_until:
+                self._held_round = item  # the newest of the backlog wins
+                self._held_count += 1
+                return
             self._on_message(item)
         elif isinstance(item, PublishAcknowledged):
             self.outbox.on_acknowledged(item)
 
     def _tick(self, now: float) -> None:
+        if self._held_round is not None and time.monotonic() >= self._settle_until:
+            held, self._held_round = self._held_round, None
+            if self._held_count > 1:
+                log.info("skipped %d round announcements resent after the reconnect (only the "
+                         "newest counts)", self._held_count - 1)
+            self._held_count = 0
+            self._on_message(held)
         waiting = self.activity == "waiting_for_data"
         if now - self._data_at >= DATA_POLL_S:
             self._refresh(now)  # new rows reach the status (the aggregator's schedule counts them)
@@ -388,6 +407,8 @@ class EdgeService:
         if self.metrics is not None:
             self.metrics.connected.set(1)
         log.debug("session present: %s", event.session_present)  # the connection watch logs the connect
+        if event.session_present:
+            self._settle_until = time.monotonic() + SETTLE_S
         self._refresh(self.clock())
         self._publish_status(force=True)
         for whole in self.model_chunks.take_restored():  # assembled before a restart

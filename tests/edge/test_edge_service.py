@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from edge.config import DataConfig, EdgeConfig
 from edge.data import DatasetSource
@@ -89,3 +90,61 @@ def test_gateway_trains_publishes_and_runs_the_model_in_litert(tmp_path: Path) -
     # clean goodbye: retained offline status
     status = codec.decode_body(codec.decode(broker.retained[topics.status("gw1")][0]), Status)
     assert status.state == "offline"
+
+
+def test_a_resumed_session_trains_once_on_the_newest_announcement(tmp_path: Path) -> None:
+    """After a partition the broker resends, on the resumed session, an announcement from
+    before it, and the newer ones follow: the gateway acts on the newest only."""
+    dataset = load_dataset("synthetic", gateways=1, max_rows_per_unit=200)
+    name, unit = next(iter(dataset.units.items()))
+    spec, train = default_spec(dataset), default_train_config(dataset)
+    data = DatasetSource(unit.x_train, unit.y_train, unit.x_test, unit.y_test,
+                         float(dataset.scaler.target_std), dataset.task)
+    config = EdgeConfig(file="edge.toml", device="gw1", fleet="f", task="t",
+                        broker=BrokerConfig("mqtt://memory", "gw1"), data=DataConfig(unit=name),
+                        state_dir=tmp_path)
+    broker, topics = MemoryBroker(), Topics("f", "t")
+    updates: queue.Queue[ModelUpdate] = queue.Queue()
+
+    def on_update(event: object) -> None:
+        if isinstance(event, MessageReceived) and event.payload:
+            env = codec.decode(event.payload)
+            if env.kind == "update":
+                updates.put(codec.decode_body(env, ModelUpdate))
+
+    watcher = MemoryTransport(broker, "watcher")
+    watcher.start(on_update)
+    watcher.subscribe(topics.updates_filter())
+    aggregator = MemoryTransport(broker, "aggregator")
+    aggregator.start(lambda e: None)
+    weights = encode_tensors(init_params(spec, np.random.default_rng(0)))
+    chain = [b""]  # each model names its parent's hash
+
+    def announce(version: int, round_: int) -> None:
+        model = GlobalModel(version, round_ - 1, chain[-1], spec, weights)
+        chain.append(codec.body_hash(model))
+        for kind, topic, body in ((Kind.MODEL, topics.model(), model),
+                                  (Kind.ROUND, topics.round(),
+                                   RoundAnnouncement(round=round_, model_version=version, deadline=1e12,
+                                                     train=train))):
+            env = codec.make_envelope(kind, "f", "t", round_, "aggregator", body, 0.0)
+            aggregator.publish(topic, codec.encode(env), qos=1, retain=True)
+
+    announce(0, 1)
+    gateway = MemoryTransport(broker, "gw1")
+    service = EdgeService(config, gateway, data, EdgeSecurity())
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    try:
+        assert updates.get(timeout=60).round == 1
+        gateway.drop_connection()
+        announce(1, 2)  # waits in the gateway's session
+        gateway.reconnect()  # round 2 arrives at once...
+        threading.Event().wait(0.3)
+        announce(2, 3)  # ...and the newer one a moment later
+        assert updates.get(timeout=60).round == 3
+        with pytest.raises(queue.Empty):
+            updates.get(timeout=2.0)  # nothing for round 2
+    finally:
+        service.stop()
+        thread.join(timeout=10)
