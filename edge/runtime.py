@@ -312,7 +312,7 @@ class EdgeService:
                 self._waiting_logged = now
             self._set_activity("waiting_for_data", snap.waiting)
         elif self.activity in ("", "waiting_for_data"):
-            log.info("enough data: %d training rows (%d holdout); taking part from the next round",
+            log.info("enough data: %d training rows (%d holdout); ready to take part in rounds",
                      len(snap.x_train), len(snap.x_holdout))
             self._set_activity("ready")
         self._check_stale(now)
@@ -451,6 +451,12 @@ class EdgeService:
         except RemoteProtocolError as exc:
             self._reject(exc.reason)
             log.warning("rejected message on %s: %s", msg.topic, exc)
+            if exc.reason == "too_large" and msg.topic == self.topics.model():
+                # said in the status, so the aggregator stops waiting for this gateway
+                log.error("the fleet's model is larger than this gateway takes in (%s): raise "
+                          "[broker] max_message in %s", exc.detail, self.config.file)
+                self._set_activity("incompatible", f"model too large for broker.max_message: {exc.detail}")
+                self._publish_status()
 
     def _reject(self, reason: str) -> None:
         self.rejected[reason] += 1

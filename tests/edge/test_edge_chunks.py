@@ -136,3 +136,39 @@ def test_a_model_assembled_before_a_restart_is_installed_from_the_spool(tmp_path
         thread.join(timeout=10)
     assert restarted.machine.version == 0 and not restarted.rejected
     assert list((tmp_path / "chunks").iterdir()) == []
+
+
+def test_a_model_larger_than_max_message_says_so_in_the_status(tmp_path: Path) -> None:
+    """Not a silent stall: the gateway is 'incompatible' with the reason, so the aggregator's
+    rounds stop waiting for it and an operator sees what to change."""
+    broker = MemoryBroker(max_packet_size=LIMIT)
+    dataset = load_dataset("synthetic", gateways=1, max_rows_per_unit=200)
+    name, unit = next(iter(dataset.units.items()))
+    data = DatasetSource(unit.x_train, unit.y_train, unit.x_test, unit.y_test, 1.0, dataset.task)
+    config = EdgeConfig(file="edge.toml", device="gw1", fleet="f", task="t",
+                        broker=BrokerConfig("mqtt://memory", "gw1", max_message=64 * 1024),
+                        data=DataConfig(unit=name), state_dir=tmp_path)
+    security = EdgeSecurity(limits=codec.Limits(max_message_bytes=config.broker.max_message))  # as edge.main
+    edge = EdgeService(config, MemoryTransport(broker, "gw1"), data, security)
+    aggregator = MemoryTransport(broker, "aggregator")
+    aggregator.start(lambda e: None)
+
+    def seal(manifest: ChunkManifest) -> bytes:
+        return codec.encode(codec.make_envelope(Kind.MANIFEST, "f", "t", 0, "aggregator", manifest, 0.0))
+
+    big = bytes(200 * 1024)  # a 200 KB model message against a 64 KB max_message
+    limit = aggregator.payload_limit(TOPICS.model_chunk(b"\0" * 32))
+    manifest = chunks.publications(big, "model", TOPICS.model(), limit, TOPICS.model_chunk, seal, retain=True)[0]
+    aggregator.publish(manifest.topic, manifest.payload, retain=True)
+    thread = threading.Thread(target=edge.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100):
+            if edge.activity == "incompatible":
+                break
+            threading.Event().wait(0.1)
+    finally:
+        edge.stop()
+        thread.join(timeout=10)
+    assert edge.activity == "incompatible" and "broker.max_message" in edge.activity_detail
+    assert edge.rejected["too_large"] == 1
