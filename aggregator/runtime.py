@@ -78,7 +78,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedgate.aggregator")
 TICK_S = 0.2
 STATE_EVERY_S = 30.0
-NOT_READY = ("waiting_for_data", "incompatible")
+# a gateway refusing rounds under its own [privacy] policy is not waited for either
+NOT_READY = ("waiting_for_data", "incompatible", "refusing")
 INBOX_MESSAGES = 2  # payload bytes waiting in the inbox: this many of the largest messages
 Carried = sm.Action | dm.DeployAction  # what the loop carries out, in order
 

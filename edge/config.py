@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge.privacy import LEVELS, PrivacyPolicy
 from edge.rows import TASKS, RowSpec, parse_exclusion, parse_feature
 from fedcore.config import Section, load_toml
 from fedcore.service_config import BrokerConfig, broker_config, name
@@ -68,6 +69,7 @@ class EdgeConfig:
     attack: str = ""  # for attack experiments only: name of edge.attacks' attack
     security: dict[str, Path] = field(default_factory=dict)
     spool: SpoolConfig = SpoolConfig()
+    privacy: PrivacyPolicy = PrivacyPolicy()
 
 
 def _attack(sec: Section) -> str:
@@ -101,6 +103,7 @@ def load_edge_config(path: str | Path) -> EdgeConfig:
         max_bytes=spool.int("max_bytes", SPOOL_MAX_BYTES, min=SPOOL_MIN_BYTES),
     )
     spool.reject_unknown()
+    privacy = _privacy(root.section("privacy"))
     cfg = EdgeConfig(
         file=str(path),
         device=device,
@@ -119,12 +122,29 @@ def load_edge_config(path: str | Path) -> EdgeConfig:
         attack=_attack(experiment),
         security=security,
         spool=spool_config,
+        privacy=privacy,
     )
     state.reject_unknown()
     inference.reject_unknown()
     experiment.reject_unknown()
     root.reject_unknown()
     return cfg
+
+
+def _privacy(sec: Section) -> PrivacyPolicy:
+    """``[privacy]``: the DP this gateway requires of every round, whatever is announced."""
+    policy = PrivacyPolicy(
+        require=sec.str("require", "none", choices=LEVELS),
+        min_noise_multiplier=sec.float("min_noise_multiplier", 0.0, min=0.0),
+        max_epsilon=sec.float("max_epsilon", 0.0, min=0.0),
+        delta=sec.float("delta", 1e-5, min=1e-300, max=0.5),
+    )
+    if not policy.active:  # a bound on a level not required would silently do nothing
+        for key in ("min_noise_multiplier", "max_epsilon"):
+            if getattr(policy, key) > 0:
+                raise sec.error(key, getattr(policy, key), 'needs require = "update" or "record"')
+    sec.reject_unknown()
+    return policy
 
 
 def _dataset_data(dsec: Section) -> DataConfig:

@@ -52,6 +52,7 @@ from enum import Enum
 
 import numpy as np
 
+from edge.privacy import GatewayLedger, charge, refusal
 from fedcore.compression.downlink import decode_model
 from fedcore.errors import RemoteProtocolError
 from fedcore.learning.params import Params, subtract
@@ -176,6 +177,13 @@ class SatOut:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyMet:
+    """A round complies with the gateway's [privacy] policy again after one that did not."""
+
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
 class SendStatistics:
     round: int
     lineage: str
@@ -188,14 +196,19 @@ class LineageChanged:
 
 
 Action = (InstallModel | StartTraining | PublishUpdate | ModelRefused | SatOut | SendStatistics
-          | LineageChanged)
+          | LineageChanged | PolicyMet)
 
 
 class Participant:
     """Pure gateway round logic. See the module docstring for the rules."""
 
-    def __init__(self, device: str, encode: EncodeFn = encode_raw, lineage: str = "") -> None:
+    def __init__(self, device: str, encode: EncodeFn = encode_raw, lineage: str = "",
+                 ledger: GatewayLedger | None = None) -> None:
         self.device = device
+        # the gateway's own [privacy] policy and epsilon ledger (edge.privacy); None = no policy
+        self.ledger = ledger
+        self.refusing = False  # the last announcement broke the policy
+        self.last_samples = 0  # training rows of the last update: the record-level cost estimate
         self.encode = encode
         self.lineage = lineage
         self.phase = ParticipantPhase.WAITING_MODEL
@@ -304,6 +317,27 @@ class Participant:
             return [SatOut(ann.round, "old_lineage")]
         if ann.purpose == "wait":
             return []  # the aggregator waits for its schedule: nothing to train
+        met: list[Action] = []
+        if ann.purpose != "statistics" and self.ledger is not None:
+            # checked before selection, so a gateway that refused sees a later round comply
+            reason = self._policy_refusal(ann)
+            if reason:
+                self.refusing, self.pending = True, None
+                if self.buffered is not None and self.buffered.lineage == ann.lineage:
+                    self.buffered = None  # no more training under the old announcement
+                return [SatOut(ann.round, reason)]
+            if self.refusing:
+                self.refusing, met = False, [PolicyMet(ann.round)]
+        return met + self._on_round_checked(ann)
+
+    def _policy_refusal(self, ann: RoundAnnouncement) -> str:
+        assert self.ledger is not None
+        reason = refusal(self.ledger.policy, ann)
+        if reason or (self.ledger.policy.require == "record" and self.last_samples < 1):
+            return reason  # the record-level cost needs n: checked again when the update is made
+        return self.ledger.over_budget(charge(self.ledger.policy, ann, self.last_samples))
+
+    def _on_round_checked(self, ann: RoundAnnouncement) -> list[Action]:
         if ann.selected and self.device not in ann.selected:
             return [SatOut(ann.round, "not_selected")]
         if ann.purpose == "statistics":
@@ -373,7 +407,17 @@ class Participant:
         self.phase = ParticipantPhase.READY
         return [self._publish(event, subtract(event.weights, self.weights), ann)]
 
-    def _publish(self, event: TrainingFinished, delta: Params, ann: RoundAnnouncement) -> PublishUpdate:
+    def _publish(self, event: TrainingFinished, delta: Params,
+                 ann: RoundAnnouncement) -> PublishUpdate | SatOut:
+        self.last_samples = event.num_samples
+        if self.ledger is not None and self.ledger.policy.active:
+            # the definitive check, with the real number of rows; charged before it goes out
+            cost = charge(self.ledger.policy, ann, event.num_samples)
+            reason = refusal(self.ledger.policy, ann) or self.ledger.over_budget(cost)
+            if reason:
+                self.refusing = True
+                return SatOut(event.round, reason)
+            self.ledger.record(cost)
         encoded, info = self.encode(delta, ann.pipeline)
         private = ann.pipeline.noise_multiplier > 0 or ann.train.dp_noise > 0
         update = ModelUpdate(

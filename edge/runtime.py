@@ -143,7 +143,11 @@ class EdgeService:
         # what the gateway publishes; main.py gives it the on-disk spool (edge.outbox)
         self.outbox = outbox or Outbox(transport, None, metrics)
         remembered = saved_state.load(config.state_dir)
-        self.machine = pm.Participant(config.device, encode=encode, lineage=remembered.lineage)
+        # the gateway's own [privacy] policy and ledger: a damaged ledger stops the start
+        ledger = (saved_state.load_ledger(config.state_dir, config.privacy)
+                  if config.privacy.active else None)
+        self.machine = pm.Participant(config.device, encode=encode, lineage=remembered.lineage,
+                                      ledger=ledger)
         self.private = remembered.private
         self.deployer = dm.DeploymentFollower(config.device, remembered.deployment,
                                               remembered.deployment_lineage,
@@ -387,6 +391,16 @@ class EdgeService:
         self.outbox.publish_latest(self.topics.status(self.config.device),
                                    signed_status(self.config, self.security, status, self.clock()))
 
+    def _save_ledger(self) -> None:
+        if self.machine.ledger is None:
+            return
+        try:
+            saved_state.save_ledger(self.config.state_dir, self.machine.ledger)
+        except OSError as exc:
+            # the charge stays in memory and is written with the next update
+            log.error("cannot save the privacy ledger in %s: %s", self.config.state_dir,
+                      exc.strerror or exc)
+
     def _remember(self) -> None:
         state = saved_state.EdgeState(self.machine.lineage, self.deployer.sequence,
                                       self.deployer.lineage, self.trained_until, self.private)
@@ -482,7 +496,13 @@ class EdgeService:
                 if self.trained_until != before:
                     self._remember()  # once the update is out: a restart must not count these rows as new
             elif isinstance(action, pm.PublishUpdate):
+                if not action.resend:
+                    self._save_ledger()  # charged before it goes out
                 self._send_update(action)
+            elif isinstance(action, pm.PolicyMet):
+                log.info("round %d complies with [privacy] again: taking part", action.round)
+                if self.activity == "refusing":
+                    self._set_activity("ready")
             elif isinstance(action, pm.SendStatistics):
                 self._send_statistics(action)
             elif isinstance(action, pm.ModelRefused):
@@ -491,7 +511,13 @@ class EdgeService:
             elif isinstance(action, pm.SatOut):
                 if self.metrics is not None:
                     self.metrics.sat_out.inc(reason=action.reason.split(":")[0])
-                log.info("round %d: sitting out (%s)", action.round, action.reason)
+                if action.reason.startswith(("privacy_policy", "privacy_budget_spent")):
+                    # a policy the aggregator cannot change: the operator has to see it
+                    log.warning("round %d: refused by this gateway's privacy policy (%s, in %s)",
+                                action.round, action.reason, self.config.file)
+                    self._set_activity("refusing", action.reason)
+                else:
+                    log.info("round %d: sitting out (%s)", action.round, action.reason)
         self._publish_status()
 
     def _send_update(self, action: pm.PublishUpdate) -> None:

@@ -14,6 +14,11 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+
+from edge import privacy
+from edge.privacy import GatewayLedger, PrivacyPolicy
+from fedcore.errors import LocalProtocolError
 
 FILE = "edge-state.json"
 
@@ -41,11 +46,38 @@ def load(state_dir: Path) -> EdgeState:
 
 def save(state_dir: Path, state: EdgeState) -> None:
     """Raises OSError when the disk refuses (the caller logs it)."""
+    _write(state_dir, FILE, asdict(state))  # -inf is written as -Infinity, which json reads back
+
+
+def _write(state_dir: Path, name: str, data: dict[str, Any]) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / FILE
-    tmp = path.with_name(FILE + ".tmp")
+    path = state_dir / name
+    tmp = path.with_name(name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(asdict(state), f)  # -inf is written as -Infinity, which json reads back
+        json.dump(data, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def load_ledger(state_dir: Path, policy: PrivacyPolicy) -> GatewayLedger:
+    """The gateway's own privacy ledger (``state_dir/privacy-ledger.json``), empty if there is
+    none. Unlike the state above, a damaged ledger is not taken as empty (that would hand the
+    gateway a fresh budget): it raises LocalProtocolError and the gateway does not start."""
+    path = state_dir / privacy.FILE
+    try:
+        text = path.read_text("utf-8")
+    except FileNotFoundError:
+        return GatewayLedger(policy)
+    except OSError as exc:
+        raise LocalProtocolError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise LocalProtocolError(f"privacy ledger {path} is damaged: {exc}") from exc
+    return GatewayLedger.from_dict(policy, data if isinstance(data, dict) else {})
+
+
+def save_ledger(state_dir: Path, ledger: GatewayLedger) -> None:
+    """Raises OSError when the disk refuses (the caller logs it)."""
+    _write(state_dir, privacy.FILE, ledger.to_dict())

@@ -152,7 +152,7 @@ class Status(msgspec.Struct, frozen=True, array_like=True):
     lineage: str = ""
     trained_version: int = -1  # the global model it trains from
     since: float = 0.0  # unix time the connection state began
-    # "waiting_for_data" | "ready" | "training" | "incompatible" | ""
+    # "waiting_for_data" | "ready" | "training" | "incompatible" | "refusing" | ""
     activity: str = ""
     activity_detail: str = ""  # e.g. "62 of 500 rows"
     rows: int = 0  # rows held for training now (training + holdout)
