@@ -214,3 +214,34 @@ def test_a_wrong_spool_key_is_named_with_its_value(tmp_path: Path, text: str, ke
     with pytest.raises(ConfigError) as err:
         load_edge_config(path)
     assert (err.value.file, err.value.key, err.value.value) == (str(path), key, value)
+
+
+def test_the_privacy_policy_defaults_to_none_and_is_read(tmp_path: Path) -> None:
+    default = load_edge_config(spool_config(tmp_path, "")).privacy
+    assert (default.require, default.min_noise_multiplier, default.max_epsilon, default.delta) == (
+        "none", 0.0, 0.0, 1e-5)
+    text = ('[privacy]\nrequire = "update"\nmin_noise_multiplier = 0.8\nmax_epsilon = 8.0\n'
+            'delta = 1e-6\n')
+    set_ = load_edge_config(spool_config(tmp_path, text)).privacy
+    assert (set_.require, set_.min_noise_multiplier, set_.max_epsilon, set_.delta) == (
+        "update", 0.8, 8.0, 1e-6)
+
+
+@pytest.mark.parametrize(("text", "key", "value"), [
+    ('require = "full"', "privacy.require", "full"),
+    ('require = "update"\nmin_noise_multiplier = -1', "privacy.min_noise_multiplier", -1),
+    ('require = "update"\nmax_epsilon = nan', "privacy.max_epsilon", "nan"),
+    ('require = "update"\nmax_epsilon = inf', "privacy.max_epsilon", "inf"),
+    ('require = "record"\ndelta = 0', "privacy.delta", 0),
+    ('require = "record"\ndelta = 0.9', "privacy.delta", 0.9),
+    ("max_epsilon = 3.0", "privacy.max_epsilon", 3.0),  # a budget needs a required level
+    ("min_noise_multiplier = 1.0", "privacy.min_noise_multiplier", 1.0),
+    ("epsilon = 3.0", "privacy.epsilon", 3.0),
+])
+def test_a_wrong_privacy_key_is_named_with_its_value(tmp_path: Path, text: str, key: str, value: Any) -> None:
+    path = spool_config(tmp_path, f"[privacy]\n{text}\n")
+    with pytest.raises(ConfigError) as err:
+        load_edge_config(path)
+    got = err.value.value
+    assert (err.value.file, err.value.key, str(got) if value in ("nan", "inf") else got) == (
+        str(path), key, value)

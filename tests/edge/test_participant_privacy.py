@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from aggregator.privacy import PrivacyLedger, epsilon_spent
 from edge import participant as edge
+from edge import state as saved_state
 from edge.privacy import GatewayLedger, PrivacyPolicy, charge
 from fedcore.errors import LocalProtocolError
 from fedcore.privacy.accountant import epsilon_of
@@ -128,3 +130,13 @@ def test_a_saved_ledger_round_trips_and_a_damaged_one_is_refused() -> None:
     assert GatewayLedger.from_dict(policy, ledger.to_dict()).events == {(1.0, 1.0): 3}
     with pytest.raises(LocalProtocolError, match="damaged"):
         GatewayLedger.from_dict(policy, {"version": 1, "events": [[1.0, 1.0, 0]]})
+
+
+def test_the_ledger_file_in_state_dir_survives_a_restart_and_damage_stops_the_start(tmp_path: Path) -> None:
+    policy = PrivacyPolicy(require="update", max_epsilon=10.0)
+    assert saved_state.load_ledger(tmp_path, policy).events == {}  # none yet: empty
+    saved_state.save_ledger(tmp_path, GatewayLedger(policy, {(1.0, 1.0): 2}))
+    assert saved_state.load_ledger(tmp_path, policy).events == {(1.0, 1.0): 2}
+    (tmp_path / "privacy-ledger.json").write_text("{not json")
+    with pytest.raises(LocalProtocolError, match="damaged"):
+        saved_state.load_ledger(tmp_path, policy)  # never taken as a fresh budget
