@@ -245,3 +245,11 @@ def test_a_wrong_privacy_key_is_named_with_its_value(tmp_path: Path, text: str, 
     got = err.value.value
     assert (err.value.file, err.value.key, str(got) if value in ("nan", "inf") else got) == (
         str(path), key, value)
+
+
+def test_the_privacy_example_of_the_configuration_reference_loads(tmp_path: Path) -> None:
+    page = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    section = page.split("### A gateway's own privacy policy (`[privacy]`)", 1)[1]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    policy = load_edge_config(spool_config(tmp_path, example)).privacy
+    assert (policy.require, policy.min_noise_multiplier, policy.max_epsilon) == ("update", 0.8, 8.0)
