@@ -4,8 +4,8 @@ Each gateway adds its DP noise itself, at the level and multiplier the round ann
 names. Without a policy it trusts those figures: an aggregator that announced noise 0
 would get clear updates. With one, the gateway checks every announcement *before* training
 (``refusal``) and sits the round out with a reason that names the announced figure and the
-config key it breaks; it keeps its own ledger of the updates it sent under DP (charged as
-the aggregator's ledger charges them, ``fedcore.privacy.accountant``) and refuses a round
+config key it breaks; it keeps its own ledger of the updates it sent under DP (``charge``; epsilon by the
+aggregator's accountant, in plain Python: ``fedcore.privacy.accountant``) and refuses a round
 whose update would take it over ``max_epsilon``. No announcement can lower any of this.
 
 The ledger is never reset by a new lineage: a lineage is the aggregator's to start, and the
@@ -67,9 +67,10 @@ def refusal(policy: PrivacyPolicy, ann: RoundAnnouncement) -> str:
 
 
 def charge(policy: PrivacyPolicy, ann: RoundAnnouncement, num_samples: int) -> tuple[float, float, int]:
-    """(noise multiplier, sampling rate, steps) one update of this round costs, as the
-    aggregator's ledger charges it: update level one release at rate 1 (the aggregator
-    knows who was selected); record level the round's DP-SGD steps on n records."""
+    """(noise multiplier, sampling rate, steps) one update of this round costs. Record level
+    as the aggregator charges it: the round's DP-SGD steps on n records. Update level one
+    release at rate 1, where the aggregator charges the selection fraction: the gateway
+    cannot check that selection was secret (from the aggregator it is not)."""
     if policy.require == "record":
         n = max(int(num_samples), 1)
         return ann.train.dp_noise, sampling_rate(n, ann.train), dp_steps(n, ann.train)
