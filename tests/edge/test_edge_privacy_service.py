@@ -32,6 +32,7 @@ from fedcore.protocol.topics import Topics
 from fedcore.service_config import BrokerConfig
 from fedcore.transport.base import MessageReceived
 from fedcore.transport.memory import MemoryBroker, MemoryTransport
+from tests.aggregator.test_model_files import Aggregator
 
 
 def test_a_round_without_noise_is_refused_and_a_noised_one_is_sent_and_charged(tmp_path: Path) -> None:
@@ -88,6 +89,13 @@ def test_a_round_without_noise_is_refused_and_a_noised_one_is_sent_and_charged(t
         assert refused.activity_detail.startswith("privacy_policy:")
         assert "pipeline.noise_multiplier=0" in refused.activity_detail
         assert not (tmp_path / "privacy-ledger.json").exists()
+        # the aggregator reads that status as "online, not ready": rounds do not wait for it
+        status_msg = MessageReceived(topics.status("gw1"), broker.retained[topics.status("gw1")][0], True)
+        (tmp_path / "aggregator").mkdir()
+        aggregator_service = Aggregator(tmp_path / "aggregator")
+        aggregator_service.start()
+        aggregator_service.service._on_status("gw1", status_msg, aggregator_service.now)
+        assert "gw1" in aggregator_service.machine.unready
 
         announce(2, noise=1.0)
         update = next_of("update")
