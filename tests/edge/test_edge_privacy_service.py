@@ -1,9 +1,11 @@
 """A real EdgeService on the in-memory broker under its own [privacy] policy: a round that
 announces no noise is refused with the reason in the status, a later complying round is
-trained, sent and charged to the ledger in state_dir."""
+trained, sent and charged to the ledger in state_dir, and after a restart that charge
+counts against the budget."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import threading
@@ -18,6 +20,7 @@ from edge.runtime import EdgeService
 from edge.security import EdgeSecurity
 from fedcore.datasets import default_spec, default_train_config, load_dataset
 from fedcore.learning.models import init_params
+from fedcore.privacy.accountant import epsilon_of
 from fedcore.protocol import codec
 from fedcore.protocol.messages import (
     GlobalModel,
@@ -35,7 +38,8 @@ from fedcore.transport.memory import MemoryBroker, MemoryTransport
 from tests.aggregator.test_model_files import Aggregator
 
 
-def test_a_round_without_noise_is_refused_and_a_noised_one_is_sent_and_charged(tmp_path: Path) -> None:
+def test_a_round_without_noise_is_refused_a_noised_one_is_charged_and_the_charge_outlives_a_restart(
+        tmp_path: Path) -> None:
     dataset = load_dataset("wind", max_rows_per_unit=600)
     unit = dataset.units["R80711"]
     data = DatasetSource(unit.x_train, unit.y_train, unit.x_test, unit.y_test,
@@ -85,7 +89,7 @@ def test_a_round_without_noise_is_refused_and_a_noised_one_is_sent_and_charged(t
     thread.start()
     try:
         refused = next_of("status", "refusing")
-        assert isinstance(refused, Status), f"an update was sent under noise 0: {refused!r}"
+        assert isinstance(refused, Status), "an update was sent under noise 0"
         assert refused.activity_detail.startswith("privacy_policy:")
         assert "pipeline.noise_multiplier=0" in refused.activity_detail
         assert not (tmp_path / "privacy-ledger.json").exists()
@@ -105,3 +109,19 @@ def test_a_round_without_noise_is_refused_and_a_noised_one_is_sent_and_charged(t
         thread.join(timeout=10)
     saved = json.loads((tmp_path / "privacy-ledger.json").read_text())
     assert saved["events"] == [[1.0, 1.0, 1]]
+
+    # restarted with a budget that one more update at z = 1 would break: the saved charge counts
+    budget = (epsilon_of([(1.0, 1.0, 1)], 1e-5) + epsilon_of([(1.0, 1.0, 2)], 1e-5)) / 2
+    config = dataclasses.replace(config, privacy=PrivacyPolicy(require="update", max_epsilon=budget))
+    announce(3, noise=1.0)
+    service = EdgeService(config, MemoryTransport(broker, "gw1"), data, EdgeSecurity())
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    try:
+        spent = next_of("status", "refusing")
+        assert isinstance(spent, Status), "an update was sent over the budget"
+        assert spent.activity_detail.startswith("privacy_budget_spent:")
+    finally:
+        service.stop()
+        thread.join(timeout=10)
+    assert json.loads((tmp_path / "privacy-ledger.json").read_text())["events"] == [[1.0, 1.0, 1]]
