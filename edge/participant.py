@@ -52,7 +52,7 @@ from enum import Enum
 
 import numpy as np
 
-from edge.privacy import GatewayLedger, charge, refusal
+from edge.privacy import GatewayLedger, before_training, charge, refusal
 from fedcore.compression.downlink import decode_model
 from fedcore.errors import RemoteProtocolError
 from fedcore.learning.params import Params, subtract
@@ -320,7 +320,7 @@ class Participant:
         met: list[Action] = []
         if ann.purpose != "statistics" and self.ledger is not None:
             # checked before selection, so a gateway that refused sees a later round comply
-            reason = self._policy_refusal(ann)
+            reason = before_training(self.ledger, ann, self.last_samples)
             if reason:
                 self.refusing, self.pending = True, None
                 if self.buffered is not None and self.buffered.lineage == ann.lineage:
@@ -329,13 +329,6 @@ class Participant:
             if self.refusing:
                 self.refusing, met = False, [PolicyMet(ann.round)]
         return met + self._on_round_checked(ann)
-
-    def _policy_refusal(self, ann: RoundAnnouncement) -> str:
-        assert self.ledger is not None
-        reason = refusal(self.ledger.policy, ann)
-        if reason or (self.ledger.policy.require == "record" and self.last_samples < 1):
-            return reason  # the record-level cost needs n: checked again when the update is made
-        return self.ledger.over_budget(charge(self.ledger.policy, ann, self.last_samples))
 
     def _on_round_checked(self, ann: RoundAnnouncement) -> list[Action]:
         if ann.selected and self.device not in ann.selected:

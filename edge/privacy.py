@@ -77,6 +77,16 @@ def charge(policy: PrivacyPolicy, ann: RoundAnnouncement, num_samples: int) -> t
     return ann.pipeline.noise_multiplier, 1.0, 1
 
 
+def before_training(ledger: GatewayLedger, ann: RoundAnnouncement, last_samples: int) -> str:
+    """Why this round is refused before training ("" if it is not): the policy, then the
+    budget at the cost of the last update's rows (record level: unknown before the first
+    update, so only the check when the update is made applies then)."""
+    reason = refusal(ledger.policy, ann)
+    if reason or (ledger.policy.require == "record" and last_samples < 1):
+        return reason
+    return ledger.over_budget(charge(ledger.policy, ann, last_samples))
+
+
 class GatewayLedger:
     """The Gaussian releases this gateway has sent, as {(z, q): steps}."""
 
