@@ -18,7 +18,7 @@ from typing import Any
 
 from edge import privacy
 from edge.privacy import GatewayLedger, PrivacyPolicy
-from fedcore.errors import LocalProtocolError
+from fedcore.errors import ConfigError, LocalProtocolError
 
 FILE = "edge-state.json"
 
@@ -63,19 +63,23 @@ def _write(state_dir: Path, name: str, data: dict[str, Any]) -> None:
 def load_ledger(state_dir: Path, policy: PrivacyPolicy) -> GatewayLedger:
     """The gateway's own privacy ledger (``state_dir/privacy-ledger.json``), empty if there is
     none. Unlike the state above, a damaged ledger is not taken as empty (that would hand the
-    gateway a fresh budget): it raises LocalProtocolError and the gateway does not start."""
+    gateway a fresh budget): it raises ConfigError (exit 78, no restart) and the gateway does
+    not start until an operator repairs or removes the file."""
     path = state_dir / privacy.FILE
+    why = "repair it, or remove it to give this gateway a fresh epsilon budget"
     try:
         text = path.read_text("utf-8")
     except FileNotFoundError:
         return GatewayLedger(policy)
     except OSError as exc:
-        raise LocalProtocolError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        raise ConfigError(str(path), "state.dir", str(state_dir),
+                          f"cannot read the privacy ledger: {exc.strerror or exc}") from exc
     try:
         data = json.loads(text)
-    except ValueError as exc:
-        raise LocalProtocolError(f"privacy ledger {path} is damaged: {exc}") from exc
-    return GatewayLedger.from_dict(policy, data if isinstance(data, dict) else {})
+        return GatewayLedger.from_dict(policy, data if isinstance(data, dict) else {})
+    except (ValueError, LocalProtocolError) as exc:
+        raise ConfigError(str(path), "state.dir", str(state_dir),
+                          f"the privacy ledger is damaged ({exc}): {why}") from exc
 
 
 def save_ledger(state_dir: Path, ledger: GatewayLedger) -> None:

@@ -12,7 +12,7 @@ from aggregator.privacy import PrivacyLedger, epsilon_spent
 from edge import participant as edge
 from edge import state as saved_state
 from edge.privacy import GatewayLedger, PrivacyPolicy, charge
-from fedcore.errors import LocalProtocolError
+from fedcore.errors import ConfigError, LocalProtocolError
 from fedcore.privacy.accountant import epsilon_of
 from fedcore.protocol.messages import (
     GlobalModel,
@@ -137,6 +137,8 @@ def test_the_ledger_file_in_state_dir_survives_a_restart_and_damage_stops_the_st
     assert saved_state.load_ledger(tmp_path, policy).events == {}  # none yet: empty
     saved_state.save_ledger(tmp_path, GatewayLedger(policy, {(1.0, 1.0): 2}))
     assert saved_state.load_ledger(tmp_path, policy).events == {(1.0, 1.0): 2}
-    (tmp_path / "privacy-ledger.json").write_text("{not json")
-    with pytest.raises(LocalProtocolError, match="damaged"):
-        saved_state.load_ledger(tmp_path, policy)  # never taken as a fresh budget
+    for damage in ("{not json", '{"version": 1, "events": [[1.0, 1.0, 0]]}'):
+        (tmp_path / "privacy-ledger.json").write_text(damage)
+        with pytest.raises(ConfigError, match="damaged") as err:  # exit 78: an operator must act
+            saved_state.load_ledger(tmp_path, policy)  # never taken as a fresh budget
+        assert err.value.exit_code == 78
