@@ -49,6 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="attack experiments: what the malicious gateways do")
     p.add_argument("--malicious", type=float, default=0.0,
                    help="share of gateways that run --attack (e.g. 0.25)")
+    p.add_argument("--metric", default="",
+                   help="headline metric: any metric the task reports (default: rmse for "
+                   "regression, accuracy for classification, f1_pos when the positive class "
+                   "of a binary task is under 20 %% of training rows); a name the task does "
+                   "not report exits 78")
     p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     p.add_argument("--unit-column", default="", help="csv: the column naming each gateway's unit")
     p.add_argument("--target", default="", help="csv: the column to predict")
@@ -99,6 +104,7 @@ def _run(args: argparse.Namespace) -> int:
         target=args.target,
         features=tuple(f for f in args.features.split(",") if f),
         csv_task=args.task,
+        metric=args.metric,
         field_bus=args.field_bus,
         field_bus_rows=args.field_bus_rows,
         field_bus_start=args.field_bus_start,

@@ -36,6 +36,8 @@ from fedcore.datasets import (
     evaluate_dataset,
     load_dataset,
 )
+from fedcore.errors import ConfigError
+from fedcore.learning.metrics import LOWER_IS_BETTER
 from fedcore.learning.models import init_params
 from fedcore.learning.training import train_local
 from fedcore.protocol import codec
@@ -96,21 +98,36 @@ def _baseline_rounds(
 
 
 def baselines(dataset: FederatedDataset, spec: ModelSpec, train: TrainConfig, rounds: int,
-              seed: int) -> tuple[float, float, dict[str, float]]:
+              seed: int) -> tuple[dict[str, float], dict[str, float], dict[str, dict[str, float]]]:
     """Centralized (pooled training data) and local-only (mean over gateways) on the same
-    test split, each with the federated run's training budget per round."""
-    metric, _ = dataset.primary_metric
+    test split, each with the federated run's training budget per round, on EVERY metric
+    the task reports (not only the headline). Returns (centralized, local-only mean,
+    local-only per gateway), each a metric -> value map."""
     units = list(dataset.units.values())
     x_all = np.concatenate([u.x_train for u in units])
     y_all = np.concatenate([u.y_train for u in units])
     pooled_train = msgspec.structs.replace(train, max_steps=train.max_steps * len(units)) if train.max_steps else train
     central = _baseline_rounds(spec, x_all, y_all, pooled_train, rounds, seed)
-    centralized = evaluate_dataset(dataset, spec, central)[metric]
-    per_unit: dict[str, float] = {}
+    centralized = evaluate_dataset(dataset, spec, central)
+    per_unit: dict[str, dict[str, float]] = {}
     for name, unit in dataset.units.items():
         w = _baseline_rounds(spec, unit.x_train, unit.y_train, train, rounds, seed)
-        per_unit[name] = evaluate_dataset(dataset, spec, w)[metric]
-    return centralized, float(np.mean(list(per_unit.values()))), per_unit
+        per_unit[name] = evaluate_dataset(dataset, spec, w)
+    local_only = {k: float(np.mean([m[k] for m in per_unit.values()])) for k in centralized}
+    return centralized, local_only, per_unit
+
+
+def choose_metric(dataset: FederatedDataset, spec: ModelSpec, wanted: str) -> tuple[str, bool]:
+    """The headline metric: ``wanted`` when given (one the task reports), else the data
+    set's (positive-class F1 for a rare binary event). A bad name is a ConfigError listing
+    the choices (exit 78)."""
+    if not wanted:
+        return dataset.primary_metric
+    reported = sorted(k for k in evaluate_dataset(dataset, spec, init_params(spec, np.random.default_rng(0)))
+                      if k != "positive_rate")  # a property of the data, not of a model
+    if wanted not in reported:
+        raise ConfigError("--metric", "metric", wanted, f"must be one of {', '.join(reported)}")
+    return wanted, wanted not in LOWER_IS_BETTER
 
 
 class Observer:
@@ -200,10 +217,13 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     train = options.train or default_train_config(dataset)
     if options.qat:
         train = msgspec.structs.replace(train, qat=True)
-    metric, higher_is_better = dataset.primary_metric
+    metric, higher_is_better = choose_metric(dataset, spec, options.metric)
+    positive_rate = dataset.train_positive_rate
     say(f"data set {dataset.name}: {len(dataset.units)} gateways "
         f"({', '.join(dataset.units)}), {sum(len(u.y_train) for u in dataset.units.values())} "
-        f"training rows, {len(dataset.y_test)} test rows; metric {metric}")
+        f"training rows, {len(dataset.y_test)} test rows; metric {metric}"
+        + (f"; positive rate {positive_rate:.4f} of training rows, "
+           f"{float(np.mean(dataset.y_test == 1)):.4f} of test rows" if positive_rate is not None else ""))
     renamed = {u: device_id(u) for u in dataset.units if device_id(u) != f"gw-{u}"}
     if renamed:  # unit names that are not valid ids (spaces, '/', '#', ...): shown once
         say("gateway ids of units whose names are not valid ids: "
@@ -245,7 +265,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
             say(f"EXPERIMENT: {', '.join(bad)} run the {options.attack!r} attack; "
                 f"fusion rule {options.fusion!r}")
         say(f"{'round':>5} {'parts':>6} {metric:>12} {'bytes_up':>10} {'bytes_down':>10} {'wall_s':>7} {'epsilon':>8}")
-        rows = _watch(observer, dataset, options, procs, say)
+        rows = _watch(observer, dataset, metric, options, procs, say)
     except KeyboardInterrupt:
         say("interrupted: stopping the services")
         _stop_all(procs, observer, broker)
@@ -256,8 +276,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     say("training the baselines on the same split ...")
     centralized, local_only, per_unit = baselines(dataset, spec, train, options.rounds, options.seed)
     federated = rows[-1].metric
-    say(f"{metric}: federated {federated:.4f} | centralized {centralized:.4f} | "
-        f"local-only (mean of {len(per_unit)}) {local_only:.4f}")
+    _say_final_table(say, metric, rows[-1].extra, centralized, local_only, len(per_unit))
     record = {
         "dataset": dataset.name,
         "metric": metric,
@@ -269,11 +288,17 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
              **({"epsilon": r.epsilon} if r.epsilon is not None else {}), **r.extra}
             for r in rows
         ],
+        **({"positive_rate": {"train": positive_rate,
+                              "test": float(np.mean(dataset.y_test == 1))}}
+           if positive_rate is not None else {}),
         "federated": federated,
-        "centralized": centralized,
-        "local_only": local_only,
-        "local_only_per_gateway": per_unit,
+        "centralized": centralized[metric],
+        "local_only": local_only[metric],
+        "local_only_per_gateway": {u: m[metric] for u, m in per_unit.items()},
         "final_metrics": rows[-1].extra,
+        # every metric the task reports, beside the headline ones above
+        "baselines": {"centralized": centralized, "local_only": local_only,
+                      "local_only_per_gateway": per_unit},
         "config": options.describe(),
         **({"field_bus": field_bus} if field_bus else {}),
     }
@@ -283,9 +308,8 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     return record
 
 
-def _watch(observer: Observer, dataset: FederatedDataset, options: DemoOptions,
+def _watch(observer: Observer, dataset: FederatedDataset, metric: str, options: DemoOptions,
            procs: list[subprocess.Popen[bytes]], say: Callable[[str], None]) -> list[RoundRow]:
-    metric, _ = dataset.primary_metric
     scores: dict[int, dict[str, float]] = {}
     summaries: dict[int, RoundSummary] = {}
     rows: list[RoundRow] = []
@@ -328,6 +352,17 @@ def _watch(observer: Observer, dataset: FederatedDataset, options: DemoOptions,
             for alert in s.alerts:
                 say(f"      ALERT: {alert}")
     return rows
+
+
+def _say_final_table(say: Callable[[str], None], metric: str, federated: dict[str, float],
+                     centralized: dict[str, float], local_only: dict[str, float], units: int) -> None:
+    """The headline first, then every other metric, federated beside the baselines."""
+    say(f"{'metric':>14} {'federated':>10} {'centralized':>12} {'local-only':>11}  "
+        f"(local-only: mean of {units} gateways)")
+    for name in [metric, *sorted(k for k in centralized if k != metric)]:
+        mark = " <- headline" if name == metric else ""
+        say(f"{name:>14} {federated.get(name, float('nan')):10.4f} {centralized[name]:12.4f} "
+            f"{local_only[name]:11.4f}{mark}")
 
 
 def _stop_all(procs: list[subprocess.Popen[bytes]], observer: Observer | None,

@@ -42,6 +42,7 @@ class DemoOptions:
     target: str = ""
     features: tuple[str, ...] = ()
     csv_task: str = ""
+    metric: str = ""  # headline metric; "" = the task's default (f1_pos for a rare binary event)
     attack: str = ""  # attack experiments: what the malicious gateways do
     malicious: float = 0.0  # share of gateways that are malicious
     qat: bool = False  # quantization-aware local training

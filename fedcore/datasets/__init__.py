@@ -22,6 +22,8 @@ from fedcore.datasets.batteries import load_batteries
 from fedcore.datasets.csvdata import load_csv
 from fedcore.datasets.synthetic import load_synthetic
 from fedcore.datasets.wind import load_wind
+from fedcore.learning import metrics
+from fedcore.learning.models import forward
 from fedcore.learning.training import evaluate
 from fedcore.protocol.messages import ModelSpec, TrainConfig
 
@@ -145,7 +147,10 @@ def evaluate_dataset(
         data = dataset.units[unit]
         x, y, labels = data.x_test, data.y_test, data.test_labels
     if dataset.task != "regression":
-        return evaluate(spec, params, x, y)
+        report = evaluate(spec, params, x, y)
+        if dataset.is_binary:
+            report.update(_rare_event_report(dataset, spec, params, x, y, unit))
+        return report
     if labels is None:
         return evaluate(spec, params, x, y, target_scale=dataset.scaler.target_std)
     normal = labels == 0
@@ -154,3 +159,22 @@ def evaluate_dataset(
         scored = evaluate(spec, params, x, y, anomaly_labels=labels)
         report["roc_auc"] = scored["roc_auc"]
     return report
+
+
+def _positive_scores(spec: ModelSpec, params: Sequence[np.ndarray], x: np.ndarray) -> np.ndarray:
+    logits = forward(spec, params, x)
+    return np.asarray(logits[:, 1] - logits[:, 0], np.float64)  # monotone in P(class 1)
+
+
+def _rare_event_report(dataset: FederatedDataset, spec: ModelSpec, params: Sequence[np.ndarray],
+                       x: np.ndarray, y: np.ndarray, unit: str | None) -> dict[str, float]:
+    """Positive-class F1/precision/recall, PR AUC and positive rate of a binary task.
+
+    The decision threshold is tuned for F1 on the TRAINING rows (of the unit, or pooled),
+    never on the test rows scored here: a threshold fitted to the test rows would make the
+    reported F1 a best case no deployed model reaches."""
+    units = [dataset.units[unit]] if unit is not None else list(dataset.units.values())
+    x_train = np.concatenate([u.x_train for u in units])
+    y_train = np.concatenate([u.y_train for u in units])
+    threshold = metrics.f1_threshold(y_train, _positive_scores(spec, params, x_train))
+    return metrics.binary_report(np.asarray(y), _positive_scores(spec, params, x), threshold)

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fedcore.errors import ConfigError
-from fedcore.learning.metrics import primary_metric as task_primary_metric
+from fedcore.learning.metrics import headline_metric
 
 
 class DatasetError(ConfigError, ValueError):
@@ -137,9 +137,23 @@ class FederatedDataset:
         return np.concatenate([lab for lab in labels if lab is not None])
 
     @property
+    def is_binary(self) -> bool:
+        return self.task == "classification" and self.num_classes == 2
+
+    @property
+    def train_positive_rate(self) -> float | None:
+        """Share of training rows of class 1 in a binary classification, else None."""
+        if not self.is_binary:
+            return None
+        y = np.concatenate([u.y_train for u in self.units.values()])
+        return float(np.mean(y == 1)) if y.size else None
+
+    @property
     def primary_metric(self) -> tuple[str, bool]:
-        """(metric name, higher is better); regression errors are on the original scale."""
-        return task_primary_metric(self.task)
+        """(metric name, higher is better); regression errors are on the original scale.
+        A binary task with a rare positive class is ranked by the positive class's F1:
+        its accuracy is high whatever the model does."""
+        return headline_metric(self.task, self.num_classes, self.train_positive_rate)
 
 
 class RawUnit(NamedTuple):

@@ -9,6 +9,12 @@ ROC AUC (binary) is computed from ranks, the Mann-Whitney U statistic: the proba
 a random positive scores above a random negative, ties counted one half (tied scores get
 their average rank). It is undefined when only one class is present; then it is NaN.
 
+Rare events (binary, few positives): F1, precision and recall of the positive class at a
+decision threshold, and PR AUC (average precision, threshold-free) of the positive-class
+scores. Accuracy says little here: always answering "no event" scores one minus the positive
+rate. The threshold comes from :func:`f1_threshold` on *training* rows only (the caller's
+duty); tuning it on test rows would report a score no deployed model could reach.
+
 Regression: MSE, RMSE, MAE on whatever scale the caller passes (the data sets report kW on
 the original scale by inverting the target scaler first).
 """
@@ -30,6 +36,24 @@ def primary_metric(task: str) -> tuple[str, bool]:
         return TASK_PRIMARY_METRIC[task]
     except KeyError:
         raise ValueError(f"task {task!r} is not one of {', '.join(TASK_PRIMARY_METRIC)}") from None
+
+
+# A binary target whose positive class is rarer than this (in training rows) is a rare-event
+# task: its headline is the positive class's F1, not accuracy.
+RARE_POSITIVE_RATE = 0.20
+
+# Metrics where lower is better; every other reported metric is higher-is-better.
+LOWER_IS_BETTER = frozenset({"loss", "mse", "rmse", "mae"})
+
+
+def headline_metric(task: str, num_classes: int = 0, train_positive_rate: float | None = None
+                    ) -> tuple[str, bool]:
+    """The headline metric for a task: ``f1_pos`` for a binary classification whose
+    positive class (label 1) is rare in the training rows, else :func:`primary_metric`."""
+    if (task == "classification" and num_classes == 2 and train_positive_rate is not None
+            and train_positive_rate < RARE_POSITIVE_RATE):
+        return "f1_pos", True
+    return primary_metric(task)
 
 
 def holdout_metric(kind: str, task: str) -> tuple[str, bool]:
@@ -150,3 +174,57 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, f
 def regression_report(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     m = mse(y_true, y_pred)
     return {"mse": m, "rmse": float(np.sqrt(m)), "mae": mae(y_true, y_pred)}
+
+
+def f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The score threshold (predict positive when ``score >= threshold``) that maximises
+    the positive class's F1 on ``labels``. Call it with training rows only. Without a
+    positive row it returns +inf (nothing is predicted positive)."""
+    y, s = _pair(labels, scores)
+    positives = int(np.sum(y == 1))
+    if positives == 0:
+        return float("inf")
+    order = np.argsort(-s.astype(np.float64), kind="mergesort")
+    sorted_scores = s[order].astype(np.float64)
+    tp = np.cumsum(y[order] == 1)
+    # only the last row of a run of tied scores is a reachable cut
+    last_of_run = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
+    predicted = np.arange(1, y.size + 1)
+    f1_at = np.where(last_of_run, 2 * tp / (predicted + positives), -1.0)
+    return float(sorted_scores[int(np.argmax(f1_at))])
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """PR AUC as average precision: the mean, over positives, of the precision at the cut
+    that first includes each one (ties cut together). NaN without a positive."""
+    y, s = _pair(labels, scores)
+    positives = int(np.sum(y == 1))
+    if positives == 0:
+        return float("nan")
+    order = np.argsort(-s.astype(np.float64), kind="mergesort")
+    sorted_scores = s[order].astype(np.float64)
+    hit = (y[order] == 1).astype(np.float64)
+    tp = np.cumsum(hit)
+    last_of_run = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
+    # every row of a tie run takes the precision at the run's end
+    run_end = np.flatnonzero(last_of_run)
+    end_of = run_end[np.searchsorted(run_end, np.arange(y.size))]
+    precision_at = tp[end_of] / (end_of + 1)
+    return float(np.sum(precision_at * hit) / positives)
+
+
+def binary_report(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+    """Positive-class F1, precision and recall at ``threshold`` (chosen on training rows),
+    PR AUC of the scores and the positive rate of ``labels``."""
+    y, s = _pair(labels, scores)
+    truth = y == 1
+    pred = s >= threshold
+    tp = int(np.sum(truth & pred))
+    n_pred, n_true = int(pred.sum()), int(truth.sum())
+    return {
+        "f1_pos": 2 * tp / (n_pred + n_true) if n_pred + n_true else 0.0,
+        "precision_pos": tp / n_pred if n_pred else 0.0,
+        "recall_pos": tp / n_true if n_true else 0.0,
+        "pr_auc": average_precision(y, s),
+        "positive_rate": n_true / y.size,
+    }
