@@ -15,6 +15,7 @@ import json
 import os
 import queue
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -228,6 +229,14 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     if renamed:  # unit names that are not valid ids (spaces, '/', '#', ...): shown once
         say("gateway ids of units whose names are not valid ids: "
             + ", ".join(f"{u!r} -> {d}" for u, d in renamed.items()))
+    # Every demo is a new run (a task name of its own): the state folders a previous run left
+    # in the same --workdir would make its aggregator resume that finished run and wait forever.
+    earlier = [d for d in (workdir / "aggregator-state", workdir / "fleet",
+                           *(workdir / f"edge-{device_id(u)}" for u in dataset.units)) if d.is_dir()]
+    if earlier:
+        say(f"replacing the state of an earlier demo run in {workdir}")
+        for folder in earlier:
+            shutil.rmtree(folder)
     broker: RunningBroker | None = None
     procs: list[subprocess.Popen[bytes]] = []
     observer: Observer | None = None

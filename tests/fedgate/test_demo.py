@@ -40,16 +40,20 @@ def test_demo_runs_rounds_and_reports_baselines(tmp_path: Path, mosquitto) -> No
     assert "round 2: update sent" in (tmp_path / "w" / "edge-R80711.log").read_text()
 
 
-def test_a_secure_demo_in_a_relative_folder(tmp_path: Path) -> None:
+def test_a_secure_demo_in_a_relative_folder_twice(tmp_path: Path) -> None:
     """`--secure --workdir wd` from the user's folder: the configs it writes hold absolute
-    paths (a relative one would resolve against the config's own folder)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedgate", "demo", "--secure", "--dataset", "wind", "--rounds", "1",
-         "--max-rows-per-unit", "2000", "--workdir", "wd", "--out", "run.json"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert json.loads((tmp_path / "run.json").read_text())["rounds"][0]["participants"] == 4
+    paths (a relative one would resolve against the config's own folder). Run again in the
+    same folder, it is a new run: the earlier run's finished aggregator state and fleet CA
+    made the second one wait forever."""
+    for run in (1, 2):
+        proc = subprocess.run(
+            [sys.executable, "-m", "fedgate", "demo", "--secure", "--dataset", "wind", "--rounds", "1",
+             "--max-rows-per-unit", "2000", "--workdir", "wd", "--out", "run.json"],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert ("replacing the state of an earlier demo run" in proc.stdout) == (run == 2)
+        assert json.loads((tmp_path / "run.json").read_text())["rounds"][0]["participants"] == 4
     assert f'"{tmp_path}/wd/fleet/aggregator/ca.crt"' in (tmp_path / "wd" / "aggregator.toml").read_text()
 
 
