@@ -32,6 +32,7 @@ import asyncio
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Self
 
 PACKET_TYPES = {
     1: "CONNECT", 2: "CONNACK", 3: "PUBLISH", 4: "PUBACK", 5: "PUBREC", 6: "PUBREL",
@@ -145,34 +146,28 @@ def connect_client_id(packet: bytes) -> str:
         return ""
 
 
-@dataclass
-class ConnStats:
-    index: int
-    client_id: str = ""
-    up: int = 0
-    down: int = 0
-    packets_up: Counter[str] = field(default_factory=Counter)
-    packets_down: Counter[str] = field(default_factory=Counter)
-    marks: list[tuple[str, int, int]] = field(default_factory=list)  # (topic, up, down)
-    closed: bool = False
+class LoopThreadServer:
+    """A TCP server on 127.0.0.1 running its own asyncio loop in a daemon thread, so that a
+    synchronous benchmark can use it: ``start()`` returns once it listens (``port`` is then
+    the real one), ``stop()`` closes it and cancels every connection. Subclasses give
+    ``_accept`` and may prepare loop-bound state in ``_on_loop``."""
 
+    THREAD_NAME = "proxy"
+    BACKLOG = 128
 
-class CountingProxy:
-    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1",
-                 listen_port: int = 0) -> None:
-        self.upstream = (upstream_host, upstream_port)
+    def __init__(self, listen_port: int = 0) -> None:
         self.port = listen_port
-        self._lock = threading.Lock()
-        self._conns: list[ConnStats] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
 
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+    def _on_loop(self) -> None:
+        """Runs on the server's loop, before it listens."""
 
-    def start(self) -> CountingProxy:
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    def start(self) -> Self:
         ready = threading.Event()
         failure: list[BaseException] = []
 
@@ -180,8 +175,9 @@ class CountingProxy:
             loop = asyncio.new_event_loop()
             self._loop = loop
             try:
+                self._on_loop()
                 self._server = loop.run_until_complete(
-                    asyncio.start_server(self._accept, "127.0.0.1", self.port, backlog=1024))
+                    asyncio.start_server(self._accept, "127.0.0.1", self.port, backlog=self.BACKLOG))
                 self.port = int(self._server.sockets[0].getsockname()[1])
             except BaseException as exc:  # reported to the starting thread
                 failure.append(exc)
@@ -191,7 +187,7 @@ class CountingProxy:
             loop.run_forever()
             loop.close()
 
-        self._thread = threading.Thread(target=main, name="counting-proxy", daemon=True)
+        self._thread = threading.Thread(target=main, name=self.THREAD_NAME, daemon=True)
         self._thread.start()
         ready.wait(10)
         if failure:
@@ -214,6 +210,34 @@ class CountingProxy:
         loop.call_soon_threadsafe(loop.stop)
         self._thread.join(10)
         self._loop = None
+
+
+@dataclass
+class ConnStats:
+    index: int
+    client_id: str = ""
+    up: int = 0
+    down: int = 0
+    packets_up: Counter[str] = field(default_factory=Counter)
+    packets_down: Counter[str] = field(default_factory=Counter)
+    marks: list[tuple[str, int, int]] = field(default_factory=list)  # (topic, up, down)
+    closed: bool = False
+
+
+class CountingProxy(LoopThreadServer):
+    THREAD_NAME = "counting-proxy"
+    BACKLOG = 1024
+
+    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1",
+                 listen_port: int = 0) -> None:
+        super().__init__(listen_port)
+        self.upstream = (upstream_host, upstream_port)
+        self._lock = threading.Lock()
+        self._conns: list[ConnStats] = []
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
 
     def connections(self) -> list[ConnStats]:
         """A copy of every connection's counters so far."""

@@ -26,46 +26,23 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from counting_proxy import LoopThreadServer
 
-class PartitionProxy:
+
+class PartitionProxy(LoopThreadServer):
+    THREAD_NAME = "partition-proxy"
+
     def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1",
                  listen_port: int = 0) -> None:
+        super().__init__(listen_port)
         self.upstream = (upstream_host, upstream_port)
-        self.port = listen_port
         self.accepted = 0  # connections accepted so far (a reconnect shows up here)
         self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: asyncio.base_events.Server | None = None
         self._open: asyncio.Event | None = None
 
-    def start(self) -> PartitionProxy:
-        ready = threading.Event()
-        failure: list[BaseException] = []
-
-        def main() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            try:
-                self._open = asyncio.Event()
-                self._open.set()
-                self._server = loop.run_until_complete(
-                    asyncio.start_server(self._accept, "127.0.0.1", self.port, backlog=128))
-                self.port = int(self._server.sockets[0].getsockname()[1])
-            except BaseException as exc:  # reported to the starting thread
-                failure.append(exc)
-                ready.set()
-                return
-            ready.set()
-            loop.run_forever()
-            loop.close()
-
-        self._thread = threading.Thread(target=main, name="partition-proxy", daemon=True)
-        self._thread.start()
-        ready.wait(10)
-        if failure:
-            raise failure[0]
-        return self
+    def _on_loop(self) -> None:
+        self._open = asyncio.Event()  # open: bytes flow
+        self._open.set()
 
     @property
     def partitioned(self) -> bool:
@@ -91,23 +68,6 @@ class PartitionProxy:
 
         loop.call_soon_threadsafe(flip)
         done.wait(10)
-
-    def stop(self) -> None:
-        loop = self._loop
-        if loop is None or self._thread is None:
-            return
-
-        async def shutdown() -> None:
-            if self._server is not None:
-                self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
-
-        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        self._thread.join(10)
-        self._loop = None
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert self._open is not None

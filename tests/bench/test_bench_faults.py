@@ -33,6 +33,7 @@ def _load(name: str) -> ModuleType:
     return module
 
 
+_load("counting_proxy")  # partition_proxy builds on it (bench/ is not on sys.path here)
 pp = _load("partition_proxy")
 
 CONNECT = bytes([0x10, 0x0F]) + b"\x00\x04MQTT\x04\x02\x00\x3c" + b"\x00\x03p-1"  # 3.1.1, keep-alive 60
