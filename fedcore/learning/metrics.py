@@ -176,20 +176,26 @@ def regression_report(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float
     return {"mse": m, "rmse": float(np.sqrt(m)), "mae": mae(y_true, y_pred)}
 
 
+def _ranked(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Rows by descending score (stable): the sorted scores, whether each row is positive,
+    whether it ends a run of tied scores (only such a row is a reachable cut), and the
+    number of positives."""
+    y, s = _pair(labels, scores)
+    order = np.argsort(-s.astype(np.float64), kind="mergesort")
+    sorted_scores = s[order].astype(np.float64)
+    last_of_run = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
+    return sorted_scores, y[order] == 1, last_of_run, int(np.sum(y == 1))
+
+
 def f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     """The score threshold (predict positive when ``score >= threshold``) that maximises
     the positive class's F1 on ``labels``. Call it with training rows only. Without a
     positive row it returns +inf (nothing is predicted positive)."""
-    y, s = _pair(labels, scores)
-    positives = int(np.sum(y == 1))
+    sorted_scores, hit, last_of_run, positives = _ranked(labels, scores)
     if positives == 0:
         return float("inf")
-    order = np.argsort(-s.astype(np.float64), kind="mergesort")
-    sorted_scores = s[order].astype(np.float64)
-    tp = np.cumsum(y[order] == 1)
-    # only the last row of a run of tied scores is a reachable cut
-    last_of_run = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
-    predicted = np.arange(1, y.size + 1)
+    tp = np.cumsum(hit)
+    predicted = np.arange(1, hit.size + 1)
     f1_at = np.where(last_of_run, 2 * tp / (predicted + positives), -1.0)
     return float(sorted_scores[int(np.argmax(f1_at))])
 
@@ -197,18 +203,13 @@ def f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
 def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
     """PR AUC as average precision: the mean, over positives, of the precision at the cut
     that first includes each one (ties cut together). NaN without a positive."""
-    y, s = _pair(labels, scores)
-    positives = int(np.sum(y == 1))
+    _, hit, last_of_run, positives = _ranked(labels, scores)
     if positives == 0:
         return float("nan")
-    order = np.argsort(-s.astype(np.float64), kind="mergesort")
-    sorted_scores = s[order].astype(np.float64)
-    hit = (y[order] == 1).astype(np.float64)
     tp = np.cumsum(hit)
-    last_of_run = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
     # every row of a tie run takes the precision at the run's end
     run_end = np.flatnonzero(last_of_run)
-    end_of = run_end[np.searchsorted(run_end, np.arange(y.size))]
+    end_of = run_end[np.searchsorted(run_end, np.arange(hit.size))]
     precision_at = tp[end_of] / (end_of + 1)
     return float(np.sum(precision_at * hit) / positives)
 
