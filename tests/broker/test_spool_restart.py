@@ -9,7 +9,6 @@ import json
 import random
 import re
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -27,61 +26,28 @@ from fedcore.transport.base import Connected, MessageReceived
 from fedcore.transport.paho import PahoTransport
 from fedgate.broker import RunningBroker
 from fedgate.demo_configs import DemoOptions, write_configs
+from fedgate.processes import ProcessGroup, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 ROWS = 1000
 EPOCHS = 1000  # local training of a few seconds: the window in which the broker dies
 
 
-class Processes:
-    """The services of this test, each stopped on every exit path."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.killed: set[str] = set()
-
-    def start(self, name: str, *args: str) -> None:
-        log = open(self.tmp / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "fedgate", "-v", *args],
-                                            stdout=log, stderr=log)
-
-    def kill(self, name: str) -> None:
-        self.killed.add(name)
-        self.procs[name].send_signal(signal.SIGKILL)
-        self.procs[name].wait()
-
-    def died(self) -> list[str]:
-        return [n for n, p in self.procs.items() if n not in self.killed and p.poll() is not None]
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in self.tmp.glob("*.log"))
-
-    def close(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-
 @pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    procs = Processes(tmp_path)
-    yield procs
-    procs.close()
+def processes(tmp_path: Path) -> Iterator[ProcessGroup]:
+    """The services of this test, each stopped on every exit path."""
+    with ProcessGroup(tmp_path / "logs") as group:
+        yield group
 
 
-def wait_until(what: str, check: Callable[[], bool], procs: Processes, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline or procs.died():
-            raise AssertionError(f"{what}: not within {timeout} s (exited: {procs.died()})"
-                                 f"\n{procs.logs()}")
-        time.sleep(0.01)
+def start(group: ProcessGroup, name: str, *args: str) -> None:
+    group.start(name, [sys.executable, "-m", "fedgate", "-v", *args])
+
+
+def wait_until(what: str, check: Callable[[], bool], group: ProcessGroup, timeout: float = 90.0) -> None:
+    """Poll ``check``; fail naming ``what`` on timeout or when a service running now exits."""
+    running = [name for name, child in group.children.items() if child.running]
+    wait_for(what, lambda: check() or None, timeout, every=0.01, group=group, alive=running)
 
 
 def trace_steps(state: Path) -> list[str]:
@@ -107,7 +73,7 @@ class Fleet:
     trace_lines: int  # the gateway's trace lines before its restart
 
 
-def spooled_fleet(tmp_path: Path, broker: RunningBroker, processes: Processes,
+def spooled_fleet(tmp_path: Path, broker: RunningBroker, processes: ProcessGroup,
                   aggregator_trace: bool = False) -> Fleet:
     task = f"spool-{random.randrange(1 << 30)}"
     options = DemoOptions(dataset="synthetic", gateways=1, rounds=1, task=task, fleet="test",
@@ -127,22 +93,22 @@ def spooled_fleet(tmp_path: Path, broker: RunningBroker, processes: Processes,
     gw = f"gw-{device}"
     topics = Topics("test", task)
 
-    processes.start("aggregator", "aggregator", "run", "-c", str(files.aggregator))
-    processes.start("gateway", "edge", "run", "-c", str(edge_file))
+    start(processes, "aggregator", "aggregator", "run", "-c", str(files.aggregator))
+    start(processes, "gateway", "edge", "run", "-c", str(edge_file))
     wait_until("the gateway starts training", lambda: "train_start" in trace_steps(state), processes)
     broker.kill()  # while it trains: its update has nowhere to go
-    processes.kill("aggregator")  # nobody re-announces the round: only the spool can help
+    processes.stop("aggregator", signal.SIGKILL)  # nobody re-announces the round: only the spool can help
     wait_until("the update is spooled", lambda: any(e.kind == "update" for e in sp.read(state).entries),
                processes)
     assert "train_end" in trace_steps(state)
-    processes.kill("gateway")  # power cut: paho's in-memory copy is gone
+    processes.stop("gateway", signal.SIGKILL)  # power cut: paho's in-memory copy is gone
     (spooled,) = sp.read(state).entries
     assert spooled.kind == "update" and spooled.round == 1 and spooled.topic == topics.update(gw)
     return Fleet(broker, files.aggregator, edge_file, state, gw, topics, spooled,
                  len(trace_steps(state)))
 
 
-def test_spool_across_a_restart(tmp_path: Path, mosquitto_factory, processes: Processes) -> None:
+def test_spool_across_a_restart(tmp_path: Path, mosquitto_factory, processes: ProcessGroup) -> None:
     fleet = spooled_fleet(tmp_path, mosquitto_factory(), processes)  # no broker persistence
     fleet.broker.start()  # same port, empty
     got: list[MessageReceived] = []
@@ -165,7 +131,7 @@ def test_spool_across_a_restart(tmp_path: Path, mosquitto_factory, processes: Pr
             assert time.monotonic() < deadline, "the probe never came back"
             subscriber.publish(topic, b"probe", qos=1, wait=5)
             time.sleep(0.2)
-        processes.start("gateway-restarted", "edge", "run", "-c", str(fleet.edge))
+        start(processes, "gateway-restarted", "edge", "run", "-c", str(fleet.edge))
         updates = lambda: [m for m in got if m.payload != b"probe"]  # noqa: E731
         wait_until("the spooled update arrives", lambda: bool(updates()), processes)
         first = updates()[0]
@@ -175,7 +141,7 @@ def test_spool_across_a_restart(tmp_path: Path, mosquitto_factory, processes: Pr
         assert first.payload == fleet.spooled.payload  # the signed bytes made before the kill
         # the broker's PUBACK lets it go: the spool is empty again
         wait_until("the spool is emptied", lambda: sp.read(fleet.state).entries == [], processes)
-        log = (tmp_path / "gateway-restarted.log").read_text()
+        log = processes.children["gateway-restarted"].output()
         assert "1 unsent (" in log
         assert "sending spooled messages: 1," in log
     finally:
@@ -183,7 +149,7 @@ def test_spool_across_a_restart(tmp_path: Path, mosquitto_factory, processes: Pr
 
 
 def test_the_restarted_aggregator_commits_the_round_on_the_spooled_update(
-        tmp_path: Path, mosquitto_factory, processes: Processes) -> None:
+        tmp_path: Path, mosquitto_factory, processes: ProcessGroup) -> None:
     """The aggregator resumes round 1 from its checkpoint; the restarted gateway's spooled
     update (signed before the kill) is accepted and closes the round before the gateway
     could have trained a new one for the re-announced round."""
@@ -191,10 +157,10 @@ def test_the_restarted_aggregator_commits_the_round_on_the_spooled_update(
     fleet.broker.start()
     agg_state = fleet.aggregator.parent / "aggregator-state"
     published = len([s for s in trace_steps(agg_state) if s == "round_published"])
-    processes.start("aggregator-restarted", "aggregator", "run", "-c", str(fleet.aggregator))
+    start(processes, "aggregator-restarted", "aggregator", "run", "-c", str(fleet.aggregator))
     wait_until("the aggregator announces round 1 again",
                lambda: trace_steps(agg_state).count("round_published") > published, processes)
-    processes.start("gateway-restarted", "edge", "run", "-c", str(fleet.edge))
+    start(processes, "gateway-restarted", "edge", "run", "-c", str(fleet.edge))
     wait_until("round 1 is fused", lambda: "fused" in trace_steps(agg_state), processes)
     # the gateway has not made another update since its restart: the round closed on the
     # spooled one (it would otherwise have waited for a new one, trained for seconds)
